@@ -1,0 +1,37 @@
+# Two set-up commands: `make run` and `make test`. Everything installs into .venv.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(VENV)/bin/pip
+OPA_BINDINGS = opa-golib-python-bindings==0.4.4
+
+.PHONY: venv run test test-python test-rego typecheck bench bench-smoke clean system-deps
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	# The embedded OPA engine: metadata says Python 3.14, the ctypes wrapper runs on 3.11.
+	# Wheels exist for Linux x86_64 only; elsewhere the sidecar runs with the OPA REST engine.
+	-$(PIP) install -q --ignore-requires-python --no-deps $(OPA_BINDINGS)
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(PY) -m sidecar.demo
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+test: venv system-deps
+	$(VENV)/bin/agent-sidecar policy test rego/
+	$(PY) -m mypy
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .state .pytest_cache .mypy_cache

@@ -1,0 +1,1 @@
+"""OPA/Rego-backed authorization sidecar for AI agents."""

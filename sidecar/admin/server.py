@@ -1,0 +1,101 @@
+"""Admin listener (default 127.0.0.1:15000)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from ..approvals import ApprovalStore
+from ..credentials import KeyRing
+from ..pipeline import IdentitySource
+from ..problems import Refusal
+from ..tasks import TaskStore
+
+MAX_TASK_TTL = 24 * 3600
+
+
+def problem(refusal: Refusal) -> web.Response:
+    return web.Response(status=refusal.status, body=refusal.problem_json(), content_type="application/problem+json")
+
+
+@web.middleware
+async def problems_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Errors become problem+json in one place."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except Refusal as refusal:
+        return problem(refusal)
+    except web.HTTPNotFound:
+        return web.Response(status=404, content_type="application/problem+json", body=json.dumps(
+            {"type": "about:blank", "title": "Not Found", "status": 404, "code": "not_found", "reasons": []}).encode())
+    except web.HTTPMethodNotAllowed:
+        return problem(Refusal("method_not_allowed", f"{request.method} is not allowed on {request.path}"))
+
+
+async def read_json(request: web.Request, limit: int = 64 * 1024) -> dict[str, Any]:
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise Refusal("body_too_large", f"body exceeds {limit} bytes")
+    try:
+        value = json.loads(body or b"{}")
+    except ValueError:
+        raise Refusal("bad_request", "malformed JSON body") from None
+    if not isinstance(value, dict):
+        raise Refusal("bad_request", "body must be a JSON object")
+    return value
+
+
+def build_admin_app(*, keys: KeyRing | None, tasks: TaskStore, approvals: ApprovalStore,
+                    identity: IdentitySource) -> web.Application:
+    app = web.Application(middlewares=[problems_middleware], client_max_size=64 * 1024)
+
+    async def jwks(request: web.Request) -> web.Response:
+        if keys is not None:
+            keys.reload()
+        return web.json_response(keys.jwks() if keys else {"keys": []}, headers={"Cache-Control": "max-age=60"})
+
+    async def create_task(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        intent = body.get("intent")
+        if not isinstance(intent, str) or not intent.strip():
+            raise Refusal("bad_request", "intent: a non-empty string is required")
+        ttl = body.get("ttl_seconds", 900)
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= MAX_TASK_TTL:
+            raise Refusal("bad_request", f"ttl_seconds: an integer from 1 to {MAX_TASK_TTL}")
+        labels = body.get("labels", {})
+        if not isinstance(labels, dict):
+            raise Refusal("bad_request", "labels: must be an object")
+        allowed = body.get("allowed_tools", [])
+        if not isinstance(allowed, list) or not all(isinstance(t, str) for t in allowed):
+            raise Refusal("bad_request", "allowed_tools: must be a list of route names")
+        task = await tasks.create(agent=identity.current().id, intent=intent.strip()[:1000], labels=labels,
+                                  ttl_seconds=ttl, allowed_tools=allowed)
+        return web.json_response(task.public(), status=201, headers={"Location": f"/v1/tasks/{task.id}"})
+
+    async def show_task(request: web.Request) -> web.Response:
+        found = await tasks.get(request.match_info["task_id"])
+        if found is None:
+            raise Refusal("unknown_task", "no such task")
+        task, summary = found
+        return web.json_response({**task.public(), "history": summary.as_input()})
+
+    async def list_approvals(request: web.Request) -> web.Response:
+        lister = getattr(approvals, "list", None)
+        items = await lister() if lister else []
+        return web.json_response({"approvals": [a.public() for a in items]})
+
+    async def show_approval(request: web.Request) -> web.Response:
+        approval = await approvals.get(request.match_info["approval_id"])
+        if approval is None:
+            raise Refusal("approval_invalid", "no such approval")
+        return web.json_response(approval.public())
+
+    app.router.add_get("/.well-known/jwks.json", jwks)
+    app.router.add_post("/v1/tasks", create_task)
+    app.router.add_get("/v1/tasks/{task_id}", show_task)
+    app.router.add_get("/v1/approvals", list_approvals)
+    app.router.add_get("/v1/approvals/{approval_id}", show_approval)
+    return app

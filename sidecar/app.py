@@ -1,0 +1,162 @@
+"""Wiring: build every part from the config, then open the three listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from .admin.server import build_admin_app
+from .approvals import MemoryApprovalStore
+from .audit import HashChainLog
+from .config import Config, ConfigError, Route, RouteMatch
+from .context import AgentIdentity, build_input
+from .credentials import CredentialMinter, JwtMinter, KeyRing, NoCredentialMinter, generate_key
+from .credentials.keys import KeyError_
+from .credentials.minter import StaticKeyMinter
+from .documents import InterceptedCall
+from .observability.health import build_metrics_app
+from .observability.metrics import Metrics
+from .pipeline import RequestPath, StaticIdentity
+from .policy import Decider, PolicyEngine
+from .policy.loader import PolicyLoadError
+from .problems import Refusal
+from .proxy.forward import HttpForwarder
+from .proxy.intercept import Interceptor
+from .proxy.routing import RouteTable
+from .tasks import MemoryTaskStore
+
+log = logging.getLogger("sidecar")
+
+
+def build_engine(config: Config) -> PolicyEngine:
+    if config.policy.engine == "rest":
+        from .policy.rest import RestEngine
+
+        return RestEngine(config.policy.rest_url, timeout_seconds=config.policy.timeout_ms / 1000)
+    from .policy.embedded import EmbeddedEngine, opa_available
+
+    if not opa_available():
+        raise ConfigError(f"{config.source.name}: policy.engine: embedded engine (opa_bindings) is not installed here; use engine: rest")
+    try:
+        return EmbeddedEngine(config.policy.rego_dir)
+    except PolicyLoadError as exc:
+        raise ConfigError(f"{config.source.name}: policy.rego_dir: {exc}") from None
+
+
+def load_keys(config: Config) -> KeyRing:
+    directory = config.credentials.keys_dir
+    if directory is None:
+        # Local runs only: a development key generated into the state folder, never committed.
+        directory = config.state_dir / "dev-keys"
+        if not (directory.is_dir() and any(directory.glob("*.pem"))):
+            generate_key(directory, config.credentials.algorithm)
+    try:
+        return KeyRing(directory)
+    except KeyError_ as exc:
+        raise ConfigError(f"{config.source.name}: credentials.keys_dir: {exc}") from None
+
+
+def build_minter(route: Route, keys: KeyRing, config: Config) -> CredentialMinter:
+    if route.credential.mode == "none":
+        return NoCredentialMinter()
+    if route.credential.mode == "static":
+        assert route.credential.static_key_file is not None
+        return StaticKeyMinter(route.credential.static_key_file)
+    return JwtMinter(keys, issuer=config.credentials.issuer, max_ttl_seconds=config.credentials.max_ttl_seconds,
+                     default_ttl_seconds=config.credentials.default_ttl_seconds)
+
+
+PROBE_ROUTE = Route(name="readiness-probe", match=RouteMatch(path_prefix="/probe"), upstream="http://probe.invalid")
+
+
+def probe_input() -> dict[str, Any]:
+    """A fixed, harmless input that every policy must answer with a well-formed decision."""
+    call = InterceptedCall(route=PROBE_ROUTE, mode="route_prefix", method="GET", scheme="http", host="probe.invalid",
+                           port=80, path="/", query_string="", query={}, headers=(), body=b"", body_json=None,
+                           body_sha256="e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", content_type="")
+    return build_input(call, AgentIdentity("spiffe://probe/readiness", False), None)
+
+
+@dataclass
+class Sidecar:
+    config: Config
+    path: RequestPath
+    admin_app: web.Application
+    metrics_app: web.Application
+    runners: list[web.BaseRunner] = field(default_factory=list)
+
+    async def start(self) -> None:
+        proxy = web.Server(self.path.handle, handler_cancellation=True)
+        targets: list[tuple[web.BaseRunner, Any]] = [
+            (web.ServerRunner(proxy, access_log=None), self.config.proxy),
+            (web.AppRunner(self.admin_app, access_log=None), self.config.admin),
+            (web.AppRunner(self.metrics_app, access_log=None), self.config.metrics),
+        ]
+        for runner, listen in targets:
+            await runner.setup()
+            self.runners.append(runner)
+            await web.TCPSite(runner, listen.host, listen.port, reuse_address=True).start()
+        log.info("proxy on %s, admin on %s, metrics on %s", self.config.proxy, self.config.admin, self.config.metrics)
+
+    async def stop(self) -> None:
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+        self.runners.clear()
+        await self.path.forwarder.close()
+        await self.path.decider.engine.close()
+        self.path.audit.close()
+
+
+def build_sidecar(config: Config) -> Sidecar:
+    """Everything that can fail on bad config fails here, before a listener opens."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    engine = build_engine(config)
+    keys = load_keys(config)
+    metrics = Metrics()
+    tasks = MemoryTaskStore()
+    approvals = MemoryApprovalStore()
+    if config.identity.static is None:
+        raise ConfigError(f"{config.source.name}: identity.token_file: token-file identities arrive with issue 4; use identity.static")
+    identity = StaticIdentity(config.identity.static)
+    decider = Decider(engine, config.policy.decision_path, config.policy.timeout_ms)
+    path = RequestPath(
+        interceptor=Interceptor(RouteTable(config.routes), config.max_body_bytes),
+        identity=identity,
+        tasks=tasks,
+        decider=decider,
+        approvals=approvals,
+        minters={route.name: build_minter(route, keys, config) for route in config.routes},
+        forwarder=HttpForwarder(config.routes),
+        audit=HashChainLog(config.audit_path),
+        metrics=metrics,
+        audit_fail_closed=config.audit.fail_closed,
+    )
+
+    async def policy_ready() -> tuple[bool, str]:
+        try:
+            decision = await decider.decide(probe_input())
+        except Refusal as refusal:
+            return False, refusal.detail
+        return True, f"{engine.name} engine answered ({decision.outcome})"
+
+    admin_app = build_admin_app(keys=keys, tasks=tasks, approvals=approvals, identity=identity)
+    metrics_app = build_metrics_app(metrics, {"policy": policy_ready})
+    return Sidecar(config, path, admin_app, metrics_app)
+
+
+async def serve(config: Config) -> None:
+    sidecar = build_sidecar(config)
+    await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await sidecar.stop()

@@ -1,0 +1,142 @@
+"""The ``agent-sidecar`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, load_config
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .app import serve
+
+    try:
+        config = load_config(Path(args.config))
+        asyncio.run(serve(config))
+    except ConfigError as exc:
+        print(f"agent-sidecar: config error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from .app import build_sidecar
+
+    try:
+        build_sidecar(load_config(Path(args.config)))
+    except ConfigError as exc:
+        print(f"agent-sidecar: config error: {exc}", file=sys.stderr)
+        return 2
+    print("config ok")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from .audit import verify_files
+
+    result = verify_files([Path(p) for p in args.files])
+    if result.ok:
+        print(f"ok: {result.events} events verified")
+        return 0
+    print(f"BROKEN after {result.events} verified events: {result.problem}")
+    return 1
+
+
+def _policy_test(args: argparse.Namespace) -> int:
+    from .policy.loader import PolicyLoadError
+    from .policy.testing import format_report, run_tests
+
+    try:
+        report = run_tests(Path(args.dir), coverage=not args.no_coverage)
+    except PolicyLoadError as exc:
+        print(f"agent-sidecar: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report, verbose=args.verbose))
+    return 0 if report.failed == 0 and report.results else 1
+
+
+def _policy_eval(args: argparse.Namespace) -> int:
+    from .policy.decide import decision_errors
+    from .policy.embedded import EmbeddedEngine
+    from .policy.engine import PolicyError
+
+    try:
+        document: Any = json.loads(Path(args.input).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"agent-sidecar: {args.input}: cannot read JSON input ({exc})", file=sys.stderr)
+        return 2
+    if isinstance(document, dict) and "input" in document and len(document) == 1:
+        document = document["input"]
+    engine = EmbeddedEngine(Path(args.dir))
+    try:
+        result = engine.evaluate_sync(args.path, document)
+    except PolicyError as exc:
+        print(json.dumps({"error": str(exc)}, indent=2))
+        return 1
+    errors = decision_errors(result)
+    print(json.dumps({"decision": result, "contract_errors": errors}, indent=2, sort_keys=True))
+    return 1 if errors else 0
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    from .credentials import generate_key
+
+    key = generate_key(Path(args.dir), args.algorithm)
+    print(f"wrote {key.path} (kid {key.kid}, {key.algorithm})")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="agent-sidecar", description="Authorization sidecar for AI agents.")
+    root.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start the sidecar")
+    run.add_argument("--config", required=True, help="YAML config file")
+    run.set_defaults(func=_run)
+
+    check = sub.add_parser("check-config", help="validate a config file and everything it points at")
+    check.add_argument("--config", required=True)
+    check.set_defaults(func=_check_config)
+
+    audit = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_command", required=True)
+    verify = audit.add_parser("verify", help="verify the hash chain of one or more audit files, in order")
+    verify.add_argument("files", nargs="+")
+    verify.set_defaults(func=_audit_verify)
+
+    policy = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_command", required=True)
+    test = policy.add_parser("test", help="run the Rego unit tests (test_* rules)")
+    test.add_argument("dir", nargs="?", default="rego")
+    test.add_argument("--no-coverage", action="store_true")
+    test.add_argument("--verbose", action="store_true")
+    test.set_defaults(func=_policy_test)
+    evaluate = policy.add_parser("eval", help="evaluate the decision for an input document")
+    evaluate.add_argument("--input", required=True, help="JSON file: the input document (or {\"input\": ...})")
+    evaluate.add_argument("--dir", default="rego")
+    evaluate.add_argument("--path", default="sidecar/authz/decision")
+    evaluate.set_defaults(func=_policy_eval)
+
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
+    generate = keys.add_parser("generate", help="write a new signing key into DIR")
+    generate.add_argument("dir")
+    generate.add_argument("--algorithm", choices=("ES256", "EdDSA"), default="ES256")
+    generate.set_defaults(func=_keys_generate)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

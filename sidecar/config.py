@@ -1,0 +1,390 @@
+"""The sidecar's one YAML config file, validated before any listener opens.
+
+Every error names the file and the key path, e.g.
+``sidecar.yaml: routes[2].upstream: not an http(s) URL``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+T = TypeVar("T")
+
+DEFAULT_CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "cookie")
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased as ``file: key.path: what is wrong``."""
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    path_prefix: str | None = None
+    host: str | None = None
+    host_path_prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class RouteCredential:
+    mode: str = "jwt"  # jwt | static | none
+    header: str = "Authorization"
+    scheme: str = "Bearer"
+    static_key_file: Path | None = None
+    strip_headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    match: RouteMatch
+    upstream: str
+    labels: dict[str, Any] = field(default_factory=dict)
+    credential: RouteCredential = field(default_factory=RouteCredential)
+    allow_tunnel: bool = False
+    tls_verify: bool = True
+    ca_bundle: Path | None = None
+    timeout_seconds: float = 30.0
+
+    @property
+    def credential_headers(self) -> frozenset[str]:
+        """Every header name the agent must never be able to set for this route."""
+        names = set(DEFAULT_CREDENTIAL_HEADERS)
+        names.add(self.credential.header.lower())
+        names.update(h.lower() for h in self.credential.strip_headers)
+        return frozenset(names)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    engine: str = "embedded"  # embedded | rest
+    decision_path: str = "sidecar/authz/decision"
+    rego_dir: Path = Path("rego")
+    timeout_ms: int = 250
+    rest_url: str = "http://127.0.0.1:8181"
+
+
+@dataclass(frozen=True)
+class CredentialsConfig:
+    issuer: str = "agent-sidecar"
+    keys_dir: Path | None = None  # None: a development key generated into state_dir
+    algorithm: str = "ES256"
+    max_ttl_seconds: int = 300
+    default_ttl_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    static: str | None = "spiffe://local/agent/dev"
+    token_file: Path | None = None
+    jwks: str | None = None
+    audience: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: Path | None = None  # None: <state_dir>/audit.jsonl
+    fail_closed: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    proxy: Listen = Listen("127.0.0.1", 15001)
+    admin: Listen = Listen("127.0.0.1", 15000)
+    metrics: Listen = Listen("127.0.0.1", 15090)
+    state_dir: Path = Path(".state")
+    max_body_bytes: int = 1024 * 1024
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    routes: tuple[Route, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit.path or self.state_dir / "audit.jsonl"
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+
+class _Reader:
+    """Walks the YAML tree and reports errors with ``file: key.path``."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source.name}: {key}: {message}")
+
+    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, "must be a mapping")
+        for name in value:
+            if name not in allowed:
+                raise self.fail(f"{key}.{name}" if key else str(name), "unknown key")
+        return value
+
+    def typed(self, section: dict[str, Any], key: str, name: str, kind: type[T], default: T) -> T:
+        if name not in section or section[name] is None:
+            return default
+        value = section[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(_join(key, name), f"must be a {kind.__name__}")
+        return value  # type: ignore[return-value]
+
+    def positive(self, section: dict[str, Any], key: str, name: str, default: int) -> int:
+        value = self.typed(section, key, name, int, default)
+        if value <= 0:
+            raise self.fail(_join(key, name), "must be a positive integer")
+        return value
+
+    def choice(self, section: dict[str, Any], key: str, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.typed(section, key, name, str, default)
+        if value not in choices:
+            raise self.fail(_join(key, name), f"must be one of {', '.join(choices)}")
+        return value
+
+    def path(self, section: dict[str, Any], key: str, name: str, default: Path | None) -> Path | None:
+        value = self.typed(section, key, name, str, "")
+        if not value:
+            return default
+        candidate = Path(value)
+        return candidate if candidate.is_absolute() else self.source.parent / candidate
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+_LISTEN = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]*):(?P<port>\d{1,5})$")
+_ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,62}$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _listen(reader: _Reader, section: dict[str, Any], name: str, default: Listen) -> Listen:
+    value = section.get(name)
+    if value is None:
+        return default
+    key = f"listeners.{name}"
+    match = _LISTEN.match(str(value))
+    if not isinstance(value, str) or not match:
+        raise reader.fail(key, "must be HOST:PORT")
+    port = int(match["port"])
+    if port > 65535:
+        raise reader.fail(key, "port out of range")
+    return Listen(match["host"].strip("[]") or "0.0.0.0", port)
+
+
+def _http_url(reader: _Reader, value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise reader.fail(key, "not an http(s) URL")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise reader.fail(key, "not an http(s) URL")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise reader.fail(key, "must not carry a query, fragment or user info")
+    return value.rstrip("/")
+
+
+def _prefix(reader: _Reader, value: Any, key: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("/") or "//" in value:
+        raise reader.fail(key, "must be a path starting with /")
+    return value.rstrip("/") or "/"
+
+
+def _route(reader: _Reader, value: Any, index: int) -> Route:
+    key = f"routes[{index}]"
+    section = reader.mapping(
+        value, key,
+        {"name", "match", "upstream", "labels", "credential", "allow_tunnel", "tls", "timeout_seconds"},
+    )
+    name = section.get("name")
+    if not isinstance(name, str) or not _ROUTE_NAME.match(name):
+        raise reader.fail(f"{key}.name", "must be lower-case letters, digits, - or _")
+    if "upstream" not in section:
+        raise reader.fail(f"{key}.upstream", "is required")
+    upstream = _http_url(reader, section["upstream"], f"{key}.upstream")
+    match_section = reader.mapping(section.get("match"), f"{key}.match", {"path_prefix", "host", "host_path_prefix"})
+    host = match_section.get("host")
+    if host is not None and (not isinstance(host, str) or not re.match(r"^[A-Za-z0-9.\-]+(:\d+)?$", host)):
+        raise reader.fail(f"{key}.match.host", "must be a host name, optionally with :port")
+    match = RouteMatch(
+        path_prefix=_prefix(reader, match_section.get("path_prefix"), f"{key}.match.path_prefix"),
+        host=host.lower() if host else None,
+        host_path_prefix=_prefix(reader, match_section.get("host_path_prefix"), f"{key}.match.host_path_prefix"),
+    )
+    if match.path_prefix is None and match.host is None:
+        raise reader.fail(f"{key}.match", "needs path_prefix or host")
+    if match.path_prefix == "/":
+        raise reader.fail(f"{key}.match.path_prefix", "must not be / (it would shadow every route)")
+    labels = section.get("labels") or {}
+    if not isinstance(labels, dict) or not all(isinstance(k, str) for k in labels):
+        raise reader.fail(f"{key}.labels", "must be a mapping of names to values")
+    tls = reader.mapping(section.get("tls"), f"{key}.tls", {"verify", "ca_bundle"})
+    ca_bundle = reader.path(tls, f"{key}.tls", "ca_bundle", None)
+    if ca_bundle is not None and not ca_bundle.is_file():
+        raise reader.fail(f"{key}.tls.ca_bundle", f"no such file: {ca_bundle}")
+    return Route(
+        name=name,
+        match=match,
+        upstream=upstream,
+        labels=dict(labels),
+        credential=_route_credential(reader, section.get("credential"), f"{key}.credential"),
+        allow_tunnel=reader.typed(section, key, "allow_tunnel", bool, False),
+        tls_verify=reader.typed(tls, f"{key}.tls", "verify", bool, True),
+        ca_bundle=ca_bundle,
+        timeout_seconds=reader.typed(section, key, "timeout_seconds", float, 30.0),
+    )
+
+
+def _route_credential(reader: _Reader, value: Any, key: str) -> RouteCredential:
+    section = reader.mapping(value, key, {"mode", "header", "scheme", "static_key_file", "strip_headers"})
+    mode = reader.choice(section, key, "mode", ("jwt", "static", "none"), "jwt")
+    header = reader.typed(section, key, "header", str, "Authorization")
+    if not _HEADER_NAME.match(header):
+        raise reader.fail(f"{key}.header", "not a valid header name")
+    strip = section.get("strip_headers") or []
+    if not isinstance(strip, list) or not all(isinstance(h, str) and _HEADER_NAME.match(h) for h in strip):
+        raise reader.fail(f"{key}.strip_headers", "must be a list of header names")
+    static_key_file = reader.path(section, key, "static_key_file", None)
+    if mode == "static" and static_key_file is None:
+        raise reader.fail(f"{key}.static_key_file", "is required when mode is static")
+    return RouteCredential(
+        mode=mode,
+        header=header,
+        scheme=reader.typed(section, key, "scheme", str, "Bearer" if header.lower() == "authorization" else ""),
+        static_key_file=static_key_file,
+        strip_headers=tuple(strip),
+    )
+
+
+def _check_unique_routes(reader: _Reader, routes: list[Route]) -> None:
+    seen: dict[str, int] = {}
+    prefixes: dict[str, int] = {}
+    hosts: dict[tuple[str, str | None], int] = {}
+    for index, route in enumerate(routes):
+        if route.name in seen:
+            raise reader.fail(f"routes[{index}].name", f"duplicates routes[{seen[route.name]}]")
+        seen[route.name] = index
+        if route.match.path_prefix:
+            if route.match.path_prefix in prefixes:
+                raise reader.fail(f"routes[{index}].match.path_prefix", f"duplicates routes[{prefixes[route.match.path_prefix]}]")
+            prefixes[route.match.path_prefix] = index
+        if route.match.host:
+            host_key = (route.match.host, route.match.host_path_prefix)
+            if host_key in hosts:
+                raise reader.fail(f"routes[{index}].match.host", f"duplicates routes[{hosts[host_key]}]")
+            hosts[host_key] = index
+
+
+def parse_config(data: Any, source: Path) -> Config:
+    """Validate a parsed YAML document; raise ConfigError naming file and key."""
+    reader = _Reader(source)
+    top = reader.mapping(
+        data, "",
+        {"listeners", "state_dir", "limits", "policy", "credentials", "identity", "audit", "routes",
+         "approvals", "tasks", "metrics", "webhook", "store", "introspection", "approvers", "delegation"},
+    )
+    listeners = reader.mapping(top.get("listeners"), "listeners", {"proxy", "admin", "metrics"})
+    limits = reader.mapping(top.get("limits"), "limits", {"max_body_bytes"})
+    policy = reader.mapping(top.get("policy"), "policy", {"engine", "decision_path", "rego_dir", "timeout_ms", "rest"})
+    rest = reader.mapping(policy.get("rest"), "policy.rest", {"url"})
+    credentials = reader.mapping(
+        top.get("credentials"), "credentials",
+        {"issuer", "keys_dir", "algorithm", "max_ttl_seconds", "default_ttl_seconds"},
+    )
+    identity = reader.mapping(top.get("identity"), "identity", {"static", "token_file", "jwks", "audience"})
+    audit = reader.mapping(top.get("audit"), "audit", {"path", "fail_closed"})
+
+    decision_path = reader.typed(policy, "policy", "decision_path", str, "sidecar/authz/decision")
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$", decision_path):
+        raise reader.fail("policy.decision_path", "must look like sidecar/authz/decision")
+    rego_dir = reader.path(policy, "policy", "rego_dir", source.parent / "rego")
+    assert rego_dir is not None
+    engine = reader.choice(policy, "policy", "engine", ("embedded", "rest"), "embedded")
+    if engine == "embedded" and not rego_dir.is_dir():
+        raise reader.fail("policy.rego_dir", f"no such directory: {rego_dir}")
+
+    routes_value = top.get("routes")
+    if not isinstance(routes_value, list) or not routes_value:
+        raise reader.fail("routes", "must be a non-empty list")
+    routes = [_route(reader, value, index) for index, value in enumerate(routes_value)]
+    _check_unique_routes(reader, routes)
+
+    identity_static = reader.typed(identity, "identity", "static", str, "")
+    token_file = reader.path(identity, "identity", "token_file", None)
+    if not identity_static and token_file is None:
+        raise reader.fail("identity", "needs static or token_file")
+
+    return Config(
+        source=source,
+        proxy=_listen(reader, listeners, "proxy", Listen("127.0.0.1", 15001)),
+        admin=_listen(reader, listeners, "admin", Listen("127.0.0.1", 15000)),
+        metrics=_listen(reader, listeners, "metrics", Listen("127.0.0.1", 15090)),
+        state_dir=reader.path(top, "", "state_dir", source.parent / ".state") or Path(".state"),
+        max_body_bytes=reader.positive(limits, "limits", "max_body_bytes", 1024 * 1024),
+        policy=PolicyConfig(
+            engine=engine,
+            decision_path=decision_path,
+            rego_dir=rego_dir,
+            timeout_ms=reader.positive(policy, "policy", "timeout_ms", 250),
+            rest_url=_http_url(reader, rest.get("url", "http://127.0.0.1:8181"), "policy.rest.url"),
+        ),
+        credentials=CredentialsConfig(
+            issuer=reader.typed(credentials, "credentials", "issuer", str, "agent-sidecar"),
+            keys_dir=reader.path(credentials, "credentials", "keys_dir", None),
+            algorithm=reader.choice(credentials, "credentials", "algorithm", ("ES256", "EdDSA"), "ES256"),
+            max_ttl_seconds=reader.positive(credentials, "credentials", "max_ttl_seconds", 300),
+            default_ttl_seconds=reader.positive(credentials, "credentials", "default_ttl_seconds", 60),
+        ),
+        identity=IdentityConfig(
+            static=identity_static or None,
+            token_file=token_file,
+            jwks=reader.typed(identity, "identity", "jwks", str, "") or None,
+            audience=reader.typed(identity, "identity", "audience", str, "") or None,
+        ),
+        audit=AuditConfig(
+            path=reader.path(audit, "audit", "path", None),
+            fail_closed=reader.typed(audit, "audit", "fail_closed", bool, True),
+        ),
+        routes=tuple(routes),
+        raw=top,
+    )
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file; every failure is a ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path.name}: not valid YAML{where}") from None
+    return parse_config(data, path)

@@ -1,0 +1,57 @@
+"""Step 2, context: the policy input document (schema input.v1) for one call."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .documents import InterceptedCall, McpCall
+from .proxy.headers import policy_view
+
+
+@dataclass(frozen=True)
+class AgentIdentity:
+    id: str
+    verified: bool
+
+
+def build_input(
+    call: InterceptedCall,
+    agent: AgentIdentity,
+    task: dict[str, Any] | None,
+    *,
+    mcp_call: McpCall | None = None,
+    delegation: list[dict[str, Any]] | None = None,
+    approval: dict[str, Any] | None = None,
+    now_ns: int | None = None,
+) -> dict[str, Any]:
+    now_ns = now_ns if now_ns is not None else time.time_ns()
+    seconds = now_ns / 1e9
+    return {
+        "version": "v1",
+        "request": {
+            "method": call.method,
+            "scheme": call.scheme,
+            "host": call.host,
+            "port": call.port,
+            "path": call.path,
+            "query": call.query,
+            "headers": policy_view(call.headers),
+            "body": call.body_json,
+            "body_sha256": call.body_sha256,
+            "body_size": len(call.body),
+            "content_type": call.content_type,
+            "mode": call.mode,
+        },
+        "tool": {"route": call.route.name, "labels": dict(call.route.labels), "upstream": call.route.upstream},
+        "mcp": mcp_call.as_input() if mcp_call else None,
+        "agent": {"id": agent.id, "verified": agent.verified},
+        "task": task,
+        "delegation": delegation or [],
+        "approval": approval,
+        "time": {
+            "now": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{now_ns % 1_000_000_000 // 1000:06d}Z",
+            "now_ns": now_ns,
+        },
+    }

@@ -1,0 +1,121 @@
+"""The documents that cross module boundaries on the request path.
+
+intercept -> InterceptedCall -> context -> policy input (dict, schema input.v1)
+decide -> Decision -> enforce -> mint -> MintedCredential -> forward -> record
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .config import Route
+from .secret import Secret
+
+Mode = Literal["route_prefix", "forward_proxy", "connect", "transparent"]
+Outcome = Literal["allow", "deny", "hold"]
+
+
+@dataclass(frozen=True)
+class McpCall:
+    """One JSON-RPC request of an MCP message (a batch holds several)."""
+
+    method: str
+    id: Any
+    tool: str | None
+    arguments: dict[str, Any] | None
+    batch_index: int | None = None
+    batch_size: int | None = None
+
+    def as_input(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"method": self.method, "id": self.id, "tool": self.tool, "arguments": self.arguments}
+        if self.batch_index is not None:
+            doc["batch_index"] = self.batch_index
+            doc["batch_size"] = self.batch_size
+        return doc
+
+
+@dataclass(frozen=True)
+class InterceptedCall:
+    """What the agent asked for, after credentials and hop-by-hop headers are removed."""
+
+    route: Route
+    mode: Mode
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str  # on the upstream, route prefix removed, percent-encoded as received
+    query_string: str
+    query: dict[str, list[str]]
+    headers: tuple[tuple[str, str], ...]  # forwardable, original case, in order
+    body: bytes
+    body_json: Any  # parsed JSON or None
+    body_sha256: str
+    content_type: str
+    mcp_calls: tuple[McpCall, ...] = ()
+    task_id: str | None = None
+    approval_id: str | None = None
+    prefer_wait_seconds: float | None = None
+
+    @property
+    def target_url(self) -> str:
+        """The upstream URL this call is forwarded to."""
+        default_port = 443 if self.scheme == "https" else 80
+        authority = self.host if self.port == default_port else f"{self.host}:{self.port}"
+        if ":" in self.host and not self.host.startswith("["):
+            authority = f"[{self.host}]" if self.port == default_port else f"[{self.host}]:{self.port}"
+        query = f"?{self.query_string}" if self.query_string else ""
+        return f"{self.scheme}://{authority}{self.path}{query}"
+
+    @property
+    def is_mcp(self) -> bool:
+        return bool(self.mcp_calls)
+
+
+@dataclass(frozen=True)
+class CredentialSpec:
+    audience: str | None = None
+    scopes: tuple[str, ...] = ()
+    ttl_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class ApprovalSpec:
+    approvers: int = 1
+    group: str | None = None
+    expires_in_seconds: int = 900
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A validated policy decision."""
+
+    decision_id: str
+    allow: bool
+    require_approval: bool
+    reasons: tuple[str, ...]
+    risk: str = "low"
+    credential: CredentialSpec = field(default_factory=CredentialSpec)
+    approval: ApprovalSpec = field(default_factory=ApprovalSpec)
+    obligations: tuple[str, ...] = ()
+    rules: tuple[str, ...] = ()
+    result: dict[str, Any] = field(default_factory=dict)  # the raw result, for the audit log
+    eval_ns: int = 0
+
+    @property
+    def outcome(self) -> Outcome:
+        if self.require_approval:
+            return "hold"
+        return "allow" if self.allow else "deny"
+
+
+@dataclass(frozen=True)
+class MintedCredential:
+    """A credential injected into exactly one upstream call. Only the jti is ever logged."""
+
+    header: str
+    value: Secret
+    jti: str | None
+    expires_at: int | None
+    kid: str | None = None

@@ -1,0 +1,33 @@
+"""Prometheus metrics on their own registry. Labels carry bounded values only (route names, outcomes)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Embedded evaluations take tens to hundreds of microseconds: resolve below a millisecond.
+DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+UPSTREAM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("agent_sidecar_requests", "Intercepted calls by route and outcome.",
+                                ["route", "outcome"], registry=r)
+        self.refusals = Counter("agent_sidecar_refusals", "Refused calls by problem code.", ["code"], registry=r)
+        self.decision_seconds = Histogram("agent_sidecar_decision_duration_seconds",
+                                          "Policy evaluation latency.", ["engine"], buckets=DECISION_BUCKETS, registry=r)
+        self.upstream_seconds = Histogram("agent_sidecar_upstream_duration_seconds",
+                                          "Upstream latency to response headers.", ["route"], buckets=UPSTREAM_BUCKETS, registry=r)
+        self.policy_errors = Counter("agent_sidecar_policy_errors", "Policy engine failures by kind.",
+                                     ["engine", "kind"], registry=r)
+        self.credentials_minted = Counter("agent_sidecar_credentials_minted", "Credentials minted by route.",
+                                          ["route"], registry=r)
+        self.revocations = Counter("agent_sidecar_revocations", "Task credential revocations by cause.",
+                                   ["cause"], registry=r)
+        self.approvals_pending = Gauge("agent_sidecar_approvals_pending", "Approvals waiting for a human.", registry=r)
+        self.approvals_resolved = Counter("agent_sidecar_approvals_resolved", "Approvals resolved by outcome.",
+                                          ["outcome"], registry=r)
+        self.audit_write_errors = Counter("agent_sidecar_audit_write_errors", "Audit events that could not be written.",
+                                          registry=r)

@@ -1,0 +1,100 @@
+"""Step 3, decide: one query to the engine, a deadline, and strict validation.
+
+An undefined decision, an engine error, a timeout or a result of the wrong
+shape all become a ``policy_unavailable`` refusal: nothing is forwarded on doubt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from ..documents import ApprovalSpec, CredentialSpec, Decision
+from ..problems import Refusal
+from .engine import PolicyEngine, PolicyError
+
+
+@lru_cache(maxsize=None)
+def load_schema(name: str) -> dict[str, Any]:
+    """A contract schema kept in sidecar/policy/schemas, e.g. ``decision.v1``."""
+    text = resources.files("sidecar.policy").joinpath(f"schemas/{name}.json").read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@lru_cache(maxsize=None)
+def validator(name: str) -> Draft202012Validator:
+    schema = load_schema(name)
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def decision_errors(result: Any) -> list[str]:
+    """Every way a result breaks the decision contract, as short messages."""
+    errors = []
+    for error in sorted(validator("decision.v1").iter_errors(result), key=lambda e: list(e.absolute_path)):
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        errors.append(f"{where}: {error.message[:200]}")
+    return errors
+
+
+def to_decision(decision_id: str, result: dict[str, Any], eval_ns: int) -> Decision:
+    credential = result.get("credential", {})
+    approval = result.get("approval", {})
+    return Decision(
+        decision_id=decision_id,
+        allow=result["allow"],
+        require_approval=result.get("require_approval", False),
+        reasons=tuple(result["reasons"]),
+        risk=result.get("risk", "low"),
+        credential=CredentialSpec(
+            audience=credential.get("audience"),
+            scopes=tuple(credential.get("scopes", ())),
+            ttl_seconds=credential.get("ttl_seconds"),
+        ),
+        approval=ApprovalSpec(
+            approvers=approval.get("approvers", 1),
+            group=approval.get("group"),
+            expires_in_seconds=approval.get("expires_in_seconds", 900),
+        ),
+        obligations=tuple(result.get("obligations", ())),
+        rules=tuple(result.get("rules", ())),
+        result=result,
+        eval_ns=eval_ns,
+    )
+
+
+class Decider:
+    def __init__(self, engine: PolicyEngine, decision_path: str, timeout_ms: int) -> None:
+        self.engine = engine
+        self.decision_path = decision_path
+        self.timeout_seconds = timeout_ms / 1000.0
+
+    async def decide(self, input_document: dict[str, Any], decision_id: str | None = None) -> Decision:
+        """Return a validated decision or raise a policy_unavailable Refusal."""
+        decision_id = decision_id or str(uuid.uuid4())
+        started = time.perf_counter_ns()
+        try:
+            result = await asyncio.wait_for(
+                self.engine.evaluate(self.decision_path, input_document), self.timeout_seconds
+            )
+        except asyncio.TimeoutError:
+            raise self._refuse(decision_id, "timeout", f"policy engine timed out after {self.timeout_seconds * 1000:.0f} ms") from None
+        except PolicyError as exc:
+            raise self._refuse(decision_id, exc.kind, f"policy engine {exc.kind}: {exc.message}") from None
+        eval_ns = time.perf_counter_ns() - started
+        errors = decision_errors(result)
+        if errors:
+            raise self._refuse(decision_id, "malformed", "policy decision does not match decision.v1: " + "; ".join(errors[:5]))
+        return to_decision(decision_id, result, eval_ns)
+
+    @staticmethod
+    def _refuse(decision_id: str, kind: str, detail: str) -> Refusal:
+        return Refusal("policy_unavailable", detail, reasons=[detail], decision_id=decision_id, extra={"policy_error": kind})

@@ -1,0 +1,60 @@
+"""An async client of OPA's REST Data API: ``POST /v1/data/<path>`` with ``{"input": ...}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from .engine import PolicyError
+
+
+class RestEngine:
+    name = "rest"
+
+    def __init__(self, base_url: str, *, timeout_seconds: float, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        # One pooled client: connections to the OPA container are reused across calls.
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(timeout_seconds),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            transport=transport,
+            headers={"content-type": "application/json"},
+        )
+
+    async def evaluate(self, path: str, input_document: dict[str, Any]) -> Any:
+        try:
+            response = await self._client.post(f"/v1/data/{path}", json={"input": input_document})
+        except httpx.TimeoutException:
+            raise PolicyError("timeout", "OPA did not answer in time") from None
+        except httpx.HTTPError as exc:
+            raise PolicyError("unreachable", f"OPA unreachable: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise PolicyError("error", f"OPA answered HTTP {response.status_code}: {_opa_error(response)}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise PolicyError("malformed", "OPA answered with invalid JSON") from None
+        if not isinstance(body, dict) or "result" not in body:
+            raise PolicyError("undefined", f"data.{path.replace('/', '.')} is undefined")
+        return body["result"]
+
+    async def health(self) -> bool:
+        try:
+            response = await self._client.get("/health")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _opa_error(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return "no error body"
+    if isinstance(body, dict):
+        return str(body.get("code", "")) + " " + str(body.get("message", ""))[:200]
+    return "unexpected error body"

@@ -1,0 +1,1 @@
+"""The proxy listener: the agent's only way out."""

@@ -1,0 +1,94 @@
+"""Step 5, forward: send the call upstream with the minted credential; stream the answer back."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+
+from ..config import Route
+from ..documents import InterceptedCall, MintedCredential
+from ..problems import Refusal
+from .headers import response_headers
+
+
+@dataclass(frozen=True)
+class UpstreamResult:
+    status: int
+    bytes_sent: int
+
+
+class Forwarder(Protocol):
+    async def forward(self, request: web.BaseRequest, call: InterceptedCall,
+                      credential: MintedCredential, decision_header: str) -> tuple[web.StreamResponse, UpstreamResult]: ...
+
+    async def close(self) -> None: ...
+
+
+def ssl_context(route: Route) -> ssl.SSLContext | bool:
+    if not route.tls_verify:
+        return False
+    context = ssl.create_default_context(cafile=str(route.ca_bundle) if route.ca_bundle else None)
+    return context
+
+
+class HttpForwarder:
+    """One pooled aiohttp client; TLS verified by default, per-route CA bundles."""
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self._ssl = {route.name: ssl_context(route) for route in routes}
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=60)
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            )
+        return self._session
+
+    async def forward(self, request: web.BaseRequest, call: InterceptedCall,
+                      credential: MintedCredential, decision_header: str) -> tuple[web.StreamResponse, UpstreamResult]:
+        headers = list(call.headers)
+        if credential.header:
+            headers.append((credential.header, credential.value.reveal()))
+        headers.append(("X-Agent-Decision", decision_header))
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=call.route.timeout_seconds)
+        try:
+            upstream = await self._client().request(
+                call.method, call.target_url, headers=headers, data=call.body if call.body else None,
+                allow_redirects=False, ssl=self._ssl.get(call.route.name, True), timeout=timeout,
+            )
+        except asyncio.TimeoutError:
+            raise Refusal("upstream_timeout", f"upstream {call.route.name} did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise Refusal("upstream_error", f"upstream {call.route.name} failed: {type(exc).__name__}") from None
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name, value in response_headers(upstream.headers):
+                response.headers.add(name, value)
+            if "Content-Encoding" in upstream.headers:
+                response.headers["Content-Encoding"] = upstream.headers["Content-Encoding"]
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            sent = 0
+            try:
+                async for chunk in upstream.content.iter_any():
+                    sent += len(chunk)
+                    await response.write(chunk)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                # Headers are gone already: cut the connection so the agent sees a truncated answer.
+                if request.transport is not None:
+                    request.transport.close()
+                return response, UpstreamResult(upstream.status, sent)
+            await response.write_eof()
+            return response, UpstreamResult(upstream.status, sent)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

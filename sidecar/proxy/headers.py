@@ -1,0 +1,71 @@
+"""Header hygiene: hop-by-hop headers (RFC 9110 section 7.6.1) and the agent's credentials."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDictProxy
+
+from ..problems import Refusal
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authenticate", "proxy-authorization",
+})
+
+# Headers the sidecar itself interprets; they never travel upstream.
+SIDECAR_HEADERS = frozenset({"x-agent-task", "x-agent-approval", "x-agent-delegation", "prefer"})
+
+# Headers only the sidecar may set upstream: an agent that sends one is trying to spoof it.
+SPOOFABLE = frozenset({"x-agent-decision", "x-agent-credential-jti"})
+
+# Recomputed by the client for the upstream.
+FRAMING = frozenset({"host", "content-length", "expect"})
+
+
+def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def single(headers: CIMultiDictProxy[str], name: str) -> str | None:
+    """A header the sidecar reads; sent twice it is ambiguous, so refused."""
+    values = headers.getall(name, ())
+    if len(values) > 1:
+        raise Refusal("credential_header" if name.lower().startswith("x-agent") else "bad_request",
+                      f"header {name} sent more than once")
+    return values[0].strip() if values else None
+
+
+def forwardable(headers: CIMultiDictProxy[str], credential_headers: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """The agent's headers that may reach the upstream and the policy.
+
+    Credentials are stripped, not refused: agent SDKs often send a placeholder
+    key. A credential header sent twice is refused: that is never innocent.
+    """
+    strip = set(credential_headers)
+    for name in strip:
+        if len(headers.getall(name, ())) > 1:
+            raise Refusal("credential_header", f"credential header {name} sent more than once")
+    for name in SPOOFABLE:
+        if name in headers:
+            raise Refusal("credential_header", f"header {name} is set by the sidecar only")
+    drop = HOP_BY_HOP | SIDECAR_HEADERS | FRAMING | strip | connection_tokens(headers)
+    return tuple((name, value) for name, value in headers.items() if name.lower() not in drop)
+
+
+def policy_view(headers: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Lower-cased names; repeated headers joined with ', ' as RFC 9110 allows."""
+    view: dict[str, str] = {}
+    for name, value in headers:
+        key = name.lower()
+        view[key] = f"{view[key]}, {value}" if key in view else value
+    return view
+
+
+def response_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """Upstream response headers that may travel back to the agent."""
+    drop = HOP_BY_HOP | {"content-length", "content-encoding"} | connection_tokens(headers)
+    return [(name, value) for name, value in headers.items() if name.lower() not in drop]

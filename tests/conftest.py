@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import EchoTool, RunningSidecar, sidecar_config, start_sidecar  # noqa: E402
+
+
+@pytest.fixture
+async def echo_tool() -> AsyncIterator[EchoTool]:
+    tool = EchoTool()
+    await tool.start()
+    yield tool
+    await tool.stop()
+
+
+SidecarFactory = Callable[..., Awaitable[RunningSidecar]]
+
+
+@pytest.fixture
+async def make_sidecar(tmp_path: Path, echo_tool: EchoTool) -> AsyncIterator[SidecarFactory]:
+    started: list[RunningSidecar] = []
+
+    async def factory(**options: Any) -> RunningSidecar:
+        config = sidecar_config(tmp_path, echo_tool.base, **options)
+        running = await start_sidecar(tmp_path, config)
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        await running.sidecar.stop()
+
+
+@pytest.fixture
+async def sidecar(make_sidecar: SidecarFactory) -> RunningSidecar:
+    return await make_sidecar()

@@ -1,0 +1,172 @@
+"""Real parts for the tests: an upstream tool, an OPA Data API server, a running sidecar."""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from sidecar.app import Sidecar, build_sidecar
+from sidecar.config import parse_config
+from sidecar.policy.embedded import EmbeddedEngine
+from sidecar.policy.engine import PolicyError
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE_POLICY = ROOT / "tests" / "policies" / "fixture"
+SHIPPED_POLICY = ROOT / "rego"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, list[str]]
+    body: bytes
+
+
+@dataclass
+class EchoTool:
+    """An upstream tool on loopback that records every request it receives."""
+
+    port: int = 0
+    seen: list[Seen] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        headers: dict[str, list[str]] = {}
+        for name, value in request.headers.items():
+            headers.setdefault(name.lower(), []).append(value)
+        self.seen.append(Seen(request.method, request.path, request.query_string, headers, body))
+        if request.path.endswith("/mcp"):
+            message = json.loads(body)
+            reply: Any = {"jsonrpc": "2.0", "id": message.get("id"), "result": {"content": [{"type": "text", "text": "done"}]}}
+            return web.json_response(reply)
+        return web.json_response({"tool": "echo", "method": request.method, "path": request.path,
+                                  "authorization_present": "authorization" in headers}, headers={"X-Tool": "echo"})
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+
+
+class OpaDataApiServer:
+    """Speaks OPA's REST Data API on top of the embedded real engine. Tests only, never shipped:
+    no OPA server binary can be installed here (see README for pointing tests at a real `opa`)."""
+
+    def __init__(self, rego_dir: Path) -> None:
+        self.engine = EmbeddedEngine(rego_dir)
+        self.port = 0
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/data/{path:.*}", self.data)
+        app.router.add_get("/health", self.health)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def data(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"code": "invalid_parameter", "message": "body is not JSON"}, status=400)
+        try:
+            result = await self.engine.evaluate(request.match_info["path"], body.get("input"))
+        except PolicyError as exc:
+            if exc.kind == "undefined":
+                return web.json_response({})  # OPA omits "result" for an undefined document
+            return web.json_response({"code": "internal_error", "message": exc.message}, status=500)
+        return web.json_response({"result": result})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+        await self.engine.close()
+
+
+def sidecar_config(tmp: Path, upstream: str, *, policy_dir: Path = FIXTURE_POLICY, engine: str = "embedded",
+                   rest_url: str | None = None, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "listeners": {"proxy": f"127.0.0.1:{free_port()}", "admin": f"127.0.0.1:{free_port()}",
+                      "metrics": f"127.0.0.1:{free_port()}"},
+        "state_dir": str(tmp / "state"),
+        "policy": {"engine": engine, "rego_dir": str(policy_dir), "timeout_ms": 250,
+                   **({"rest": {"url": rest_url}} if rest_url else {})},
+        "identity": {"static": "spiffe://test/ns/agents/sa/agent-under-test"},
+        "routes": [
+            {"name": "crm", "match": {"path_prefix": "/crm", "host": "crm.example.com"},
+             "upstream": f"{upstream}/crm", "labels": {"environment": "dev", "data_classification": "confidential"},
+             "credential": {"strip_headers": ["X-Api-Key"]}},
+            {"name": "payments", "match": {"path_prefix": "/payments", "host": "payments.example.com"},
+             "upstream": f"{upstream}/payments", "labels": {"environment": "prod", "reversible": False}},
+            {"name": "tools", "match": {"path_prefix": "/tools"}, "upstream": f"{upstream}/tools",
+             "labels": {"protocol": "mcp"}},
+        ],
+    }
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+@dataclass
+class RunningSidecar:
+    sidecar: Sidecar
+
+    @property
+    def proxy(self) -> str:
+        return f"http://127.0.0.1:{self.sidecar.config.proxy.port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.sidecar.config.admin.port}"
+
+    @property
+    def metrics(self) -> str:
+        return f"http://127.0.0.1:{self.sidecar.config.metrics.port}"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.sidecar.config.audit_path
+
+
+async def start_sidecar(tmp: Path, config: dict[str, Any]) -> RunningSidecar:
+    path = tmp / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(config))
+    sidecar = build_sidecar(parse_config(config, path))
+    await sidecar.start()
+    return RunningSidecar(sidecar)
