@@ -41,3 +41,14 @@ async def make_sidecar(tmp_path: Path, echo_tool: EchoTool) -> AsyncIterator[Sid
 @pytest.fixture
 async def sidecar(make_sidecar: SidecarFactory) -> RunningSidecar:
     return await make_sidecar()
+
+
+@pytest.fixture
+def redis_server() -> Any:
+    """A real redis-server on 127.0.0.1, stopped after the test."""
+    from redis_server import RedisServer
+
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
