@@ -60,6 +60,26 @@ class Interceptor:
             prefer_wait_seconds=_prefer_wait(request),
         )
 
+    def intercept_connect(self, request: web.BaseRequest) -> InterceptedCall:
+        """CONNECT host:port: only host and port are known, so only they are decided on."""
+        authority = request.raw_path
+        host, _, port_text = authority.rpartition(":")
+        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise Refusal("bad_request", "CONNECT target must be host:port")
+        host, port = host.strip("[]").lower(), int(port_text)
+        route = self.routes.for_tunnel(host, port)
+        if route is None:
+            raise Refusal("no_route", f"no route for {host}:{port}")
+        if not route.allow_tunnel:
+            raise Refusal("tunnel_denied", f"route {route.name} does not allow CONNECT tunnels; send plain HTTP through the proxy")
+        upstream = urlsplit(route.upstream)
+        return InterceptedCall(
+            route=route, mode="connect", method="CONNECT", scheme=upstream.scheme, host=(upstream.hostname or "").lower(),
+            port=upstream.port or (443 if upstream.scheme == "https" else 80), path="", query_string="", query={},
+            headers=(), body=b"", body_json=None, body_sha256=hashlib.sha256(b"").hexdigest(), content_type="",
+            task_id=_token(request, "X-Agent-Task"),
+        )
+
     def _locate(self, request: web.BaseRequest) -> tuple[Mode, RouteMatchResult]:
         raw = request.raw_path
         if raw.lower().startswith(("http://", "https://")):

@@ -1,0 +1,127 @@
+"""MCP through the sidecar: a real MCP server (the MCP SDK's MCPServer over streamable HTTP) upstream,
+the MCP SDK's own client as the agent. A refusal must reach the client as a JSON-RPC error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server.mcpserver import MCPServer
+
+from harness import EchoTool, free_port
+
+
+@dataclass
+class McpUpstream:
+    url: str
+    calls: list[str]
+
+
+@pytest.fixture
+async def mcp_server() -> AsyncIterator[McpUpstream]:
+    server = MCPServer("tools-under-test")
+    calls: list[str] = []
+
+    @server.tool()
+    def get_weather(city: str) -> str:
+        calls.append("get_weather")
+        return f"sunny in {city}"
+
+    @server.tool()
+    def delete_record(record_id: int) -> str:
+        calls.append("delete_record")
+        return f"deleted {record_id}"
+
+    port = free_port()
+    app = server.streamable_http_app(stateless_http=True, json_response=True)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(uv.serve())
+    while not uv.started:
+        await asyncio.sleep(0.01)  # readiness poll of an in-process server, not a timing assumption
+    yield McpUpstream(f"http://127.0.0.1:{port}", calls)
+    uv.should_exit = True
+    await task
+
+
+async def mcp_sidecar(make_sidecar: Any, upstream: str) -> Any:
+    return await make_sidecar(routes=[{"name": "tools", "match": {"path_prefix": "/tools"}, "upstream": upstream,
+                                       "labels": {"protocol": "mcp"}}])
+
+
+async def test_mcp_sdk_client_allowed_and_denied(make_sidecar: Any, mcp_server: McpUpstream) -> None:
+    sc = await mcp_sidecar(make_sidecar, mcp_server.url)
+    async with streamable_http_client(f"{sc.proxy}/tools/mcp") as streams:
+        read, write = streams[0], streams[1]
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            result: Any = await session.call_tool("get_weather", {"city": "Oslo"})
+            assert "sunny in Oslo" in json.dumps(result.model_dump(mode="json"))
+            with pytest.raises(Exception) as refused:
+                await session.call_tool("delete_record", {"record_id": 7})
+    message = str(refused.value)
+    assert "Denied by policy" in message and "delete_record is not allowed" in message
+    assert mcp_server.calls == ["get_weather"]
+
+
+async def test_refused_mcp_call_is_a_jsonrpc_error_with_code_reasons_and_decision_id(
+        make_sidecar: Any, echo_tool: EchoTool) -> None:
+    sc = await mcp_sidecar(make_sidecar, echo_tool.base)
+    call = {"jsonrpc": "2.0", "id": 42, "method": "tools/call", "params": {"name": "delete_all", "arguments": {}}}
+    async with httpx.AsyncClient() as agent:
+        response = await agent.post(f"{sc.proxy}/tools/mcp", json=call)
+    assert response.status_code == 403 and response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["id"] == 42 and body["jsonrpc"] == "2.0"
+    assert body["error"]["code"] == -32001
+    data = body["error"]["data"]
+    assert data["code"] == "denied" and data["reasons"] == ["fixture: MCP tool delete_all is not allowed"]
+    assert data["decision_id"]
+    assert echo_tool.seen == []
+
+
+async def test_batch_with_one_refused_call_refuses_the_batch(make_sidecar: Any, echo_tool: EchoTool) -> None:
+    sc = await mcp_sidecar(make_sidecar, echo_tool.base)
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "delete_user", "arguments": {"id": 3}}},
+        {"jsonrpc": "2.0", "method": "notifications/progress", "params": {}},
+    ]
+    async with httpx.AsyncClient() as agent:
+        response = await agent.post(f"{sc.proxy}/tools/mcp", json=batch)
+    assert response.status_code == 403
+    errors = response.json()
+    assert [e["id"] for e in errors] == [1, 2]
+    assert all(e["error"]["data"]["code"] == "denied" for e in errors)
+    assert echo_tool.seen == []
+
+
+async def test_allowed_batch_is_forwarded_once(make_sidecar: Any, echo_tool: EchoTool) -> None:
+    sc = await mcp_sidecar(make_sidecar, echo_tool.base)
+    batch = [{"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"name": "get_weather", "arguments": {}}}
+             for i in range(3)]
+    async with httpx.AsyncClient() as agent:
+        response = await agent.post(f"{sc.proxy}/tools/mcp2", json=batch)
+    assert response.status_code == 200
+    assert len(echo_tool.seen) == 1
+
+
+@pytest.mark.parametrize("message, detail", [
+    ({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"arguments": {}}}, "tools/call without a tool name"),
+    ({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x", "arguments": [1]}}, "arguments must be an object"),
+    ({"jsonrpc": "2.0", "id": 1, "method": 7}, "without a method"),
+])
+async def test_malformed_mcp_requests(make_sidecar: Any, echo_tool: EchoTool, message: Any, detail: str) -> None:
+    sc = await mcp_sidecar(make_sidecar, echo_tool.base)
+    async with httpx.AsyncClient() as agent:
+        response = await agent.post(f"{sc.proxy}/tools/mcp", json=message)
+    assert response.status_code == 400
+    assert detail in response.json()["detail"]
+    assert echo_tool.seen == []

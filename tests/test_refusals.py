@@ -1,0 +1,159 @@
+"""Every bad input is refused with a machine-readable problem, and the upstream sees nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from harness import EchoTool, RunningSidecar, free_port
+
+
+async def raw_request(port: int, data: bytes) -> tuple[int, bytes, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    body = await reader.readexactly(length)
+    writer.close()
+    return int(head.split()[1]), head, body
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem: dict[str, Any] = response.json()
+    assert problem["code"] == code and problem["status"] == status
+    assert problem["type"].endswith("/" + code) and problem["title"] and isinstance(problem["reasons"], list)
+    return problem
+
+
+async def test_body_over_the_limit_with_content_length(make_sidecar: Any, echo_tool: EchoTool) -> None:
+    sc: RunningSidecar = await make_sidecar(limits={"max_body_bytes": 1024})
+    async with httpx.AsyncClient() as agent:
+        response = await agent.put(f"{sc.proxy}/crm/notes/1", content=b"x" * 1025)
+    problem = assert_problem(response, 413, "body_too_large")
+    assert problem["limit_bytes"] == 1024
+    assert echo_tool.seen == []
+
+
+async def test_chunked_body_over_the_limit(make_sidecar: Any, echo_tool: EchoTool) -> None:
+    sc: RunningSidecar = await make_sidecar(limits={"max_body_bytes": 1024})
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield b"y" * 512
+
+    async with httpx.AsyncClient() as agent:
+        response = await agent.put(f"{sc.proxy}/crm/notes/1", content=chunks())
+    assert_problem(response, 413, "body_too_large")
+    assert echo_tool.seen == []
+
+
+async def test_body_at_the_limit_passes(make_sidecar: Any, echo_tool: EchoTool) -> None:
+    sc: RunningSidecar = await make_sidecar(limits={"max_body_bytes": 1024})
+    async with httpx.AsyncClient() as agent:
+        task = (await agent.post(f"{sc.admin}/v1/tasks", json={"intent": "notes"})).json()["id"]
+        response = await agent.put(f"{sc.proxy}/crm/notes/1", content=b"z" * 1024, headers={"X-Agent-Task": task})
+    assert response.status_code == 200
+    assert echo_tool.seen[0].body == b"z" * 1024
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"a": 1', b"[" * 100000])
+async def test_malformed_json(sidecar: RunningSidecar, echo_tool: EchoTool, body: bytes) -> None:
+    async with httpx.AsyncClient() as agent:
+        response = await agent.post(f"{sidecar.proxy}/crm/customers", content=body,
+                                    headers={"Content-Type": "application/json"})
+    problem = assert_problem(response, 400, "bad_request")
+    assert "malformed JSON" in problem["detail"]
+    assert echo_tool.seen == []
+
+
+@pytest.mark.parametrize("headers, detail", [
+    ([("Authorization", "Bearer a"), ("Authorization", "Bearer b")], "authorization sent more than once"),
+    ([("X-Api-Key", "a"), ("X-Api-Key", "b")], "x-api-key sent more than once"),
+    ([("X-Agent-Decision", "forged")], "x-agent-decision is set by the sidecar only"),
+    ([("X-Agent-Task", "t-1"), ("X-Agent-Task", "t-2")], "X-Agent-Task sent more than once"),
+    ([("X-Agent-Approval", "ap-1"), ("X-Agent-Approval", "ap-2")], "X-Agent-Approval sent more than once"),
+])
+async def test_spoofed_or_duplicated_credential_headers(sidecar: RunningSidecar, echo_tool: EchoTool,
+                                                        headers: list[tuple[str, str]], detail: str) -> None:
+    async with httpx.AsyncClient() as agent:
+        response = await agent.get(f"{sidecar.proxy}/crm/customers/1", headers=headers)
+    problem = assert_problem(response, 400, "credential_header")
+    assert detail in problem["detail"]
+    assert echo_tool.seen == []
+
+
+@pytest.mark.parametrize("path", ["/crm/a%2Fb", "/crm/../payments/refunds", "/crm/%2e%2e/payments", "/crm//x", "/crm/a\\b"])
+async def test_ambiguous_paths(sidecar: RunningSidecar, echo_tool: EchoTool, path: str) -> None:
+    # Sent on a raw socket: HTTP clients normalise such paths before they leave.
+    status, head, body = await raw_request(sidecar.sidecar.config.proxy.port,
+                                           f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert status == 400 and b"application/problem+json" in head
+    assert json.loads(body)["code"] == "bad_request"
+    assert echo_tool.seen == []
+
+
+async def test_unknown_task(sidecar: RunningSidecar, echo_tool: EchoTool) -> None:
+    async with httpx.AsyncClient() as agent:
+        response = await agent.get(f"{sidecar.proxy}/crm/customers/1", headers={"X-Agent-Task": "t-doesnotexist"})
+    assert_problem(response, 400, "unknown_task")
+    assert echo_tool.seen == []
+
+
+async def test_hop_by_hop_headers_are_not_forwarded(sidecar: RunningSidecar, echo_tool: EchoTool) -> None:
+    async with httpx.AsyncClient() as agent:
+        response = await agent.get(f"{sidecar.proxy}/crm/customers/1", headers={
+            "Connection": "keep-alive, X-Private-Hop", "X-Private-Hop": "1", "Keep-Alive": "timeout=5",
+            "TE": "trailers", "Upgrade": "websocket", "Prefer": "wait=5", "X-Keep-Me": "yes"})
+    assert response.status_code == 200
+    [seen] = echo_tool.seen
+    for name in ("x-private-hop", "keep-alive", "te", "upgrade", "prefer"):
+        assert name not in seen.headers, name
+    assert seen.headers["x-keep-me"] == ["yes"]
+
+
+# ------------------------------------------------------------------ the policy engine misbehaves
+
+
+@pytest.mark.parametrize("path, kind", [
+    ("/crm/fault/malformed", "malformed"),
+    ("/crm/fault/extra-field", "malformed"),
+    ("/crm/fault/string", "malformed"),
+    ("/crm/fault/conflict", "error"),
+    ("/crm/fault/slow", "timeout"),
+])
+async def test_policy_faults_fail_closed(sidecar: RunningSidecar, echo_tool: EchoTool, path: str, kind: str) -> None:
+    async with httpx.AsyncClient(timeout=30) as agent:
+        response = await agent.get(f"{sidecar.proxy}{path}")
+    problem = assert_problem(response, 503, "policy_unavailable")
+    assert problem["policy_error"] == kind and problem["decision_id"]
+    assert problem["reasons"]
+    assert echo_tool.seen == []
+
+
+async def test_undefined_decision_fails_closed(make_sidecar: Any, echo_tool: EchoTool) -> None:
+    sc: RunningSidecar = await make_sidecar(policy={"engine": "embedded", "decision_path": "sidecar/authz/nothing_here",
+                                                    "rego_dir": str(__import__("harness").FIXTURE_POLICY)})
+    async with httpx.AsyncClient() as agent:
+        response = await agent.get(f"{sc.proxy}/crm/customers/1")
+    problem = assert_problem(response, 503, "policy_unavailable")
+    assert problem["policy_error"] == "undefined"
+    assert echo_tool.seen == []
+
+
+async def test_unreachable_rest_engine_fails_closed(make_sidecar: Any, echo_tool: EchoTool) -> None:
+    sc: RunningSidecar = await make_sidecar(engine="rest", rest_url=f"http://127.0.0.1:{free_port()}")
+    async with httpx.AsyncClient() as agent:
+        response = await agent.get(f"{sc.proxy}/crm/customers/1")
+        ready = await agent.get(f"{sc.metrics}/readyz")
+    problem = assert_problem(response, 503, "policy_unavailable")
+    assert problem["policy_error"] == "unreachable"
+    assert echo_tool.seen == []
+    assert ready.status_code == 503 and ready.json()["failing"] == ["policy"]
