@@ -7,6 +7,7 @@ one denied and one held call, then keeps serving so you can try curl yourself.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import signal
@@ -81,21 +82,24 @@ async def play(proxy: str, admin: str) -> None:
              await agent.delete(f"{proxy}/crm/customers/42", headers={"X-Agent-Task": task["id"]}))
 
 
-async def main() -> int:
+async def main(argv: list[str] | None = None) -> int:
+    options = arguments().parse_args(argv)
     try:
-        config = load_config(EXAMPLE_CONFIG)
+        config = load_config(Path(options.config))
         sidecar = build_sidecar(config)
     except ConfigError as exc:
         print(f"agent-sidecar: config error: {exc}", file=sys.stderr)
         return 2
     tool = web.AppRunner(demo_tool(), access_log=None)
     await tool.setup()
-    await web.TCPSite(tool, "127.0.0.1", TOOL_PORT).start()
+    await web.TCPSite(tool, "127.0.0.1", options.tool_port).start()
     await sidecar.start()
     proxy, admin = f"http://{config.proxy}", f"http://{config.admin}"
-    print(f"demo tool on http://127.0.0.1:{TOOL_PORT}; sidecar proxy {proxy}, admin {admin}, metrics http://{config.metrics}")
+    print(f"demo tool on http://127.0.0.1:{options.tool_port}; sidecar proxy {proxy}, admin {admin}, metrics http://{config.metrics}")
     try:
         await play(proxy, admin)
+        if options.once:
+            return 0
         print(f"""
 The sidecar keeps serving (Ctrl-C to stop). Try:
   curl -s {proxy}/crm/customers/7 | python3 -m json.tool
@@ -114,6 +118,14 @@ The sidecar keeps serving (Ctrl-C to stop). Try:
         await sidecar.stop()
         await tool.cleanup()
     return 0
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sidecar.demo", description=__doc__)
+    parser.add_argument("--config", default=str(EXAMPLE_CONFIG), help="sidecar config (default: examples/sidecar.yaml)")
+    parser.add_argument("--tool-port", type=int, default=TOOL_PORT, help="port of the demo tool the routes point at")
+    parser.add_argument("--once", action="store_true", help="play the demo and exit instead of serving on")
+    return parser
 
 
 if __name__ == "__main__":

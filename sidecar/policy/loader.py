@@ -24,14 +24,19 @@ class PolicyBundle:
     data: list[tuple[str, Any]] = field(default_factory=list)  # (dotted path or "", value)
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    """Like `opa run --ignore=.*`: a ConfigMap volume holds every file twice, once under ..<timestamp>/."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def read_policy_dir(root: Path) -> PolicyBundle:
     """Read every *.rego and data.json under root; a data.json merges at its directory's path."""
     if not root.is_dir():
         raise PolicyLoadError(root, "not a directory")
     bundle = PolicyBundle(root=root)
-    for path in sorted(root.rglob("*.rego")):
+    for path in sorted(p for p in root.rglob("*.rego") if not _hidden(p, root)):
         bundle.modules[path.relative_to(root).as_posix()] = path.read_text(encoding="utf-8")
-    for path in sorted(root.rglob("data.json")):
+    for path in sorted(p for p in root.rglob("data.json") if not _hidden(p, root)):
         try:
             value = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as exc:
