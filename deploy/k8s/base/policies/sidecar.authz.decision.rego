@@ -1,0 +1,130 @@
+# The decision: data.sidecar.authz.decision, schema decision.v1.
+#
+# Outcome: deny rules win over hold rules, hold rules over allow.
+#   deny  - allow: false, require_approval: false
+#   hold  - allow: false, require_approval: true
+#   allow - allow: true,  require_approval: false
+#
+# Every rule adds a finding {"rule", "reason"} to one of three sets: deny,
+# hold or notes (notes only raise the risk). Risk is the highest of the
+# findings' risks (data.sidecar.config.rule_risk, a note may carry its own),
+# and picks the credential TTL and the approval requirements.
+#
+# input.task.history, the bounded summary of the task's earlier calls that
+# the sidecar provides (a missing field reads as zero or empty):
+#   {
+#     "calls": 12,                                   calls so far in the task
+#     "by_route": {"crm": 10, "payments": 2},        calls per route
+#     "by_method": {"GET": 10, "POST": 2},           calls per HTTP method
+#     "totals": {"amount": 98, "records": 10},       amounts moved, records touched (allowed calls)
+#     "external_hosts_written": ["api.example.com"], hosts outside the cluster written to
+#     "classifications_read": ["confidential"],      data_classification labels of routes read
+#     "recent": [                                    the last calls, oldest first (20 by default)
+#       {"route": "crm", "method": "GET", "path": "/customers/42", "host": "crm.internal",
+#        "outcome": "allow", "at": "2025-06-01T11:59:58Z"}
+#     ]
+#   }
+# "outcome" is "allow", "deny" or "hold"; "at" is an RFC 3339 timestamp (a
+# number is read as Unix seconds). The task itself may carry "expires_at_epoch"
+# (Unix seconds) next to "expires_at".
+package sidecar.authz
+
+# Anything the rules cannot decide (no input, a policy bug) is a deny.
+default decision := {
+	"allow": false,
+	"require_approval": false,
+	"reasons": ["policy_error: the policy could not decide on this input; denied"],
+	"risk": "high",
+	"obligations": ["audit_alert"],
+	"rules": ["policy_error"],
+}
+
+decision := {
+	"allow": allow,
+	"require_approval": require_approval,
+	"reasons": reasons,
+	"risk": risk,
+	"credential": credential,
+	"approval": approval_requirements,
+	"obligations": sort(obligations),
+	"rules": sort(fired_rules),
+}
+
+denied if count(deny) > 0
+
+needs_approval if {
+	not denied
+	count(hold) > 0
+	not approval_granted
+}
+
+default allow := false
+
+allow if {
+	not denied
+	not needs_approval
+}
+
+default require_approval := false
+
+require_approval if needs_approval
+
+# -- explanation ------------------------------------------------------------
+
+outcome_notes contains {
+	"rule": "approval_granted",
+	"reason": sprintf("approval_granted: approval %s covers %s; allowed at %s risk", [clip(approval_id), concat(", ", sort({f.rule | some f in hold})), risk]),
+} if {
+	not denied
+	count(hold) > 0
+	approval_granted
+}
+
+outcome_notes contains {
+	"rule": "allowed",
+	"reason": sprintf("allowed: %s is class %s; allowed at %s risk", [action, action_class, risk]),
+} if {
+	not denied
+	count(hold) == 0
+}
+
+fired_rules := {f.rule | some f in findings} | {f.rule | some f in outcome_notes}
+
+findings := (deny | hold) | notes
+
+reasons := array.slice(
+	array.concat(
+		array.concat([f.reason | some f in deny], [f.reason | some f in hold]),
+		array.concat([f.reason | some f in notes], [f.reason | some f in outcome_notes]),
+	),
+	0, 50,
+)
+
+# -- risk -------------------------------------------------------------------
+
+risk_levels := ["low", "medium", "high", "critical"]
+
+risk_rank(level) := i if {
+	some i, l in risk_levels
+	l == level
+} else := 2
+
+finding_risk(f) := f.risk if {
+	f.risk in risk_levels
+} else := object.get(obj(cfg.rule_risk), f.rule, "high")
+
+risk := risk_levels[max({0} | {risk_rank(finding_risk(f)) | some f in findings})]
+
+# -- credential -------------------------------------------------------------
+
+audience := a if {
+	a := object.get(cfg.audiences, route, "")
+	is_string(a)
+	a != ""
+} else := route
+
+credential := {
+	"audience": audience,
+	"scopes": [sprintf("%s:%s", [route, scope_verb])],
+	"ttl_seconds": ttl_seconds,
+}

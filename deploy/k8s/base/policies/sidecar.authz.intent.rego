@@ -1,0 +1,78 @@
+# Intent: who may call what, and under which task. Every rule here denies.
+package sidecar.authz
+
+deny contains {
+	"rule": "write_without_task",
+	"reason": sprintf("write_without_task: %s is a %s call and writes need a task (declare one and send X-Agent-Task)", [action, action_class]),
+} if {
+	is_write
+	not has_task
+}
+
+# The task's declared intent bounds what the agent may touch while working on it.
+# An absent or empty list declares no bound.
+task_allowed_routes := strings(object.get(task, ["labels", "allowed_routes"], []))
+
+task_allowed_tools := lower_strings(object.get(task, "allowed_tools", []))
+
+deny contains {
+	"rule": "outside_task_intent",
+	"reason": sprintf("outside_task_intent: %s is outside the routes declared by %s (%s)", [action, task_name, concat(", ", task_allowed_routes)]),
+} if {
+	has_task
+	count(task_allowed_routes) > 0
+	not route in task_allowed_routes
+}
+
+deny contains {
+	"rule": "outside_task_intent",
+	"reason": sprintf("outside_task_intent: %s is outside the tools declared by %s (%s)", [action, task_name, concat(", ", sort(task_allowed_tools))]),
+} if {
+	has_task
+	count(task_allowed_tools) > 0
+	not tool_declared
+}
+
+tool_declared if lower(route) in task_allowed_tools
+
+tool_declared if {
+	mcp_tool_call
+	mcp_tool in task_allowed_tools
+}
+
+tool_declared if {
+	mcp_tool_call
+	concat(":", [lower(route), mcp_tool]) in task_allowed_tools
+}
+
+agent_id := in_str(["agent", "id"])
+
+# data.sidecar.config.agent_routes maps an agent id to its routes; "*" is the
+# entry for agents not listed, and a "*" route allows every route.
+agent_routes := strings(object.get(cfg.agent_routes, agent_id, object.get(cfg.agent_routes, "*", [])))
+
+agent_route_allowed if "*" in agent_routes
+
+agent_route_allowed if route in agent_routes
+
+deny contains {
+	"rule": "agent_route_not_allowed",
+	"reason": sprintf("agent_route_not_allowed: agent %s may not call route %s", [clip(agent_id), route]),
+} if {
+	not agent_route_allowed
+}
+
+# The sidecar refuses expired tasks before asking; this covers a clock skew
+# between the task store and the sidecar, and an OPA queried directly.
+task_expires_ns := num(task.expires_at_epoch) * 1000000000 if {
+	is_number(task.expires_at_epoch)
+} else := timestamp_ns(task.expires_at)
+
+deny contains {
+	"rule": "task_expired",
+	"reason": sprintf("task_expired: %s expired at %s", [task_name, clip(str(task.expires_at))]),
+} if {
+	has_task
+	now_ns > 0
+	task_expires_ns <= now_ns
+}
