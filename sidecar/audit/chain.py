@@ -1,24 +1,31 @@
-"""A hash-chained JSON-lines audit log.
+"""A hash-chained JSON-lines audit log, rotated by size into files that form one chain.
 
 Each event is a JSON object with ``seq``, ``prev_hash`` and ``hash``, where
-``hash`` is the SHA-256 of the event's canonical JSON without ``hash``. The
-first event of a file carries the last hash of the file before it, so a
-rotated set of files is one chain. Appends are one ``write`` of one line to
-an O_APPEND descriptor: a few microseconds, no fsync on the request path.
+``hash`` is the SHA-256 of the event's canonical JSON (sorted keys, no
+whitespace) without ``hash``. The first event of the chain has an all-zero
+``prev_hash``; the first event of a rotated file carries the last hash of the
+file before it, so ``audit.000001.jsonl audit.000002.jsonl audit.jsonl`` verify
+as one chain.
+
+``HashChainLog`` is synchronous and is driven by one writer thread
+(:mod:`sidecar.audit.writer`); it never runs on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
-import threading
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 GENESIS = "0" * 64
+DEFAULT_ROTATE_BYTES = 64 * 1024 * 1024
 
 
 class AuditError(Exception):
@@ -26,8 +33,15 @@ class AuditError(Exception):
 
 
 class AuditSink(Protocol):
-    def append(self, event: dict[str, Any]) -> dict[str, Any]:
-        """Record an event; return it with its chain fields. Raise AuditError on failure."""
+    async def record(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Write an event and return it with its chain fields; raise AuditError when it was not written."""
+        ...
+
+    def append(self, event: dict[str, Any]) -> asyncio.Future[dict[str, Any] | None] | None:
+        """Queue an event without waiting and return its receipt (see sidecar.audit.writer).
+
+        Raise AuditError only when the event cannot even be queued; every lost event is counted by the sink.
+        """
         ...
 
     def close(self) -> None: ...
@@ -40,6 +54,46 @@ def canonical(event: dict[str, Any]) -> bytes:
 def event_hash(event: dict[str, Any]) -> str:
     body = {k: v for k, v in event.items() if k != "hash"}
     return hashlib.sha256(canonical(body)).hexdigest()
+
+
+def now_rfc3339() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+
+
+# ---------------------------------------------------------------- files of one chain
+
+
+def rotated_name(active: Path, number: int) -> Path:
+    """``audit.jsonl`` -> ``audit.000001.jsonl``: sorts before the active file in a shell glob."""
+    return active.with_name(f"{active.stem}.{number:06d}{active.suffix}")
+
+
+def rotated_files(active: Path) -> list[Path]:
+    pattern = re.compile(re.escape(active.stem) + r"\.(\d{6,})" + re.escape(active.suffix) + "$")
+    found: list[tuple[int, Path]] = []
+    if active.parent.is_dir():
+        for candidate in active.parent.iterdir():
+            match = pattern.match(candidate.name)
+            if match:
+                found.append((int(match[1]), candidate))
+    return [path for _, path in sorted(found)]
+
+
+def chain_files(active: Path) -> list[Path]:
+    """Every file of the chain whose active file is ``active``, oldest first."""
+    files = rotated_files(active)
+    if active.exists():
+        files.append(active)
+    return files
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    """Command-line paths: a directory stands for the chain of its ``audit.jsonl``."""
+    files: list[Path] = []
+    for path in paths:
+        files.extend(chain_files(path / "audit.jsonl") if path.is_dir() else [path])
+    return files
 
 
 def _last_event(path: Path) -> dict[str, Any] | None:
@@ -63,48 +117,133 @@ def _last_event(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def chain_tail(active: Path) -> dict[str, Any] | None:
+    """The last event of the chain: in the active file, or in the newest rotated file if the active one is empty."""
+    for path in reversed(chain_files(active)):
+        last = _last_event(path)
+        if last is not None:
+            return last
+    return None
+
+
+# ---------------------------------------------------------------- the writer's log
+
+
 class HashChainLog:
-    def __init__(self, path: Path, *, chain_id: str = "sidecar") -> None:
+    """Appends batches of events to the active file; rotates it past ``rotate_bytes`` (0: never).
+
+    A batch is one ``write`` to an O_APPEND descriptor. A failed or short write is
+    cut back off the file and the chain state is not advanced, so the file never
+    holds half a line and the next event links to the last one really written.
+    """
+
+    def __init__(self, path: Path, *, chain_id: str = "sidecar", rotate_bytes: int = DEFAULT_ROTATE_BYTES) -> None:
         self.path = path
         self.chain_id = chain_id
+        self.rotate_bytes = rotate_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
-        last = _last_event(path)
-        self._prev = last["hash"] if last else GENESIS
+        last = chain_tail(path)
+        self._prev = str(last["hash"]) if last else GENESIS
         self._seq = int(last["seq"]) + 1 if last else 0
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._lock = threading.Lock()
-        self.failures = 0
+        self._fd = -1
+        self._size = 0
+        self._open()
 
     @property
     def last_hash(self) -> str:
         return self._prev
 
-    def append(self, event: dict[str, Any]) -> dict[str, Any]:
-        with self._lock:
-            record = {"seq": self._seq, "timestamp": _now(), "chain": self.chain_id, **event, "prev_hash": self._prev}
-            record["hash"] = event_hash(record)
-            line = canonical(record) + b"\n"
+    @property
+    def next_seq(self) -> int:
+        return self._seq
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._size = os.fstat(self._fd).st_size
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
             try:
-                written = os.write(self._fd, line)
-                if written != len(line):
-                    raise OSError("short write")
-            except OSError as exc:
-                self.failures += 1
-                raise AuditError(f"audit write failed: {exc}") from None
-            self._prev = record["hash"]
-            self._seq += 1
-            return record
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = -1
+
+    def _ensure_open(self) -> None:
+        """Reopen after a failure, or when the file was deleted or moved away under us."""
+        if self._fd >= 0:
+            try:
+                if os.fstat(self._fd).st_nlink > 0:
+                    return
+            except OSError:
+                pass
+            self._close_fd()
+        self._open()
+
+    def _rotate(self) -> None:
+        os.fsync(self._fd)
+        existing = rotated_files(self.path)
+        number = int(existing[-1].name[len(self.path.stem) + 1:].split(".")[0]) + 1 if existing else 1
+        self._close_fd()
+        os.rename(self.path, rotated_name(self.path, number))
+        self._open()
+
+    def chain(self, events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bytes]:
+        """The events with their chain fields, and their lines; the log's state is unchanged."""
+        prev, seq = self._prev, self._seq
+        records: list[dict[str, Any]] = []
+        lines: list[bytes] = []
+        for event in events:
+            record = {"seq": seq, "chain": self.chain_id, **event, "prev_hash": prev}
+            record.pop("hash", None)
+            record.setdefault("timestamp", now_rfc3339())
+            # One serialisation per event: the hash covers the canonical body, and the line is that
+            # body with "hash" appended (verifiers re-canonicalise, so key order on disk is free).
+            body = canonical(record)
+            record["hash"] = prev = hashlib.sha256(body).hexdigest()
+            records.append(record)
+            lines.append(body[:-1] + b',"hash":"' + prev.encode() + b'"}\n')
+            seq += 1
+        return records, b"".join(lines)
+
+    def write_batch(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write events in order as one write; raise AuditError and write nothing on failure."""
+        records, data = self.chain(events)
+        try:
+            self._ensure_open()
+            if self.rotate_bytes and self._size > 0 and self._size + len(data) > self.rotate_bytes:
+                self._rotate()
+            self._write_all(data)
+        except OSError as exc:
+            self._close_fd()
+            raise AuditError(f"audit write failed: {exc.strerror or exc}") from None
+        self._prev = records[-1]["hash"]
+        self._seq += len(records)
+        return records
+
+    def _write_all(self, data: bytes) -> None:
+        before = self._size
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(0, "short write")
+        except OSError:
+            try:
+                os.ftruncate(self._fd, before)  # never leave half a line behind
+            except OSError:
+                pass
+            raise
+        self._size = before + written
+
+    def append(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Synchronous single-event write (tools and tests; the sidecar goes through AuditWriter)."""
+        return self.write_batch([event])[0]
 
     def close(self) -> None:
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
+        self._close_fd()
 
 
-def _now() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+# ---------------------------------------------------------------- reading and verifying
 
 
 @dataclass(frozen=True)
@@ -112,30 +251,65 @@ class VerifyResult:
     ok: bool
     events: int
     problem: str | None = None
+    first_seq: int | None = None
+    last_hash: str | None = None
 
 
-def verify_files(paths: list[Path]) -> VerifyResult:
-    """Check every link of the chain across files in order; report the first break."""
-    prev: str | None = None
-    count = 0
+def read_events(paths: list[Path]) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """(``file:line``, event or None when the line is not a JSON object), across files in order."""
     for path in paths:
-        try:
-            handle = path.open("rb")
-        except OSError as exc:
-            return VerifyResult(False, count, f"{path}: cannot read ({exc.strerror})")
-        with handle:
+        with path.open("rb") as handle:
             for number, line in enumerate(handle, start=1):
-                where = f"{path}:{number}"
                 try:
-                    event = json.loads(line)
+                    value = json.loads(line)
                 except ValueError:
-                    return VerifyResult(False, count, f"{where}: not JSON")
-                if not isinstance(event, dict) or "hash" not in event or "prev_hash" not in event:
-                    return VerifyResult(False, count, f"{where}: missing hash or prev_hash")
-                if event_hash(event) != event["hash"]:
-                    return VerifyResult(False, count, f"{where}: event was altered (hash mismatch)")
-                if prev is not None and event["prev_hash"] != prev:
-                    return VerifyResult(False, count, f"{where}: broken link (prev_hash does not match the previous event; an event is missing or out of order)")
-                prev = event["hash"]
-                count += 1
-    return VerifyResult(True, count)
+                    value = None
+                yield f"{path}:{number}", value if isinstance(value, dict) else None
+
+
+def verify_files(paths: list[Path], *, partial: bool = False) -> VerifyResult:
+    """Check every link of the chain across files in order; report the first break.
+
+    The chain must start at its genesis (an all-zero ``prev_hash``) unless
+    ``partial``: then it may start mid-way, e.g. after older files were archived.
+    """
+    for path in paths:
+        if not path.is_file():
+            return VerifyResult(False, 0, f"{path}: cannot read (no such file)")
+    prev: str | None = None
+    seq: int | None = None
+    first: int | None = None
+    count = 0
+    try:
+        for where, event in read_events(paths):
+            problem = _link_problem(where, event, prev, seq, partial)
+            if problem:
+                return VerifyResult(False, count, problem, first, prev)
+            assert event is not None
+            prev, seq = event["hash"], event.get("seq")
+            first = seq if first is None else first
+            count += 1
+    except OSError as exc:
+        return VerifyResult(False, count, f"cannot read ({exc.strerror})", first, prev)
+    if count == 0:
+        return VerifyResult(False, 0, "no events")
+    return VerifyResult(True, count, None, first, prev)
+
+
+def _link_problem(where: str, event: dict[str, Any] | None, prev: str | None, seq: int | None,
+                  partial: bool) -> str | None:
+    if event is None:
+        return f"{where}: not a JSON object (a damaged or partial line)"
+    if not isinstance(event.get("hash"), str) or not isinstance(event.get("prev_hash"), str):
+        return f"{where}: missing hash or prev_hash"
+    if event_hash(event) != event["hash"]:
+        return f"{where}: event was altered (its hash does not match its content)"
+    if prev is None:
+        if event["prev_hash"] != GENESIS and not partial:
+            return (f"{where}: the chain does not start here (prev_hash is not the genesis hash; seq {event.get('seq')}): "
+                    "an earlier file is missing; pass the older files first, or --partial")
+        return None
+    if event["prev_hash"] != prev:
+        expected = f" (expected seq {seq + 1}, found seq {event.get('seq')})" if isinstance(seq, int) else ""
+        return f"{where}: broken link: prev_hash does not match the previous event{expected}; an event is missing or out of order"
+    return None

@@ -6,6 +6,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Embedded evaluations take tens to hundreds of microseconds: resolve below a millisecond.
 DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# The bounded label values (docs/observability.md lists them).
+OUTCOMES = ("allowed", "denied", "approval_required", "refused", "error")
+POLICY_ERROR_KINDS = ("timeout", "unreachable", "error", "undefined", "malformed")
+REVOCATION_CAUSES = ("completed", "revoked", "expired", "obligation")
+APPROVAL_OUTCOMES = ("approved", "denied", "used", "expired")
 UPSTREAM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -31,3 +36,34 @@ class Metrics:
                                           ["outcome"], registry=r)
         self.audit_write_errors = Counter("agent_sidecar_audit_write_errors", "Audit events that could not be written.",
                                           registry=r)
+        self.audit_events = Counter("agent_sidecar_audit_events", "Audit events written to the chain.", registry=r)
+        self.audit_queue = Gauge("agent_sidecar_audit_queue_events", "Audit events waiting for the writer thread.",
+                                 registry=r)
+        self.audit_shipped = Counter("agent_sidecar_audit_shipped_events", "Audit events accepted by the HTTP sink.",
+                                     registry=r)
+        self.audit_ship_failures = Counter("agent_sidecar_audit_ship_failures",
+                                           "Audit uploads refused by the HTTP sink or not delivered.", registry=r)
+        self.audit_ship_dropped = Counter("agent_sidecar_audit_ship_dropped_events",
+                                          "Audit events dropped from the full shipping queue.", registry=r)
+        self.audit_ship_queue = Gauge("agent_sidecar_audit_ship_queue_events", "Audit events waiting to be shipped.",
+                                      registry=r)
+
+    def prime(self, routes: list[str], engine: str) -> None:
+        """Create every bounded label combination at zero, so rates and alerts work before the first event."""
+        from ..problems import PROBLEMS
+
+        for route in [*routes, "none"]:
+            for outcome in OUTCOMES:
+                self.requests.labels(route, outcome)
+        for route in routes:
+            self.credentials_minted.labels(route)
+            self.upstream_seconds.labels(route)
+        for code in PROBLEMS:
+            self.refusals.labels(code)
+        for kind in POLICY_ERROR_KINDS:
+            self.policy_errors.labels(engine, kind)
+        self.decision_seconds.labels(engine)
+        for cause in REVOCATION_CAUSES:
+            self.revocations.labels(cause)
+        for outcome in APPROVAL_OUTCOMES:
+            self.approvals_resolved.labels(outcome)

@@ -1,0 +1,170 @@
+"""Audit writes off the event loop: a bounded queue drained by one writer thread.
+
+The event loop only stamps the event's time and puts it on the queue (a few
+microseconds). The writer thread takes whatever is queued, chains it in queue
+order, writes it as one ``write`` and then settles the callers' receipts, so
+events that arrive together share one system call. ``append`` returns a
+receipt at once: a future that resolves to the written event, or to None when
+it could not be written. The request path awaits the receipt of an allow
+decision before it forwards the call (fail closed) and ignores the receipts of
+upstream results and refusals. Every event that is not written is counted
+through ``on_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .chain import AuditError, HashChainLog, now_rfc3339
+
+log = logging.getLogger("sidecar.audit")
+
+MAX_BATCH = 512
+
+
+# Resolves to the event as written (with seq, prev_hash, hash), or None when it was not written.
+Receipt = asyncio.Future[dict[str, Any] | None]
+
+
+@dataclass
+class _Item:
+    event: dict[str, Any]
+    loop: asyncio.AbstractEventLoop | None = None
+    waiter: Receipt | None = None
+
+
+_STOP = _Item({})
+
+
+class AuditWriter:
+    def __init__(self, chain: HashChainLog, *, queue_size: int = 10_000,
+                 on_error: Callable[[int], None] | None = None,
+                 on_written: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+        self.chain = chain
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
+        self._on_error = on_error or (lambda count: None)
+        self._on_written = on_written
+        self.last_error: str | None = None
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ event loop side
+
+    async def record(self, event: dict[str, Any]) -> dict[str, Any]:
+        receipt = self.append(event)
+        written = await receipt if receipt is not None else None
+        if written is None:
+            raise AuditError(self.last_error or "audit write failed")
+        return written
+
+    def append(self, event: dict[str, Any]) -> Receipt | None:
+        """Queue an event; raise AuditError (already counted) when the queue is full or the writer stopped.
+
+        Returns None when called outside an event loop: nobody can await the outcome there.
+        """
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        waiter: Receipt | None = loop.create_future() if loop is not None else None
+        self._put(_Item(_stamped(event), loop, waiter))
+        return waiter
+
+    def _put(self, item: _Item) -> None:
+        if not self._thread.is_alive():
+            self._on_error(1)
+            raise AuditError("audit writer is stopped")
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._on_error(1)
+            self.last_error = "queue full"
+            raise AuditError("audit queue is full; the sink is not keeping up") from None
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def healthy(self) -> bool:
+        return self.last_error is None and self._thread.is_alive()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop the thread and close the file."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+        self.chain.close()
+
+    # ------------------------------------------------------------ writer thread
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(item is _STOP for item in batch)
+            self._write([item for item in batch if item is not _STOP])
+            if stop:
+                return
+
+    def _write(self, batch: list[_Item]) -> None:
+        if not batch:
+            return
+        try:
+            records = self.chain.write_batch([item.event for item in batch])
+        except AuditError as exc:
+            self.last_error = str(exc)
+            log.error("%s (%d events not written)", exc, len(batch))
+            self._on_error(len(batch))
+            self._settle(batch, [None] * len(batch))
+            return
+        except Exception as exc:  # noqa: BLE001 - the thread must survive anything an event holds
+            self.last_error = f"audit write failed: {type(exc).__name__}"
+            log.exception("audit write failed")
+            self._on_error(len(batch))
+            self._settle(batch, [None] * len(batch))
+            return
+        self.last_error = None
+        self.written += len(records)
+        self._settle(batch, records)
+        if self._on_written is not None:
+            try:
+                self._on_written(records)
+            except Exception:  # noqa: BLE001 - a consumer (the shipper) must not break the writer
+                log.exception("audit consumer failed")
+
+    @staticmethod
+    def _settle(batch: list[_Item], outcomes: list[dict[str, Any]] | list[None]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Receipt, dict[str, Any] | None]]] = {}
+        for item, outcome in zip(batch, outcomes):
+            if item.loop is not None and item.waiter is not None:
+                by_loop.setdefault(item.loop, []).append((item.waiter, outcome))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, pairs)
+            except RuntimeError:
+                pass  # that loop is closed: nobody waits any more
+
+
+def _resolve(pairs: list[tuple[Receipt, dict[str, Any] | None]]) -> None:
+    # A result, never an exception: most receipts are never awaited, and an unretrieved
+    # exception would be logged as an error by asyncio.
+    for waiter, outcome in pairs:
+        if not waiter.done():
+            waiter.set_result(outcome)
+
+
+def _stamped(event: dict[str, Any]) -> dict[str, Any]:
+    """The time the event happened, not the time the thread got to it."""
+    return event if "timestamp" in event else {**event, "timestamp": now_rfc3339()}

@@ -1,0 +1,230 @@
+"""The audit chain on disk: verify, tampering, missing events, rotation, restarts, the writer thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.audit import AuditError, AuditWriter, HashChainLog, chain_files, verify_files
+from sidecar.audit.chain import GENESIS, event_hash, rotated_files, rotated_name
+from sidecar.cli import main
+
+CLI = [sys.executable, "-m", "sidecar"]
+
+
+def write_events(path: Path, count: int, **options: Any) -> list[dict[str, Any]]:
+    log = HashChainLog(path, **options)
+    try:
+        return [log.append({"type": "decision", "decision_id": f"d-{n}", "task_id": "t-1", "reasons": ["x" * 200]})
+                for n in range(count)]
+    finally:
+        log.close()
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def verify(*paths: Path | str, partial: bool = False) -> subprocess.CompletedProcess[str]:
+    extra = ["--partial"] if partial else []
+    return subprocess.run([*CLI, "audit", "verify", *extra, *map(str, paths)], capture_output=True, text=True, timeout=60)
+
+
+def test_verify_reports_the_count_of_verified_events(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    records = write_events(path, 5)
+    assert records[0]["prev_hash"] == GENESIS and records[0]["seq"] == 0
+    assert all(b["prev_hash"] == a["hash"] for a, b in zip(records, records[1:]))
+    result = verify(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok: 5 events verified" in result.stdout
+
+
+def test_a_tampered_line_fails_naming_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_events(path, 5)
+    content = lines(path)
+    event = json.loads(content[2])
+    event["reasons"] = ["nothing to see here"]
+    content[2] = json.dumps(event)
+    path.write_text("\n".join(content) + "\n")
+    result = verify(path)
+    assert result.returncode == 1
+    assert f"{path}:3: event was altered" in result.stdout
+    assert "BROKEN after 2 verified events" in result.stdout
+
+
+def test_a_deleted_line_is_a_broken_link(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_events(path, 5)
+    content = lines(path)
+    del content[2]
+    path.write_text("\n".join(content) + "\n")
+    result = verify(path)
+    assert result.returncode == 1
+    assert f"{path}:3: broken link" in result.stdout and "expected seq 2, found seq 3" in result.stdout
+
+
+def test_a_deleted_first_line_is_a_missing_start(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_events(path, 3)
+    path.write_text("\n".join(lines(path)[1:]) + "\n")
+    result = verify(path)
+    assert result.returncode == 1 and "the chain does not start here" in result.stdout
+    assert verify(path, partial=True).returncode == 0
+
+
+def test_a_recomputed_hash_still_breaks_the_next_link(tmp_path: Path) -> None:
+    """An attacker who rewrites an event and fixes its own hash still breaks the link after it."""
+    path = tmp_path / "audit.jsonl"
+    write_events(path, 4)
+    content = lines(path)
+    event = json.loads(content[1])
+    event["task_id"] = "t-other"
+    event["hash"] = event_hash(event)
+    content[1] = json.dumps(event)
+    path.write_text("\n".join(content) + "\n")
+    result = verify(path)
+    assert result.returncode == 1 and f"{path}:3: broken link" in result.stdout
+
+
+def test_rotation_by_size_forms_one_chain_across_files(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    records = write_events(path, 60, rotate_bytes=4096)
+    rotated = rotated_files(path)
+    assert len(rotated) >= 3
+    assert [p.name for p in rotated][:2] == ["audit.000001.jsonl", "audit.000002.jsonl"]
+    assert all(p.stat().st_size <= 4096 for p in rotated)
+    first_of_second = json.loads(lines(rotated[1])[0])
+    last_of_first = json.loads(lines(rotated[0])[-1])
+    assert first_of_second["prev_hash"] == last_of_first["hash"]
+
+    files = chain_files(path)
+    result = verify(*files)
+    assert result.returncode == 0 and f"ok: 60 events verified in {len(files)} file(s)" in result.stdout
+    assert verify(tmp_path).returncode == 0  # a directory stands for its chain, oldest first
+    assert verify_files(files).last_hash == records[-1]["hash"]
+
+    alone = verify(path)  # the active file alone is the tail of the chain
+    assert alone.returncode == 1 and "an earlier file is missing" in alone.stdout
+    assert verify(path, partial=True).returncode == 0
+    missing_middle = verify(rotated[0], *rotated[2:], path)
+    assert missing_middle.returncode == 1 and f"{rotated[2]}:1: broken link" in missing_middle.stdout
+
+
+def test_a_restart_continues_the_chain_even_right_after_a_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    first = write_events(path, 10, rotate_bytes=4096)
+    path.rename(rotated_name(path, len(rotated_files(path)) + 1))  # stopped right after rotating: no active file
+    second = write_events(path, 3, rotate_bytes=4096)
+    assert second[0]["seq"] == 10 and second[0]["prev_hash"] == first[-1]["hash"]
+    result = verify_files(chain_files(path))
+    assert result.ok and result.events == 13, result.problem
+
+
+def test_a_failed_write_leaves_no_half_line_and_the_chain_stays_whole(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = HashChainLog(path)
+    log.append({"type": "a"})
+    path.unlink()
+    path.mkdir()  # the file is gone and cannot be recreated: EISDIR even for root
+    with pytest.raises(AuditError):
+        log.append({"type": "lost"})
+    path.rmdir()
+    log.append({"type": "b"})
+    log.close()
+    [event] = [json.loads(line) for line in lines(path)]
+    assert event["type"] == "b" and event["seq"] == 1  # linked to "a", not to the lost event
+    result = verify_files([path], partial=True)
+    assert result.ok
+
+
+def test_verify_via_main_prints_the_last_hash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "audit.jsonl"
+    records = write_events(path, 2)
+    assert main(["audit", "verify", str(path)]) == 0
+    assert records[-1]["hash"] in capsys.readouterr().out
+    assert main(["audit", "verify", str(tmp_path / "missing.jsonl")]) == 1
+
+
+async def test_the_writer_thread_chains_concurrent_events_in_queue_order(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    errors: list[int] = []
+    written: list[dict[str, Any]] = []
+    writer = AuditWriter(HashChainLog(path), on_error=errors.append, on_written=written.extend)
+    try:
+        receipts = [writer.append({"type": "call", "n": n}) for n in range(300)]
+        results = await asyncio.gather(*[r for r in receipts if r is not None])
+        recorded = await writer.record({"type": "last"})
+    finally:
+        writer.close()
+    assert [r["n"] for r in results if r] == list(range(300))
+    assert recorded["seq"] == 300 and errors == []
+    assert [e["seq"] for e in written] == list(range(301))
+    assert verify_files([path]).events == 301
+
+
+async def test_the_writer_counts_and_reports_what_it_could_not_write(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    errors: list[int] = []
+    writer = AuditWriter(HashChainLog(path), on_error=errors.append)
+    try:
+        await writer.record({"type": "a"})
+        path.unlink()
+        path.mkdir()
+        receipt = writer.append({"type": "lost"})
+        assert receipt is not None and await receipt is None
+        with pytest.raises(AuditError):
+            await writer.record({"type": "lost too"})
+        assert not writer.healthy and sum(errors) == 2
+        path.rmdir()
+        await writer.record({"type": "b"})
+        assert writer.healthy
+    finally:
+        writer.close()
+
+
+def test_a_full_queue_is_refused_at_once_and_counted(tmp_path: Path) -> None:
+    errors: list[int] = []
+    writer = AuditWriter(HashChainLog(tmp_path / "audit.jsonl"), queue_size=1, on_error=errors.append)
+    writer.close()  # the thread is gone: nothing drains the queue
+    with pytest.raises(AuditError):
+        writer.append({"type": "x"})
+    assert errors == [1]
+
+
+@pytest.mark.parametrize(("audit", "message"), [
+    ({"rotate_bytes": 100}, "sidecar.yaml: audit.rotate_bytes: must be 0 (never rotate) or at least 4096"),
+    ({"queue_size": 0}, "sidecar.yaml: audit.queue_size: must be a positive integer"),
+    ({"ship": {"interval_seconds": 1}}, "sidecar.yaml: audit.ship.url: is required"),
+    ({"ship": {"url": "ftp://logs"}}, "sidecar.yaml: audit.ship.url: not an http(s) URL"),
+    ({"ship": {"url": "http://logs", "resource": "logs"}}, "sidecar.yaml: audit.ship.resource: must be a path starting with /"),
+    ({"ship": {"url": "http://logs", "backoff_min_seconds": 5, "backoff_max_seconds": 1}},
+     "sidecar.yaml: audit.ship.backoff_max_seconds: must not be less than backoff_min_seconds"),
+    ({"ship": {"url": "http://logs", "queue": 1}}, "sidecar.yaml: audit.ship.queue: unknown key"),
+])
+def test_audit_config_errors_name_the_key(tmp_path: Path, audit: dict[str, Any], message: str) -> None:
+    from harness import sidecar_config
+    from sidecar.config import ConfigError, parse_config
+
+    config = sidecar_config(tmp_path, "http://127.0.0.1:1", audit=audit)
+    with pytest.raises(ConfigError) as error:
+        parse_config(config, tmp_path / "sidecar.yaml")
+    assert str(error.value) == message
+
+
+def test_audit_config_defaults_and_ship_section(tmp_path: Path) -> None:
+    from harness import sidecar_config
+    from sidecar.config import parse_config
+
+    config = parse_config(sidecar_config(tmp_path, "http://127.0.0.1:1", audit={"ship": {"url": "https://logs.example/"}}),
+                          tmp_path / "sidecar.yaml")
+    assert config.audit.fail_closed and config.audit.rotate_bytes == 64 * 1024 * 1024
+    assert config.audit.ship is not None and config.audit.ship.url == "https://logs.example"
+    assert config.audit.ship.resource == "/logs"
