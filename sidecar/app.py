@@ -6,29 +6,33 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
 
+from .admin.credentials_api import CredentialsApi, TaskEnded
 from .admin.server import build_admin_app
-from .approvals import MemoryApprovalStore
-from .audit import HashChainLog
+from .approvals.wiring import build_approvals
+from .audit import AuditError
+from .audit.wiring import build_audit
 from .config import Config, ConfigError, Route, RouteMatch
 from .context import AgentIdentity, build_input
 from .credentials import CredentialMinter, JwtMinter, KeyRing, NoCredentialMinter, generate_key
 from .credentials.keys import KeyError_
 from .credentials.minter import StaticKeyMinter
+from .credentials.wiring import build_credential_parts
 from .documents import InterceptedCall
 from .observability.health import build_metrics_app
 from .observability.metrics import Metrics
-from .pipeline import RequestPath, StaticIdentity
+from .pipeline import RequestPath
 from .policy import Decider, PolicyEngine
 from .policy.loader import PolicyLoadError
 from .problems import Refusal
 from .proxy.forward import HttpForwarder
 from .proxy.intercept import Interceptor
 from .proxy.routing import RouteTable
-from .tasks import MemoryTaskStore
+from .tasks import Task
 
 log = logging.getLogger("sidecar")
 
@@ -89,8 +93,14 @@ class Sidecar:
     admin_app: web.Application
     metrics_app: web.Application
     runners: list[web.BaseRunner] = field(default_factory=list)
+    startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    _running: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
+        for prepare in self.startup:
+            await prepare()
+        self._running = [asyncio.create_task(run()) for run in self.background]
         proxy = web.Server(self.path.handle, handler_cancellation=True)
         targets: list[tuple[web.BaseRunner, Any]] = [
             (web.ServerRunner(proxy, access_log=None), self.config.proxy),
@@ -107,9 +117,17 @@ class Sidecar:
         for runner in reversed(self.runners):
             await runner.cleanup()
         self.runners.clear()
+        for running in self._running:
+            running.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+        self._running.clear()
+        await self.path.tasks.close()
         await self.path.forwarder.close()
         await self.path.decider.engine.close()
-        self.path.audit.close()
+        if self.path.hold.notifier is not None:
+            await self.path.hold.notifier.close()
+        await self.path.approvals.close()
+        await asyncio.to_thread(self.path.audit.close)  # flushes the queue: off the loop
 
 
 def build_sidecar(config: Config) -> Sidecar:
@@ -118,23 +136,27 @@ def build_sidecar(config: Config) -> Sidecar:
     engine = build_engine(config)
     keys = load_keys(config)
     metrics = Metrics()
-    tasks = MemoryTaskStore()
-    approvals = MemoryApprovalStore()
-    if config.identity.static is None:
-        raise ConfigError(f"{config.source.name}: identity.token_file: token-file identities arrive with issue 4; use identity.static")
-    identity = StaticIdentity(config.identity.static)
+    credential_parts = build_credential_parts(config, keys)
+    tasks = credential_parts.tasks
+    audit_parts = build_audit(config, metrics)
+    audit = audit_parts.writer
+    metrics.prime([route.name for route in config.routes], engine.name)
+    approvals = build_approvals(config, metrics, audit)
+    identity = credential_parts.identity
     decider = Decider(engine, config.policy.decision_path, config.policy.timeout_ms)
     path = RequestPath(
         interceptor=Interceptor(RouteTable(config.routes), config.max_body_bytes),
         identity=identity,
         tasks=tasks,
         decider=decider,
-        approvals=approvals,
+        approvals=approvals.store,
         minters={route.name: build_minter(route, keys, config) for route in config.routes},
         forwarder=HttpForwarder(config.routes),
-        audit=HashChainLog(config.audit_path),
+        audit=audit,
         metrics=metrics,
         audit_fail_closed=config.audit.fail_closed,
+        hold=approvals.hold,
+        delegation=credential_parts.delegation,
     )
 
     async def policy_ready() -> tuple[bool, str]:
@@ -144,9 +166,30 @@ def build_sidecar(config: Config) -> Sidecar:
             return False, refusal.detail
         return True, f"{engine.name} engine answered ({decision.outcome})"
 
-    admin_app = build_admin_app(keys=keys, tasks=tasks, approvals=approvals, identity=identity)
-    metrics_app = build_metrics_app(metrics, {"policy": policy_ready})
-    return Sidecar(config, path, admin_app, metrics_app)
+    admin_app = build_admin_app(keys=keys, tasks=tasks, approvals=approvals.store, identity=identity,
+                                approval_desk=approvals.desk,
+                                credentials_api=CredentialsApi(credential_parts.introspector, credential_parts.callers, tasks,
+                                                               lambda: identity.current().id,
+                                                               on_task_ended=task_ended(path)))
+    metrics_app = build_metrics_app(metrics, {"policy": policy_ready, "audit": audit_parts.ready,
+                                              "approval_store": approvals.store.ping,
+                                              **credential_parts.checks})
+    return Sidecar(config, path, admin_app, metrics_app, startup=credential_parts.startup,
+                   background=[*credential_parts.background, *audit_parts.background])
+
+
+def task_ended(path: RequestPath) -> TaskEnded:
+    """A task completed through the admin API: its credentials are revoked; audit and count it."""
+
+    async def record(task: Task, cause: str) -> None:
+        path.metrics.revocations.labels(cause).inc()
+        try:
+            path.audit.append({"type": "task.completed" if cause == "completed" else "task.revoked", "task_id": task.id,
+                               "cause": cause, "agent": task.agent})
+        except AuditError:
+            path.metrics.audit_write_errors.inc()  # the revocation itself is already durable
+
+    return record
 
 
 async def serve(config: Config) -> None:

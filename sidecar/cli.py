@@ -38,14 +38,45 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from .audit import verify_files
+    from .audit import expand, verify_files
 
-    result = verify_files([Path(p) for p in args.files])
+    files = expand([Path(p) for p in args.files])
+    if not files:
+        print("agent-sidecar: no audit files found", file=sys.stderr)
+        return 2
+    result = verify_files(files, partial=args.partial)
     if result.ok:
-        print(f"ok: {result.events} events verified")
+        start = f" from seq {result.first_seq}" if result.first_seq else ""
+        print(f"ok: {result.events} events verified in {len(files)} file(s){start}; last hash {result.last_hash}")
         return 0
     print(f"BROKEN after {result.events} verified events: {result.problem}")
     return 1
+
+
+def _audit_files(args: argparse.Namespace) -> list[Path]:
+    from .audit import chain_files, expand
+
+    if args.files:
+        return expand([Path(p) for p in args.files])
+    if args.config:
+        return chain_files(load_config(Path(args.config)).audit_path)
+    return expand([Path(".state")])
+
+
+def _audit_show(args: argparse.Namespace) -> int:
+    from .audit.show import render, task_timeline
+
+    try:
+        files = _audit_files(args)
+    except ConfigError as exc:
+        print(f"agent-sidecar: config error: {exc}", file=sys.stderr)
+        return 2
+    if not files:
+        print("agent-sidecar: no audit files found (give FILE..., a directory or --config)", file=sys.stderr)
+        return 2
+    timeline = task_timeline(files, args.task)
+    sys.stdout.write(render(timeline, files))
+    return 0 if timeline.events else 1
 
 
 def _policy_test(args: argparse.Namespace) -> int:
@@ -107,8 +138,15 @@ def parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_command", required=True)
     verify = audit.add_parser("verify", help="verify the hash chain of one or more audit files, in order")
-    verify.add_argument("files", nargs="+")
+    verify.add_argument("files", nargs="+", help="files oldest first, or a directory holding audit*.jsonl")
+    verify.add_argument("--partial", action="store_true",
+                        help="accept a chain that starts mid-way (older files archived elsewhere)")
     verify.set_defaults(func=_audit_verify)
+    show = audit.add_parser("show", help="print one task's chain as a readable timeline")
+    show.add_argument("--task", required=True, help="task id (X-Agent-Task)")
+    show.add_argument("--config", help="read the audit path from this config file")
+    show.add_argument("files", nargs="*", help="audit files or a directory (default: .state)")
+    show.set_defaults(func=_audit_show)
 
     policy = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_command", required=True)
     test = policy.add_parser("test", help="run the Rego unit tests (test_* rules)")
@@ -127,6 +165,9 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("dir")
     generate.add_argument("--algorithm", choices=("ES256", "EdDSA"), default="ES256")
     generate.set_defaults(func=_keys_generate)
+    from .approvals.cli import add_approvals_parser
+
+    add_approvals_parser(sub)
     return root
 
 

@@ -6,6 +6,7 @@ Every error names the file and the key path, e.g.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,10 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
+
+from .secret import Secret
+from .tasks.measures import (MAX_MEASURES_PER_ROUTE, MAX_PATHS_PER_MEASURE, MEASURE_NAME, Measure,
+                              MeasurePath, MeasurePathError, parse_path)
 
 T = TypeVar("T")
 
@@ -59,6 +64,7 @@ class Route:
     tls_verify: bool = True
     ca_bundle: Path | None = None
     timeout_seconds: float = 30.0
+    measures: tuple[Measure, ...] = ()  # route-configured; the task history adds amount/records defaults
 
     @property
     def credential_headers(self) -> frozenset[str]:
@@ -85,6 +91,7 @@ class CredentialsConfig:
     algorithm: str = "ES256"
     max_ttl_seconds: int = 300
     default_ttl_seconds: int = 60
+    reload_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,12 +100,82 @@ class IdentityConfig:
     token_file: Path | None = None
     jwks: str | None = None
     audience: str | None = None
+    issuer: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Shared by tasks, the revocation list and approvals: sqlite (one pod) or redis (replicas share)."""
+
+    backend: str = "sqlite"  # sqlite | redis
+    sqlite_path: Path | None = None  # None: <state_dir>/sidecar.db
+    redis_url: str | None = None
+
+
+@dataclass(frozen=True)
+class ApproversConfig:
+    """Who may approve: OIDC JWTs verified against this JWKS (file or URL)."""
+
+    jwks: str  # a file path (made absolute) or an http(s) URL
+    issuer: str
+    audience: str
+    group_claim: str = "groups"
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    url: str
+    max_attempts: int = 5
+    backoff_seconds: float = 0.5
+    timeout_seconds: float = 5.0
+    queue_size: int = 1000
+
+
+@dataclass(frozen=True)
+class ApprovalsConfig:
+    max_wait_seconds: int = 60  # the cap on Prefer: wait=N
+    default_expiry_seconds: int = 900  # when the policy's decision names none
+    page_url: str | None = None  # the approver page as approvers reach it; None: http://<admin listener>/ui/
+    approvers: ApproversConfig | None = None  # None: nobody can approve through the API
+    webhook: WebhookConfig | None = None
+
+
+@dataclass(frozen=True)
+class IntrospectionConfig:
+    tokens: tuple[Secret, ...] = ()
+    tokens_file: Path | None = None  # one bearer token per line, re-read when it changes
+
+
+@dataclass(frozen=True)
+class DelegationConfig:
+    jwks: str | None = None  # file or URL of the parent sidecars' keys; None: X-Agent-Delegation is refused
+    issuers: tuple[str, ...] = ()
+    audiences: tuple[str, ...] = ()
+    max_depth: int = 8
+
+
+@dataclass(frozen=True)
+class AuditShipConfig:
+    """Shipping audit events to an HTTP sink in OPA's decision-log upload format."""
+
+    url: str
+    resource: str = "/logs"
+    interval_seconds: float = 5.0
+    queue_size: int = 10_000
+    max_batch: int = 1_000
+    backoff_min_seconds: float = 0.5
+    backoff_max_seconds: float = 60.0
+    timeout_seconds: float = 10.0
+    bearer_token_file: Path | None = None
 
 
 @dataclass(frozen=True)
 class AuditConfig:
     path: Path | None = None  # None: <state_dir>/audit.jsonl
     fail_closed: bool = True
+    rotate_bytes: int = 64 * 1024 * 1024  # 0: never rotate
+    queue_size: int = 10_000
+    ship: AuditShipConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -113,12 +190,20 @@ class Config:
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    approvals: ApprovalsConfig = field(default_factory=ApprovalsConfig)
+    introspection: IntrospectionConfig = field(default_factory=IntrospectionConfig)
+    delegation: DelegationConfig = field(default_factory=DelegationConfig)
     routes: tuple[Route, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def audit_path(self) -> Path:
         return self.audit.path or self.state_dir / "audit.jsonl"
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.store.sqlite_path or self.state_dir / "sidecar.db"
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -131,7 +216,7 @@ class _Reader:
         self.source = source
 
     def fail(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.source.name}: {key}: {message}")
+        return ConfigError(f"{self.source.name}: {key or '(root)'}: {message}")
 
     def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
         if value is None:
@@ -150,8 +235,8 @@ class _Reader:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(_join(key, name), f"must be a {kind.__name__}")
-        return value  # type: ignore[return-value]
+            raise self.fail(_join(key, name), f"must be {_KIND_NAMES.get(kind, kind.__name__)}")
+        return value
 
     def positive(self, section: dict[str, Any], key: str, name: str, default: int) -> int:
         value = self.typed(section, key, name, int, default)
@@ -170,7 +255,10 @@ class _Reader:
         if not value:
             return default
         candidate = Path(value)
-        return candidate if candidate.is_absolute() else self.source.parent / candidate
+        return candidate if candidate.is_absolute() else Path(os.path.normpath(self.source.parent / candidate))
+
+
+_KIND_NAMES: dict[type, str] = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _join(key: str, name: str) -> str:
@@ -219,7 +307,7 @@ def _route(reader: _Reader, value: Any, index: int) -> Route:
     key = f"routes[{index}]"
     section = reader.mapping(
         value, key,
-        {"name", "match", "upstream", "labels", "credential", "allow_tunnel", "tls", "timeout_seconds"},
+        {"name", "match", "upstream", "labels", "credential", "allow_tunnel", "tls", "timeout_seconds", "measures"},
     )
     name = section.get("name")
     if not isinstance(name, str) or not _ROUTE_NAME.match(name):
@@ -257,7 +345,35 @@ def _route(reader: _Reader, value: Any, index: int) -> Route:
         tls_verify=reader.typed(tls, f"{key}.tls", "verify", bool, True),
         ca_bundle=ca_bundle,
         timeout_seconds=reader.typed(section, key, "timeout_seconds", float, 30.0),
+        measures=_measures(reader, section.get("measures"), f"{key}.measures"),
     )
+
+
+def _measures(reader: _Reader, value: Any, key: str) -> tuple[Measure, ...]:
+    """``measures: {name: [JSON path, ...]}``; the path syntax is in sidecar/tasks/measures.py."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise reader.fail(key, "must be a mapping of measure names to lists of JSON paths")
+    if len(value) > MAX_MEASURES_PER_ROUTE:
+        raise reader.fail(key, f"at most {MAX_MEASURES_PER_ROUTE} measures per route")
+    measures = []
+    for name, paths in value.items():
+        if not isinstance(name, str) or not MEASURE_NAME.match(name):
+            raise reader.fail(f"{key}.{name}", "a measure name is lower-case letters, digits and _ (at most 32)")
+        if not isinstance(paths, list) or not paths or len(paths) > MAX_PATHS_PER_MEASURE:
+            raise reader.fail(f"{key}.{name}", f"must be a list of 1 to {MAX_PATHS_PER_MEASURE} JSON paths")
+        measures.append(Measure(name, tuple(_measure_path(reader, p, f"{key}.{name}[{i}]") for i, p in enumerate(paths))))
+    return tuple(measures)
+
+
+def _measure_path(reader: _Reader, value: Any, key: str) -> MeasurePath:
+    if not isinstance(value, str):
+        raise reader.fail(key, "must be a string such as $.amount")
+    try:
+        return parse_path(value)
+    except MeasurePathError as exc:
+        raise reader.fail(key, str(exc)) from None
 
 
 def _route_credential(reader: _Reader, value: Any, key: str) -> RouteCredential:
@@ -300,6 +416,159 @@ def _check_unique_routes(reader: _Reader, routes: list[Route]) -> None:
             hosts[host_key] = index
 
 
+def _reload_seconds(reader: _Reader, credentials: dict[str, Any]) -> float:
+    value = reader.typed(credentials, "credentials", "reload_seconds", float, 1.0)
+    if not 0.05 <= value <= 60:
+        raise reader.fail("credentials.reload_seconds", "must be between 0.05 and 60")
+    return value
+
+
+def _store(reader: _Reader, value: Any) -> StoreConfig:
+    section = reader.mapping(value, "store", {"backend", "sqlite_path", "redis_url"})
+    backend = reader.choice(section, "store", "backend", ("sqlite", "redis"), "sqlite")
+    redis_url = reader.typed(section, "store", "redis_url", str, "") or None
+    if redis_url is not None and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise reader.fail("store.redis_url", "must be a redis://, rediss:// or unix:// URL")
+    if backend == "redis" and redis_url is None:
+        raise reader.fail("store.redis_url", "is required when backend is redis")
+    return StoreConfig(backend=backend, sqlite_path=reader.path(section, "store", "sqlite_path", None), redis_url=redis_url)
+
+
+def _audit(reader: _Reader, value: Any) -> AuditConfig:
+    section = reader.mapping(value, "audit", {"path", "fail_closed", "rotate_bytes", "queue_size", "ship"})
+    rotate_bytes = reader.typed(section, "audit", "rotate_bytes", int, AuditConfig.rotate_bytes)
+    if rotate_bytes != 0 and rotate_bytes < 4096:
+        raise reader.fail("audit.rotate_bytes", "must be 0 (never rotate) or at least 4096")
+    return AuditConfig(
+        path=reader.path(section, "audit", "path", None),
+        fail_closed=reader.typed(section, "audit", "fail_closed", bool, True),
+        rotate_bytes=rotate_bytes,
+        queue_size=reader.positive(section, "audit", "queue_size", AuditConfig.queue_size),
+        ship=_audit_ship(reader, section.get("ship")) if section.get("ship") is not None else None,
+    )
+
+
+def _audit_ship(reader: _Reader, value: Any) -> AuditShipConfig:
+    key = "audit.ship"
+    section = reader.mapping(value, key, {"url", "resource", "interval_seconds", "queue_size", "max_batch",
+                                          "backoff_min_seconds", "backoff_max_seconds", "timeout_seconds",
+                                          "bearer_token_file"})
+    if "url" not in section:
+        raise reader.fail(f"{key}.url", "is required")
+    resource = reader.typed(section, key, "resource", str, "/logs")
+    if not resource.startswith("/") or "?" in resource or "#" in resource:
+        raise reader.fail(f"{key}.resource", "must be a path starting with /")
+    seconds = {name: reader.typed(section, key, name, float, default) for name, default in (
+        ("interval_seconds", 5.0), ("backoff_min_seconds", 0.5), ("backoff_max_seconds", 60.0),
+        ("timeout_seconds", 10.0))}
+    for name, number in seconds.items():
+        if number <= 0:
+            raise reader.fail(f"{key}.{name}", "must be a positive number")
+    if seconds["backoff_max_seconds"] < seconds["backoff_min_seconds"]:
+        raise reader.fail(f"{key}.backoff_max_seconds", "must not be less than backoff_min_seconds")
+    token_file = reader.path(section, key, "bearer_token_file", None)
+    if token_file is not None and not token_file.is_file():
+        raise reader.fail(f"{key}.bearer_token_file", f"no such file: {token_file}")
+    return AuditShipConfig(
+        url=_http_url(reader, section["url"], f"{key}.url"),
+        resource=resource,
+        queue_size=reader.positive(section, key, "queue_size", 10_000),
+        max_batch=reader.positive(section, key, "max_batch", 1_000),
+        bearer_token_file=token_file,
+        **seconds,
+    )
+
+
+def _string_list(reader: _Reader, section: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = section.get(key.rsplit(".", 1)[-1]) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise reader.fail(key, "must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _introspection(reader: _Reader, value: Any) -> IntrospectionConfig:
+    section = reader.mapping(value, "introspection", {"tokens", "tokens_file"})
+    tokens = _string_list(reader, section, "introspection.tokens")
+    if any(len(t) < 16 for t in tokens):
+        raise reader.fail("introspection.tokens", "each token needs at least 16 characters")
+    tokens_file = reader.path(section, "introspection", "tokens_file", None)
+    if tokens_file is not None and not tokens_file.is_file():
+        raise reader.fail("introspection.tokens_file", f"no such file: {tokens_file}")
+    return IntrospectionConfig(tokens=tuple(Secret(t) for t in tokens), tokens_file=tokens_file)
+
+
+def _delegation(reader: _Reader, value: Any) -> DelegationConfig:
+    section = reader.mapping(value, "delegation", {"jwks", "issuers", "audiences", "max_depth"})
+    jwks = reader.typed(section, "delegation", "jwks", str, "") or None
+    issuers = _string_list(reader, section, "delegation.issuers")
+    audiences = _string_list(reader, section, "delegation.audiences")
+    if jwks is not None and not issuers:
+        raise reader.fail("delegation.issuers", "is required with jwks (the issuers of the parent sidecars)")
+    if jwks is not None and not audiences:
+        raise reader.fail("delegation.audiences", "is required with jwks (the audiences this agent is called as)")
+    if jwks is not None and not jwks.startswith(("http://", "https://")):
+        path = Path(jwks) if Path(jwks).is_absolute() else reader.source.parent / jwks
+        if not path.is_file():
+            raise reader.fail("delegation.jwks", f"no such file: {path}")
+        jwks = str(path)
+    return DelegationConfig(jwks=jwks, issuers=issuers, audiences=audiences,
+                            max_depth=reader.positive(section, "delegation", "max_depth", 8))
+
+
+def _approvals(reader: _Reader, value: Any) -> ApprovalsConfig:
+    key = "approvals"
+    section = reader.mapping(value, key, {"max_wait_seconds", "default_expiry_seconds", "page_url", "approvers", "webhook"})
+    max_wait = reader.typed(section, key, "max_wait_seconds", int, 60)
+    if not 0 <= max_wait <= 3600:
+        raise reader.fail("approvals.max_wait_seconds", "must be between 0 and 3600")
+    expiry = reader.positive(section, key, "default_expiry_seconds", 900)
+    if expiry > 604800:
+        raise reader.fail("approvals.default_expiry_seconds", "must be at most 604800 (a week)")
+    page_url = _http_url(reader, section["page_url"], "approvals.page_url") + "/" if section.get("page_url") else None
+    return ApprovalsConfig(max_wait_seconds=max_wait, default_expiry_seconds=expiry, page_url=page_url,
+                           approvers=_approvers(reader, section.get("approvers")),
+                           webhook=_webhook(reader, section.get("webhook")))
+
+
+def _approvers(reader: _Reader, value: Any) -> ApproversConfig | None:
+    key = "approvals.approvers"
+    if value is None:
+        return None
+    section = reader.mapping(value, key, {"jwks", "issuer", "audience", "group_claim"})
+    for name in ("jwks", "issuer", "audience"):
+        if not reader.typed(section, key, name, str, ""):
+            raise reader.fail(f"{key}.{name}", "is required")
+    jwks: str = section["jwks"]
+    if jwks.startswith(("http://", "https://")):
+        jwks = _http_url(reader, jwks, f"{key}.jwks")
+    else:
+        path = Path(jwks) if Path(jwks).is_absolute() else reader.source.parent / jwks
+        if not path.is_file():
+            raise reader.fail(f"{key}.jwks", f"no such file: {path}")
+        jwks = str(path)
+    return ApproversConfig(jwks=jwks, issuer=section["issuer"], audience=section["audience"],
+                           group_claim=reader.typed(section, key, "group_claim", str, "groups") or "groups")
+
+
+def _webhook(reader: _Reader, value: Any) -> WebhookConfig | None:
+    key = "approvals.webhook"
+    if value is None:
+        return None
+    section = reader.mapping(value, key, {"url", "max_attempts", "backoff_seconds", "timeout_seconds", "queue_size"})
+    if "url" not in section:
+        raise reader.fail(f"{key}.url", "is required")
+    backoff = reader.typed(section, key, "backoff_seconds", float, 0.5)
+    timeout = reader.typed(section, key, "timeout_seconds", float, 5.0)
+    if not 0.01 <= backoff <= 60:
+        raise reader.fail(f"{key}.backoff_seconds", "must be between 0.01 and 60")
+    if not 0.1 <= timeout <= 60:
+        raise reader.fail(f"{key}.timeout_seconds", "must be between 0.1 and 60")
+    return WebhookConfig(url=_http_url(reader, section["url"], f"{key}.url"),
+                         max_attempts=reader.positive(section, key, "max_attempts", 5),
+                         backoff_seconds=backoff, timeout_seconds=timeout,
+                         queue_size=reader.positive(section, key, "queue_size", 1000))
+
+
 def parse_config(data: Any, source: Path) -> Config:
     """Validate a parsed YAML document; raise ConfigError naming file and key."""
     reader = _Reader(source)
@@ -314,10 +583,9 @@ def parse_config(data: Any, source: Path) -> Config:
     rest = reader.mapping(policy.get("rest"), "policy.rest", {"url"})
     credentials = reader.mapping(
         top.get("credentials"), "credentials",
-        {"issuer", "keys_dir", "algorithm", "max_ttl_seconds", "default_ttl_seconds"},
+        {"issuer", "keys_dir", "algorithm", "max_ttl_seconds", "default_ttl_seconds", "reload_seconds"},
     )
-    identity = reader.mapping(top.get("identity"), "identity", {"static", "token_file", "jwks", "audience"})
-    audit = reader.mapping(top.get("audit"), "audit", {"path", "fail_closed"})
+    identity = reader.mapping(top.get("identity"), "identity", {"static", "token_file", "jwks", "audience", "issuer"})
 
     decision_path = reader.typed(policy, "policy", "decision_path", str, "sidecar/authz/decision")
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$", decision_path):
@@ -338,6 +606,10 @@ def parse_config(data: Any, source: Path) -> Config:
     token_file = reader.path(identity, "identity", "token_file", None)
     if not identity_static and token_file is None:
         raise reader.fail("identity", "needs static or token_file")
+    if token_file is not None and not reader.typed(identity, "identity", "jwks", str, ""):
+        raise reader.fail("identity.jwks", "is required with token_file (a JWKS file or URL to verify the token)")
+    if token_file is not None and not reader.typed(identity, "identity", "audience", str, ""):
+        raise reader.fail("identity.audience", "is required with token_file (the audience the token is projected for)")
 
     return Config(
         source=source,
@@ -359,17 +631,20 @@ def parse_config(data: Any, source: Path) -> Config:
             algorithm=reader.choice(credentials, "credentials", "algorithm", ("ES256", "EdDSA"), "ES256"),
             max_ttl_seconds=reader.positive(credentials, "credentials", "max_ttl_seconds", 300),
             default_ttl_seconds=reader.positive(credentials, "credentials", "default_ttl_seconds", 60),
+            reload_seconds=_reload_seconds(reader, credentials),
         ),
         identity=IdentityConfig(
             static=identity_static or None,
             token_file=token_file,
             jwks=reader.typed(identity, "identity", "jwks", str, "") or None,
             audience=reader.typed(identity, "identity", "audience", str, "") or None,
+            issuer=reader.typed(identity, "identity", "issuer", str, "") or None,
         ),
-        audit=AuditConfig(
-            path=reader.path(audit, "audit", "path", None),
-            fail_closed=reader.typed(audit, "audit", "fail_closed", bool, True),
-        ),
+        store=_store(reader, top.get("store")),
+        approvals=_approvals(reader, top.get("approvals")),
+        introspection=_introspection(reader, top.get("introspection")),
+        delegation=_delegation(reader, top.get("delegation")),
+        audit=_audit(reader, top.get("audit")),
         routes=tuple(routes),
         raw=top,
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 from .documents import InterceptedCall, McpCall
 from .proxy.headers import policy_view
+from .tasks.measures import call_measures, payload
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ def build_input(
             "body_size": len(call.body),
             "content_type": call.content_type,
             "mode": call.mode,
+            # Only the route's configured measures: the policy falls back to its own reading of the body.
+            "measures": call_measures(call.route.measures, payload(call.body_json, mcp_call)),
         },
         "tool": {"route": call.route.name, "labels": dict(call.route.labels), "upstream": call.route.upstream},
         "mcp": mcp_call.as_input() if mcp_call else None,

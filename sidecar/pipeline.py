@@ -16,17 +16,23 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from .approvals import Approval, ApprovalStore, RequestBinding
+from .approvals.desk import HoldSettings
 from .approvals.store import new_approval_id
 from .audit import AuditError, AuditSink
+from .audit.writer import Receipt as AuditReceipt
 from .context import AgentIdentity, build_input
+from .delegation import DelegationVerifier
 from .credentials import CredentialMinter
 from .documents import Decision, InterceptedCall, MintedCredential
 from .observability.metrics import Metrics
 from .policy import Decider
 from .problems import Refusal
 from .proxy.forward import Forwarder
+from .proxy.headers import single
 from .proxy.intercept import Interceptor
+from .proxy.tunnel import run_tunnel
 from .tasks import CallRecord, TaskStore
+from .tasks.measures import destination_external, effective_measures, payload, summed_measures
 from .tasks.store import iso
 
 log = logging.getLogger("sidecar.pipeline")
@@ -57,6 +63,7 @@ class Trace:
     agent: AgentIdentity | None = None
     task: dict[str, Any] | None = None
     decisions: list[tuple[Decision, dict[str, Any]]] = field(default_factory=list)
+    delegation: list[dict[str, Any]] = field(default_factory=list)
     approval_id: str | None = None
 
 
@@ -72,6 +79,8 @@ class RequestPath:
     audit: AuditSink
     metrics: Metrics
     audit_fail_closed: bool = True
+    delegation: DelegationVerifier = field(default_factory=lambda: DelegationVerifier(None))
+    hold: HoldSettings = field(default_factory=HoldSettings)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         trace = Trace()
@@ -85,15 +94,24 @@ class RequestPath:
 
     async def _serve(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         if request.method == "CONNECT":
-            raise Refusal("tunnel_denied", "CONNECT tunnels are not offered by this sidecar yet; send plain HTTP through the proxy")
+            return await self._serve_tunnel(request, trace)
         call = trace.call = await self.interceptor.intercept(request)  # 1. intercept
         agent = trace.agent = self.identity.current()  # 2. context
+        trace.delegation = await self.delegation.chain(single(request.headers, "X-Agent-Delegation"))
         trace.task = await self._task(call, agent)
         approval = await self._presented_approval(call, agent) if call.approval_id else None
         decision = await self._decide(call, agent, trace, approval)  # 3. decide
+        if approval is None and decision.outcome == "hold" and self._wait_seconds(call) > 0:
+            approval = await self._hold_and_wait(call, agent, trace, decision)
+            decision = await self._decide(call, agent, trace, approval)  # the policy decides again, seeing the approval
         await self._enforce(call, agent, trace, decision, approval)  # 4. enforce
         credential = self._mint(call, agent, trace, decision)  # 5. mint
-        self._record_decision(trace, decision, "allow", credential=credential)  # recorded before forwarding: fail closed
+        if credential.jti and credential.expires_at is not None:
+            # Known to the store before it leaves: introspection and task revocation cover it.
+            await self.tasks.record_credential(credential.jti, call.task_id, credential.expires_at)
+        await self._written(self._record_decision(trace, decision, "allow", credential=credential))  # fail closed
+        if approval is not None:
+            self._record_approval_used(approval, decision, credential)
         upstream_started = time.perf_counter()
         response, result = await self.forwarder.forward(request, call, credential, decision.decision_id)
         self.metrics.upstream_seconds.labels(call.route.name).observe(time.perf_counter() - upstream_started)
@@ -101,6 +119,17 @@ class RequestPath:
         await self._remember(trace, "allow")
         self.metrics.requests.labels(call.route.name, "allowed").inc()
         return response
+
+    async def _serve_tunnel(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
+        """A blind tunnel: decided on host and port alone; no credential can be injected into it."""
+        call = trace.call = self.interceptor.intercept_connect(request)
+        agent = trace.agent = self.identity.current()
+        trace.task = await self._task(call, agent)
+        decision = await self._decide(call, agent, trace, None)
+        await self._enforce(call, agent, trace, decision, None)
+        await self._written(self._record_decision(trace, decision, "allow"))
+        self.metrics.requests.labels(call.route.name, "allowed").inc()
+        return await run_tunnel(request, call.host, call.port)
 
     # ---------------------------------------------------------------- 2. context
 
@@ -123,7 +152,9 @@ class RequestPath:
         wrong = approval.binding.mismatch(self._binding(call, agent))
         if wrong:
             raise Refusal("approval_invalid", f"approval {approval.id} was made for another request ({wrong} differs)",
-                          approval_id=approval.id)
+                          approval_id=approval.id, extra={"mismatch": wrong})
+        if approval.status == "expired":
+            self._record_approval_expired(approval)
         codes = {"pending": "approval_pending", "denied": "approval_denied", "expired": "approval_expired", "used": "approval_used"}
         if approval.status in codes:
             raise Refusal(codes[approval.status], f"approval {approval.id} is {approval.status}", approval_id=approval.id,
@@ -138,7 +169,8 @@ class RequestPath:
         approval_doc = {"id": approval.id, "status": approval.status, "approvals": approval.approvals} if approval else None
         targets = call.mcp_calls or (None,)
         for mcp_call in targets:
-            document = build_input(call, agent, trace.task, mcp_call=mcp_call, approval=approval_doc)
+            document = build_input(call, agent, trace.task, mcp_call=mcp_call, approval=approval_doc,
+                                   delegation=trace.delegation)
             try:
                 decision = await self.decider.decide(document)
             except Refusal as refusal:
@@ -147,7 +179,21 @@ class RequestPath:
                 raise
             self.metrics.decision_seconds.labels(self.decider.engine.name).observe(decision.eval_ns / 1e9)
             trace.decisions.append((decision, document))
+        await self._revoke_if_obliged(call, trace)
         return _strictest([d for d, _ in trace.decisions])
+
+    async def _revoke_if_obliged(self, call: InterceptedCall, trace: Trace) -> None:
+        """Obligation revoke_task: the task ends, every credential issued for it is revoked, and this call is refused."""
+        obliged = [d for d, _ in trace.decisions if "revoke_task" in d.obligations]
+        if not obliged:
+            return
+        decision = obliged[0]
+        if call.task_id is not None and await self.tasks.finish(call.task_id, "revoked") is not None:
+            self.metrics.revocations.labels("obligation").inc()
+            self._append({"type": "task.revoked", "task_id": call.task_id, "cause": "obligation",
+                          "decision_id": decision.decision_id, "reasons": list(decision.reasons)})
+        reasons = [*decision.reasons, "the task was revoked by a policy obligation"]
+        raise Refusal("denied", "; ".join(reasons), reasons=reasons, decision_id=decision.decision_id)
 
     # ---------------------------------------------------------------- 4. enforce
 
@@ -173,15 +219,67 @@ class RequestPath:
 
     async def _hold(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace, decision: Decision) -> str:
         now = time.time()
+        policy_set_expiry = "expires_in_seconds" in (decision.result.get("approval") or {})
+        expires_in = decision.approval.expires_in_seconds if policy_set_expiry else self.hold.default_expiry_seconds
         approval = Approval(
             id=new_approval_id(), binding=self._binding(call, agent), decision_id=decision.decision_id,
             route=call.route.name, reasons=list(decision.reasons), risk=decision.risk,
             approvers_required=decision.approval.approvers, group=decision.approval.group,
-            created_at=now, expires_at=now + decision.approval.expires_in_seconds,
+            created_at=now, expires_at=now + expires_in,
             intent=trace.task["intent"] if trace.task else None,
         )
         await self.approvals.create(approval)
+        self._append({"type": "approval.requested", "approval_id": approval.id, "decision_id": decision.decision_id,
+                      "task_id": call.task_id, "agent": agent.id, "route": call.route.name,
+                      "approvers_required": approval.approvers_required, "group": approval.group,
+                      "expires_at": iso(approval.expires_at)})
+        if self.hold.notifier is not None:
+            self.hold.notifier.notify(approval)
+        await self._refresh_pending_gauge()
         return approval.id
+
+    def _wait_seconds(self, call: InterceptedCall) -> float:
+        return min(call.prefer_wait_seconds or 0.0, self.hold.max_wait_seconds)
+
+    async def _hold_and_wait(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace, decision: Decision) -> Approval:
+        """``Prefer: wait=N``: hold the call until a human decides, at most the configured cap."""
+        approval_id = trace.approval_id = await self._hold(call, agent, trace, decision)
+        self._record_decision(trace, decision, "hold", code="approval_required")
+        trace.decisions.clear()  # recorded; what follows is recorded as its own event
+        wait = self._wait_seconds(call)
+        approval = await self.approvals.wait(approval_id, wait)
+        if approval is None:
+            raise Refusal("approval_invalid", "the approval disappeared from the store", approval_id=approval_id)
+        if approval.status == "approved":
+            return approval
+        if approval.status == "pending":
+            raise Refusal("approval_required", f"not approved within {wait:g}s; retry later with X-Agent-Approval",
+                          reasons=list(decision.reasons), decision_id=decision.decision_id, approval_id=approval_id,
+                          extra={"approval_status_url": f"/v1/approvals/{approval_id}",
+                                 "retry_with_header": "X-Agent-Approval"},
+                          headers={"Retry-After": "10"})
+        if approval.status == "expired":
+            self._record_approval_expired(approval)
+        code = {"denied": "approval_denied", "expired": "approval_expired"}.get(approval.status, "approval_invalid")
+        raise Refusal(code, f"approval {approval_id} is {approval.status}", reasons=list(decision.reasons),
+                      decision_id=decision.decision_id, approval_id=approval_id)
+
+    def _record_approval_used(self, approval: Approval, decision: Decision, credential: MintedCredential) -> None:
+        self._append({"type": "approval.used", "approval_id": approval.id, "decision_id": decision.decision_id,
+                      "held_decision_id": approval.decision_id, "jti": credential.jti,
+                      "task_id": approval.binding.task_id})
+        self.metrics.approvals_resolved.labels("used").inc()
+
+    def _record_approval_expired(self, approval: Approval) -> None:
+        self._append({"type": "approval.expired", "approval_id": approval.id, "decision_id": approval.decision_id,
+                      "task_id": approval.binding.task_id})
+        self.metrics.approvals_resolved.labels("expired").inc()
+
+    async def _refresh_pending_gauge(self) -> None:
+        try:
+            self.metrics.approvals_pending.set(await self.approvals.count_pending())
+        except Refusal:
+            pass  # the store's readiness check reports it; the gauge keeps its last value
 
     @staticmethod
     def _binding(call: InterceptedCall, agent: AgentIdentity) -> RequestBinding:
@@ -192,7 +290,7 @@ class RequestPath:
     def _mint(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace, decision: Decision) -> MintedCredential:
         minter = self.minters[call.route.name]
         try:
-            credential = minter.mint(call, decision, subject=agent.id, task=trace.task, delegation=[],
+            credential = minter.mint(call, decision, subject=agent.id, task=trace.task, delegation=trace.delegation,
                                      approval_id=trace.approval_id)
         except (OSError, ValueError) as exc:
             raise Refusal("credential_unavailable", f"no credential for route {call.route.name}: {type(exc).__name__}",
@@ -203,19 +301,27 @@ class RequestPath:
 
     # ---------------------------------------------------------------- 6. record
 
-    def _append(self, event: dict[str, Any]) -> None:
+    def _append(self, event: dict[str, Any]) -> AuditReceipt | None:
+        """Queue an event (the writer thread writes it and counts failures); refuse if it cannot be queued."""
         try:
-            self.audit.append(event)
+            return self.audit.append(event)
         except AuditError:
-            self.metrics.audit_write_errors.inc()
             if self.audit_fail_closed:
                 raise Refusal("audit_unavailable", "the audit log cannot be written; nothing is forwarded") from None
+            return None
+
+    async def _written(self, receipts: list[AuditReceipt | None]) -> None:
+        """Wait until these events are on disk; with fail_closed, refuse the call if one was not written."""
+        for receipt in receipts:
+            if receipt is not None and await receipt is None and self.audit_fail_closed:
+                raise Refusal("audit_unavailable", "the audit log cannot be written; nothing is forwarded")
 
     def _record_decision(self, trace: Trace, decision: Decision, outcome: str, *,
-                         credential: MintedCredential | None = None, code: str | None = None) -> None:
+                         credential: MintedCredential | None = None, code: str | None = None) -> list[AuditReceipt | None]:
         call = trace.call
+        receipts = []
         for each, document in trace.decisions or [(decision, {})]:
-            self._append({
+            receipts.append(self._append({
                 "type": "decision",
                 "decision_id": each.decision_id,
                 "path": self.decider.decision_path,
@@ -230,7 +336,8 @@ class RequestPath:
                 "approval_id": trace.approval_id,
                 "jti": credential.jti if credential else None,
                 "reasons": list(each.reasons),
-            })
+            }))
+        return receipts
 
     def _record_upstream(self, trace: Trace, decision: Decision, status: int, size: int) -> None:
         call = trace.call
@@ -239,7 +346,7 @@ class RequestPath:
             self.audit.append({"type": "upstream", "decision_id": decision.decision_id, "task_id": call.task_id,
                                "route": call.route.name, "status": status, "bytes": size})
         except AuditError:
-            self.metrics.audit_write_errors.inc()  # the call already went out; count, do not lie to the agent
+            pass  # counted by the sink; the call already went out, so do not lie to the agent
 
     async def _remember(self, trace: Trace, outcome: str) -> None:
         call = trace.call
@@ -260,7 +367,7 @@ class RequestPath:
                 self.audit.append({"type": "refusal", "code": refusal.code, "detail": refusal.detail, "route": route,
                                    "task_id": call.task_id if call else None, "approval_id": refusal.approval_id})
         except (AuditError, Refusal):
-            self.metrics.audit_write_errors.inc()
+            pass  # counted by the sink; the call is refused either way
         if refusal.code in ("denied", "approval_required"):
             await self._remember(trace, "deny" if refusal.code == "denied" else "hold")
         return render_refusal(refusal, call)
@@ -281,15 +388,16 @@ def _outcome_label(code: str) -> str:
 
 
 def _call_record(call: InterceptedCall, outcome: str) -> CallRecord:
-    body = call.body_json if isinstance(call.body_json, dict) else {}
-    amount = body.get("amount") if isinstance(body.get("amount"), (int, float)) else 0
-    records = body.get("records") if isinstance(body.get("records"), (int, float)) else 0
+    payloads = [payload(call.body_json, c) for c in call.mcp_calls] if call.mcp_calls else [call.body_json]
+    measures = summed_measures(effective_measures(call.route.measures), payloads)
     labels = call.route.labels
+    tool = next((c.tool for c in call.mcp_calls if c.method == "tools/call" and c.tool), None)
     return CallRecord(
         route=call.route.name, method=call.method, path=call.path, host=call.host, outcome=outcome,
-        at=iso(time.time()), amount=float(amount or 0), records=float(records or 0),
+        at=iso(time.time()), amount=measures.get("amount", 0.0), records=measures.get("records", 0.0),
         classification=str(labels["data_classification"]) if "data_classification" in labels else None,
-        external=bool(labels.get("external", False)), write=call.method not in READ_METHODS,
+        external=destination_external(labels, call.host), write=call.method not in READ_METHODS,
+        measures=measures, tool=tool[:120] if tool else None,
     )
 
 

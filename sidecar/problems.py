@@ -18,6 +18,8 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "bad_request": (400, "The request could not be understood"),
     "unknown_task": (400, "The task in X-Agent-Task is unknown or has ended"),
     "credential_header": (400, "The agent sent a duplicated or spoofed credential header"),
+    "unauthorized": (401, "Authentication is required"),
+    "delegation_invalid": (403, "The X-Agent-Delegation credential cannot be verified"),
     "denied": (403, "Denied by policy"),
     "no_route": (403, "No route matches this destination"),
     "tunnel_denied": (403, "CONNECT tunnels are not allowed for this destination"),
@@ -27,7 +29,10 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "approval_expired": (403, "The approval has expired"),
     "approval_used": (403, "The approval was already used"),
     "approval_pending": (403, "The approval is still pending"),
+    "approver_forbidden": (403, "This approver may not decide on this approval"),
+    "not_found": (404, "No such resource"),
     "method_not_allowed": (405, "Method not allowed"),
+    "approval_conflict": (409, "The approval was already decided"),
     "body_too_large": (413, "The request body exceeds the configured limit"),
     "internal_error": (500, "The sidecar failed while handling this call"),
     "upstream_error": (502, "The upstream tool could not be reached"),
@@ -35,6 +40,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "audit_unavailable": (503, "The audit log cannot be written"),
     "credential_unavailable": (503, "No credential could be minted"),
     "store_unavailable": (503, "The state store is unavailable"),
+    "identity_unavailable": (503, "The agent's workload identity is missing, expired or unverifiable"),
     "upstream_timeout": (504, "The upstream tool did not answer in time"),
 }
 

@@ -9,6 +9,7 @@ import subprocess
 import httpx
 import jwt
 import pytest
+from typing import Any
 
 from harness import EchoTool, RunningSidecar
 
@@ -120,3 +121,27 @@ async def test_connect_is_refused_without_a_tunnel_route(sidecar: RunningSidecar
     assert head.startswith(b"HTTP/1.1 403")
     assert b"application/problem+json" in head
     assert echo_tool.seen == []
+
+
+async def test_connect_tunnel_when_the_route_allows_it(make_sidecar: Any, echo_tool: EchoTool) -> None:
+    sc = await make_sidecar(routes=[{"name": "tunnelled", "match": {"host": "tool.example.com:8443"},
+                                     "upstream": echo_tool.base, "allow_tunnel": True},
+                                    {"name": "closed", "match": {"host": "other.example.com"}, "upstream": echo_tool.base}])
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.sidecar.config.proxy.port)
+    writer.write(b"CONNECT tool.example.com:8443 HTTP/1.1\r\nHost: tool.example.com:8443\r\n\r\n")
+    await writer.drain()
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    writer.write(b"GET /through/the/tunnel HTTP/1.1\r\nHost: tool\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200") and b"/through/the/tunnel" in answer
+    assert [s.path for s in echo_tool.seen] == ["/through/the/tunnel"]
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.sidecar.config.proxy.port)
+    writer.write(b"CONNECT other.example.com:443 HTTP/1.1\r\nHost: other.example.com:443\r\n\r\n")
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 403")
+    assert len(echo_tool.seen) == 1

@@ -8,7 +8,9 @@ from typing import Any
 from aiohttp import web
 
 from ..approvals import ApprovalStore
+from ..approvals.desk import ApprovalDesk
 from ..credentials import KeyRing
+from .credentials_api import CredentialsApi
 from ..pipeline import IdentitySource
 from ..problems import Refusal
 from ..tasks import TaskStore
@@ -17,7 +19,8 @@ MAX_TASK_TTL = 24 * 3600
 
 
 def problem(refusal: Refusal) -> web.Response:
-    return web.Response(status=refusal.status, body=refusal.problem_json(), content_type="application/problem+json")
+    return web.Response(status=refusal.status, body=refusal.problem_json(), content_type="application/problem+json",
+                        headers=refusal.headers)
 
 
 @web.middleware
@@ -49,12 +52,14 @@ async def read_json(request: web.Request, limit: int = 64 * 1024) -> dict[str, A
 
 
 def build_admin_app(*, keys: KeyRing | None, tasks: TaskStore, approvals: ApprovalStore,
-                    identity: IdentitySource) -> web.Application:
+                    identity: IdentitySource, approval_desk: ApprovalDesk | None = None,
+                    credentials_api: CredentialsApi | None = None) -> web.Application:
+    from .approvals_api import register_approval_routes
+
     app = web.Application(middlewares=[problems_middleware], client_max_size=64 * 1024)
 
     async def jwks(request: web.Request) -> web.Response:
-        if keys is not None:
-            keys.reload()
+        # KeyRing.watch re-reads the key directory in the background: no file IO here.
         return web.json_response(keys.jwks() if keys else {"keys": []}, headers={"Cache-Control": "max-age=60"})
 
     async def create_task(request: web.Request) -> web.Response:
@@ -82,20 +87,11 @@ def build_admin_app(*, keys: KeyRing | None, tasks: TaskStore, approvals: Approv
         task, summary = found
         return web.json_response({**task.public(), "history": summary.as_input()})
 
-    async def list_approvals(request: web.Request) -> web.Response:
-        lister = getattr(approvals, "list", None)
-        items = await lister() if lister else []
-        return web.json_response({"approvals": [a.public() for a in items]})
-
-    async def show_approval(request: web.Request) -> web.Response:
-        approval = await approvals.get(request.match_info["approval_id"])
-        if approval is None:
-            raise Refusal("approval_invalid", "no such approval")
-        return web.json_response(approval.public())
-
     app.router.add_get("/.well-known/jwks.json", jwks)
+    if credentials_api is not None:
+        credentials_api.register(app)
     app.router.add_post("/v1/tasks", create_task)
     app.router.add_get("/v1/tasks/{task_id}", show_task)
-    app.router.add_get("/v1/approvals", list_approvals)
-    app.router.add_get("/v1/approvals/{approval_id}", show_approval)
+    desk = approval_desk or ApprovalDesk(approvals, verifier=None, audit=None, metrics=None)
+    register_approval_routes(app, desk, tasks)
     return app

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+log = logging.getLogger("sidecar.keys")
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -76,7 +81,8 @@ def generate_key(directory: Path, algorithm: str = "ES256") -> SigningKey:
     key: PrivateKey = ec.generate_private_key(ec.SECP256R1()) if algorithm == "ES256" else ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     kid = thumbprint(public_jwk(key))
-    path = directory / f"{kid}.pem"
+    # A sortable name: where a volume gives every file the same mtime (Kubernetes Secrets), the greatest name signs.
+    path = directory / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{kid[:12]}.pem"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
@@ -84,12 +90,15 @@ def generate_key(directory: Path, algorithm: str = "ES256") -> SigningKey:
 
 
 class KeyRing:
-    """The keys of one directory. The newest key signs; every key verifies."""
+    """The keys of one directory. The newest key (mtime, then file name) signs; every key verifies."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._keys: dict[str, SigningKey] = {}
         self._signature: tuple[tuple[str, int], ...] = ()
+        self._jwks: dict[str, Any] = {"keys": []}
+        self._current: SigningKey | None = None
+        self.problem = ""
         self.reload()
         if not self._keys:
             raise KeyError_(f"{directory}: no signing keys (*.pem)")
@@ -114,15 +123,37 @@ class KeyRing:
             keys[key.kid] = key
         if not keys:
             raise KeyError_(f"{self.directory}: no signing keys (*.pem)")
-        self._keys, self._signature = keys, signature
+        jwks = {"keys": [key.jwk() for key in sorted(keys.values(), key=lambda k: k.kid)]}
+        current = max(keys.values(), key=lambda k: (k.mtime_ns, k.path.name))
+        # One tuple assignment each: readers on the event loop never see a half-updated ring.
+        self._keys, self._signature, self._jwks, self._current = keys, signature, jwks, current
         return True
 
     @property
     def current(self) -> SigningKey:
-        return max(self._keys.values(), key=lambda k: (k.mtime_ns, k.kid))
+        assert self._current is not None
+        return self._current
 
     def get(self, kid: str) -> SigningKey | None:
         return self._keys.get(kid)
 
     def jwks(self) -> dict[str, Any]:
-        return {"keys": [key.jwk() for key in sorted(self._keys.values(), key=lambda k: k.kid)]}
+        return self._jwks
+
+    async def watch(self, interval: float = 1.0) -> None:
+        """Re-scan the directory every ``interval`` seconds for the life of the sidecar (in a thread: file IO)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await asyncio.to_thread(self.reload):
+                    log.info("signing keys reloaded: %d loaded, %s signs", len(self._keys), self.current.kid)
+                self.problem = ""
+            except KeyError_ as exc:
+                if str(exc) != self.problem:
+                    log.error("signing keys not reloaded, the previous set stays in use: %s", exc)
+                self.problem = str(exc)
+
+    async def ready(self) -> tuple[bool, str]:
+        if self.problem:
+            return False, self.problem
+        return True, f"{len(self._keys)} key(s), {self.current.kid} signs"

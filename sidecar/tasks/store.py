@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import heapq
 import secrets
 import time
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 RECENT_CALLS = 20
+# Agent-chosen keys (methods, MCP tool names, measure names) past this many are counted under "other".
+MAX_KEYS = 32
 
 
 def iso(epoch: float) -> str:
@@ -30,6 +33,16 @@ class CallRecord:
     classification: str | None = None
     external: bool = False
     write: bool = False
+    measures: dict[str, float] = field(default_factory=dict)  # route-configured; amount/records win over the fields above
+    tool: str | None = None  # the MCP tool called, if any
+
+    def measure_values(self) -> dict[str, float]:
+        return {"amount": self.amount, "records": self.records, **self.measures}
+
+
+def _count(counts: dict[str, Any], key: str, value: float) -> None:
+    key = key if key in counts or len(counts) < MAX_KEYS else "other"
+    counts[key] = counts.get(key, 0) + value
 
 
 @dataclass
@@ -37,6 +50,7 @@ class TaskSummary:
     calls: int = 0
     by_route: dict[str, int] = field(default_factory=dict)
     by_method: dict[str, int] = field(default_factory=dict)
+    by_tool: dict[str, int] = field(default_factory=dict)
     totals: dict[str, float] = field(default_factory=lambda: {"amount": 0.0, "records": 0.0})
     external_hosts_written: list[str] = field(default_factory=list)
     classifications_read: list[str] = field(default_factory=list)
@@ -45,10 +59,12 @@ class TaskSummary:
     def add(self, record: CallRecord) -> None:
         self.calls += 1
         self.by_route[record.route] = self.by_route.get(record.route, 0) + 1
-        self.by_method[record.method] = self.by_method.get(record.method, 0) + 1
+        _count(self.by_method, record.method, 1)
+        if record.tool is not None:
+            _count(self.by_tool, record.tool, 1)
         if record.outcome == "allow":
-            self.totals["amount"] = self.totals.get("amount", 0.0) + record.amount
-            self.totals["records"] = self.totals.get("records", 0.0) + record.records
+            for name, value in record.measure_values().items():
+                _count(self.totals, name, value)
         if record.external and record.write and record.host not in self.external_hosts_written and len(self.external_hosts_written) < 50:
             self.external_hosts_written.append(record.host)
         if record.classification and not record.write and record.classification not in self.classifications_read:
@@ -60,6 +76,7 @@ class TaskSummary:
             "calls": self.calls,
             "by_route": dict(self.by_route),
             "by_method": dict(self.by_method),
+            "by_tool": dict(self.by_tool),
             "totals": dict(self.totals),
             "external_hosts_written": list(self.external_hosts_written),
             "classifications_read": list(self.classifications_read),
@@ -103,6 +120,20 @@ class Task:
         return doc
 
 
+@dataclass(frozen=True)
+class CredentialState:
+    """What the store knows about one minted credential (by jti). Never the token itself."""
+
+    jti: str
+    task_id: str | None
+    expires_at: int
+    revoked: bool = False
+    cause: str | None = None
+
+
+ENDED = ("completed", "revoked")
+
+
 class TaskStore(Protocol):
     async def create(self, *, agent: str, intent: str, labels: dict[str, Any], ttl_seconds: int,
                      allowed_tools: list[str]) -> Task: ...
@@ -111,30 +142,56 @@ class TaskStore(Protocol):
 
     async def record(self, task_id: str, record: CallRecord) -> None: ...
 
-    async def finish(self, task_id: str, status: str) -> Task | None: ...
+    async def finish(self, task_id: str, status: str) -> Task | None:
+        """End an open task (status completed or revoked) and revoke every credential issued for it."""
+        ...
+
+    async def record_credential(self, jti: str, task_id: str | None, expires_at: int) -> None:
+        """Remember a minted credential, before it is forwarded, so introspection and revocation know it."""
+        ...
+
+    async def credential(self, jti: str) -> CredentialState | None: ...
+
+    async def close(self) -> None: ...
+
+
+def new_task(*, agent: str, intent: str, labels: dict[str, Any], ttl_seconds: int, allowed_tools: list[str]) -> Task:
+    now = time.time()
+    return Task(id="t-" + secrets.token_hex(8), agent=agent, intent=intent, labels=labels,
+                created_at=now, expires_at=now + ttl_seconds, allowed_tools=allowed_tools)
+
+
+def check_end_status(status: str) -> None:
+    if status not in ENDED:
+        raise ValueError(f"a task ends as one of {', '.join(ENDED)}, not {status!r}")
 
 
 class MemoryTaskStore:
     """Live tasks in memory, at most ``max_tasks`` (expired first, then oldest evicted)."""
 
-    def __init__(self, max_tasks: int = 10_000) -> None:
+    def __init__(self, max_tasks: int = 10_000, max_credentials: int = 100_000) -> None:
         self.max_tasks = max_tasks
+        self.max_credentials = max_credentials
         self._tasks: OrderedDict[str, tuple[Task, TaskSummary]] = OrderedDict()
+        self._credentials: OrderedDict[str, CredentialState] = OrderedDict()
+        self._expiries: list[tuple[float, str]] = []  # a heap: expired tasks are found without a scan
 
     async def create(self, *, agent: str, intent: str, labels: dict[str, Any], ttl_seconds: int,
                      allowed_tools: list[str]) -> Task:
-        now = time.time()
-        task = Task(id="t-" + secrets.token_hex(8), agent=agent, intent=intent, labels=labels,
-                    created_at=now, expires_at=now + ttl_seconds, allowed_tools=allowed_tools)
-        self._evict(now)
+        task = new_task(agent=agent, intent=intent, labels=labels, ttl_seconds=ttl_seconds, allowed_tools=allowed_tools)
+        self._evict(task.created_at)
         self._tasks[task.id] = (task, TaskSummary())
+        heapq.heappush(self._expiries, (task.expires_at, task.id))
         return task
 
     def _evict(self, now: float) -> None:
-        for task_id in [k for k, (t, _) in self._tasks.items() if now >= t.expires_at][:1000]:
-            del self._tasks[task_id]
+        while self._expiries and self._expiries[0][0] <= now:
+            self._tasks.pop(heapq.heappop(self._expiries)[1], None)
         while len(self._tasks) >= self.max_tasks:
             self._tasks.popitem(last=False)
+        if len(self._expiries) > 2 * self.max_tasks:  # entries of tasks evicted as oldest
+            self._expiries = [(t.expires_at, k) for k, (t, _) in self._tasks.items()]
+            heapq.heapify(self._expiries)
 
     async def get(self, task_id: str) -> tuple[Task, TaskSummary] | None:
         return self._tasks.get(task_id)
@@ -145,8 +202,27 @@ class MemoryTaskStore:
             entry[1].add(record)
 
     async def finish(self, task_id: str, status: str) -> Task | None:
+        check_end_status(status)
         entry = self._tasks.get(task_id)
         if entry is None:
             return None
-        entry[0].status = status
+        if entry[0].status == "open":
+            entry[0].status = status
+        for jti, state in self._credentials.items():
+            if state.task_id == task_id and not state.revoked:
+                self._credentials[jti] = replace(state, revoked=True, cause=status)
         return entry[0]
+
+    async def record_credential(self, jti: str, task_id: str | None, expires_at: int) -> None:
+        now = time.time()
+        while self._credentials and len(self._credentials) >= self.max_credentials:
+            self._credentials.popitem(last=False)  # oldest first: memory is bounded, use SQLite to keep them
+        while self._credentials and next(iter(self._credentials.values())).expires_at < now:
+            self._credentials.popitem(last=False)  # short TTLs: the oldest expire first
+        self._credentials[jti] = CredentialState(jti, task_id, expires_at)
+
+    async def credential(self, jti: str) -> CredentialState | None:
+        return self._credentials.get(jti)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,165 @@
+"""Tasks and the revocation list in SQLite: the embedded default, survives a restart.
+
+One connection guarded by a lock; every statement runs in a worker thread so
+the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..problems import Refusal
+from .codec import summary_from_json, summary_to_json, task_from_json, task_to_json
+from .store import CallRecord, CredentialState, Task, TaskSummary, check_end_status, new_task
+
+T = TypeVar("T")
+
+# Ended and expired tasks stay this long for investigators and GET /v1/tasks/{id}.
+TASK_RETENTION_SECONDS = 7 * 24 * 3600
+# Expired credentials are dropped after this grace: introspection answers active=false for unknown jtis anyway.
+CREDENTIAL_GRACE_SECONDS = 3600
+PRUNE_EVERY_SECONDS = 60.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    doc TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    status TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS task_credentials (
+    jti TEXT PRIMARY KEY,
+    task_id TEXT,
+    expires_at INTEGER NOT NULL,
+    revoked_at REAL,
+    cause TEXT
+);
+CREATE INDEX IF NOT EXISTS task_credentials_by_task ON task_credentials(task_id);
+"""
+
+
+def transaction(work: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """Run ``work`` inside BEGIN IMMEDIATE ... COMMIT (read-modify-write stays whole)."""
+
+    def wrapped(db: sqlite3.Connection) -> T:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+    return wrapped
+
+
+class SqliteTaskStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a revocation is promised durable
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise OSError(f"{path}: cannot open the task store ({exc})") from None
+        self._lock = threading.Lock()
+        self._pruned_at = 0.0
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        def locked() -> T:
+            with self._lock:
+                return work(self._db)
+
+        try:
+            return await asyncio.to_thread(locked)
+        except sqlite3.Error as exc:
+            raise Refusal("store_unavailable", f"task store: {type(exc).__name__}") from None
+
+    async def create(self, *, agent: str, intent: str, labels: dict[str, Any], ttl_seconds: int,
+                     allowed_tools: list[str]) -> Task:
+        task = new_task(agent=agent, intent=intent, labels=labels, ttl_seconds=ttl_seconds, allowed_tools=allowed_tools)
+        row = (task.id, task_to_json(task), summary_to_json(TaskSummary()), task.status, task.expires_at)
+
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO tasks (id, doc, summary, status, expires_at) VALUES (?, ?, ?, ?, ?)", row)
+            self._maybe_prune(db)
+
+        await self._run(insert)
+        return task
+
+    def _maybe_prune(self, db: sqlite3.Connection) -> None:
+        now = time.time()
+        if now - self._pruned_at < PRUNE_EVERY_SECONDS:
+            return
+        self._pruned_at = now
+        db.execute("DELETE FROM tasks WHERE expires_at < ?", (now - TASK_RETENTION_SECONDS,))
+        db.execute("DELETE FROM task_credentials WHERE expires_at < ?", (int(now - CREDENTIAL_GRACE_SECONDS),))
+
+    async def get(self, task_id: str) -> tuple[Task, TaskSummary] | None:
+        def select(db: sqlite3.Connection) -> tuple[str, str] | None:
+            row = db.execute("SELECT doc, summary FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            return (row[0], row[1]) if row else None
+
+        found = await self._run(select)
+        if found is None:
+            return None
+        return task_from_json(found[0]), summary_from_json(found[1])
+
+    async def record(self, task_id: str, record: CallRecord) -> None:
+        def update(db: sqlite3.Connection) -> None:
+            row = db.execute("SELECT summary FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None:
+                return
+            summary = summary_from_json(row[0])
+            summary.add(record)
+            db.execute("UPDATE tasks SET summary = ? WHERE id = ?", (summary_to_json(summary), task_id))
+
+        await self._run(transaction(update))
+
+    async def finish(self, task_id: str, status: str) -> Task | None:
+        check_end_status(status)
+
+        def end(db: sqlite3.Connection) -> Task | None:
+            row = db.execute("SELECT doc FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None:
+                return None
+            task = task_from_json(row[0])
+            if task.status == "open":
+                task.status = status
+                db.execute("UPDATE tasks SET doc = ?, status = ? WHERE id = ?", (task_to_json(task), status, task_id))
+            db.execute("UPDATE task_credentials SET revoked_at = ?, cause = ? WHERE task_id = ? AND revoked_at IS NULL",
+                       (time.time(), status, task_id))
+            return task
+
+        return await self._run(transaction(end))
+
+    async def record_credential(self, jti: str, task_id: str | None, expires_at: int) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO task_credentials (jti, task_id, expires_at) VALUES (?, ?, ?)", (jti, task_id, expires_at))
+
+        await self._run(insert)
+
+    async def credential(self, jti: str) -> CredentialState | None:
+        def select(db: sqlite3.Connection) -> CredentialState | None:
+            row = db.execute("SELECT task_id, expires_at, revoked_at, cause FROM task_credentials WHERE jti = ?",
+                             (jti,)).fetchone()
+            return CredentialState(jti, row[0], row[1], row[2] is not None, row[3]) if row else None
+
+        return await self._run(select)
+
+    async def close(self) -> None:
+        def shut(db: sqlite3.Connection) -> None:
+            db.close()
+
+        await self._run(shut)
