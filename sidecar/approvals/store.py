@@ -1,11 +1,27 @@
-"""Approval records bound to one exact request, and the store protocol."""
+"""Approval records bound to one exact request, the store protocol, and the in-memory store.
+
+Every rule about who may decide what lives in :func:`apply_verdict`, so the SQLite,
+Redis and memory stores enforce exactly the same thing inside their own atomic update.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
+
+from ..problems import Refusal
+
+MAX_COMMENT = 1000
+PENDING_LIST_LIMIT = 500
+# A held call re-reads its approval at least this often even if no wake-up arrives
+# (a pub/sub message lost while Redis reconnected, a decision made by another process).
+POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -41,11 +57,76 @@ class Approval:
     approvals: list[dict[str, Any]] = field(default_factory=list)  # [{"approver", "comment", "at"}]
     denial: dict[str, Any] | None = None
     intent: str | None = None
+    used_at: float | None = None
+
+    def effective_status(self, now: float) -> str:
+        if self.status in ("pending", "approved") and now >= self.expires_at:
+            return "expired"
+        return self.status
 
     def public(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["binding"] = asdict(self.binding)
+        doc["status"] = self.effective_status(time.time())
         return doc
+
+    def to_json(self) -> str:
+        doc = asdict(self)
+        doc["binding"] = asdict(self.binding)
+        return json.dumps(doc, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Approval:
+        doc = json.loads(text)
+        doc["binding"] = RequestBinding(**doc["binding"])
+        return cls(**doc)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One approver's decision on one approval, from a verified token."""
+
+    approver: str
+    groups: tuple[str, ...]
+    approve: bool
+    comment: str = ""
+    at: float = field(default_factory=time.time)
+
+
+def apply_verdict(approval: Approval, verdict: Verdict, now: float) -> None:
+    """Record a verdict, or raise the refusal that says why this approver may not give it."""
+    status = approval.effective_status(now)
+    if status != "pending":
+        approval.status = status
+        raise Refusal("approval_conflict", f"approval {approval.id} is already {status}", approval_id=approval.id)
+    if verdict.approver == approval.binding.agent:
+        raise Refusal("approver_forbidden", "the agent that made the request can never decide on it",
+                      approval_id=approval.id)
+    if approval.group is not None and approval.group not in verdict.groups:
+        raise Refusal("approver_forbidden", f"this approval needs a member of group {approval.group!r}",
+                      approval_id=approval.id)
+    if any(entry["approver"] == verdict.approver for entry in approval.approvals):
+        raise Refusal("approver_forbidden", "this approver already approved; a second, distinct approver is needed",
+                      approval_id=approval.id)
+    entry = {"approver": verdict.approver, "comment": verdict.comment[:MAX_COMMENT], "at": verdict.at}
+    if not verdict.approve:
+        approval.denial = entry
+        approval.status = "denied"
+        return
+    approval.approvals.append(entry)
+    if len(approval.approvals) >= approval.approvers_required:
+        approval.status = "approved"
+
+
+def mark_used(approval: Approval, now: float) -> bool:
+    """Single use: only an approved, unexpired approval becomes used, exactly once."""
+    status = approval.effective_status(now)
+    if status != "approved":
+        approval.status = status
+        return False
+    approval.status = "used"
+    approval.used_at = now
+    return True
 
 
 class ApprovalStore(Protocol):
@@ -57,17 +138,88 @@ class ApprovalStore(Protocol):
         """Mark an approved approval used; False if it was not approved or already used."""
         ...
 
+    async def decide(self, approval_id: str, verdict: Verdict) -> Approval:
+        """Apply one verdict atomically; raise Refusal when it is not allowed."""
+        ...
+
+    async def list_pending(self, limit: int = PENDING_LIST_LIMIT) -> list[Approval]: ...
+
+    async def count_pending(self) -> int: ...
+
+    async def wait(self, approval_id: str, timeout_seconds: float) -> Approval | None:
+        """Return as soon as the approval leaves ``pending`` or the timeout passes."""
+        ...
+
+    async def ping(self) -> tuple[bool, str]: ...
+
+    async def close(self) -> None: ...
+
 
 def new_approval_id() -> str:
     return "ap-" + secrets.token_hex(10)
 
 
+class Waiters:
+    """Wake-ups for calls held in this process, at most ``limit`` at a time."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        self.limit = limit
+        self._events: dict[str, list[asyncio.Event]] = {}
+        self._count = 0
+
+    def register(self, approval_id: str) -> asyncio.Event | None:
+        if self._count >= self.limit:
+            return None
+        event = asyncio.Event()
+        self._events.setdefault(approval_id, []).append(event)
+        self._count += 1
+        return event
+
+    def release(self, approval_id: str, event: asyncio.Event) -> None:
+        events = self._events.get(approval_id, [])
+        if event in events:
+            events.remove(event)
+            self._count -= 1
+        if not events:
+            self._events.pop(approval_id, None)
+
+    def wake(self, approval_id: str) -> None:
+        for event in self._events.get(approval_id, []):
+            event.set()
+
+    def wake_all(self) -> None:
+        for events in self._events.values():
+            for event in events:
+                event.set()
+
+
+async def wait_for_decision(get: Callable[[str], Any], waiters: Waiters, approval_id: str,
+                            timeout_seconds: float) -> Approval | None:
+    """Re-read the approval on every wake-up (and at least every POLL_SECONDS) until it is decided."""
+    deadline = time.monotonic() + timeout_seconds
+    event = waiters.register(approval_id)
+    try:
+        while True:
+            if event is not None:
+                event.clear()
+            approval: Approval | None = await get(approval_id)
+            remaining = deadline - time.monotonic()
+            if approval is None or approval.effective_status(time.time()) != "pending" or remaining <= 0 or event is None:
+                return approval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(remaining, POLL_SECONDS, max(approval.expires_at - time.time(), 0.01)))
+    finally:
+        if event is not None:
+            waiters.release(approval_id, event)
+
+
 class MemoryApprovalStore:
-    """Bounded in-memory store (tests and the simplest runs)."""
+    """Bounded in-memory store (tests and the simplest runs); lost on restart."""
 
     def __init__(self, max_records: int = 10_000) -> None:
         self.max_records = max_records
         self._records: dict[str, Approval] = {}
+        self._waiters = Waiters()
 
     async def create(self, approval: Approval) -> None:
         if len(self._records) >= self.max_records:
@@ -77,13 +229,35 @@ class MemoryApprovalStore:
 
     async def get(self, approval_id: str) -> Approval | None:
         approval = self._records.get(approval_id)
-        if approval is not None and approval.status in ("pending", "approved") and time.time() >= approval.expires_at:
-            approval.status = "expired"
+        if approval is not None:
+            approval.status = approval.effective_status(time.time())
         return approval
 
     async def consume(self, approval_id: str) -> bool:
-        approval = await self.get(approval_id)
-        if approval is None or approval.status != "approved":
-            return False
-        approval.status = "used"
-        return True
+        approval = self._records.get(approval_id)
+        return approval is not None and mark_used(approval, time.time())
+
+    async def decide(self, approval_id: str, verdict: Verdict) -> Approval:
+        approval = self._records.get(approval_id)
+        if approval is None:
+            raise Refusal("approval_invalid", "no such approval")
+        apply_verdict(approval, verdict, time.time())
+        self._waiters.wake(approval_id)
+        return approval
+
+    async def list_pending(self, limit: int = PENDING_LIST_LIMIT) -> list[Approval]:
+        now = time.time()
+        pending = [a for a in self._records.values() if a.effective_status(now) == "pending"]
+        return sorted(pending, key=lambda a: a.created_at)[:limit]
+
+    async def count_pending(self) -> int:
+        return len(await self.list_pending(self.max_records))
+
+    async def wait(self, approval_id: str, timeout_seconds: float) -> Approval | None:
+        return await wait_for_decision(self.get, self._waiters, approval_id, timeout_seconds)
+
+    async def ping(self) -> tuple[bool, str]:
+        return True, f"memory store ({len(self._records)} records)"
+
+    async def close(self) -> None:
+        return None

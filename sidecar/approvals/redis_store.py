@@ -1,0 +1,176 @@
+"""The shared store: one approval queue for many sidecars, in Redis.
+
+Records are JSON strings under ``<prefix>approval:<id>`` (kept until a retention period
+after their expiry), the pending queue is a sorted set scored by expiry (soonest first; expired ones fall off), and every
+change is published on ``<prefix>approvals:events`` so the sidecar holding the call
+wakes at once, whichever sidecar the approver used. Updates are optimistic WATCH/MULTI
+transactions around :func:`apply_verdict`. Any Redis failure is a ``store_unavailable``
+refusal: nothing that needs the store is forwarded while Redis is down, and the client
+reconnects by itself when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, WatchError
+
+from ..problems import Refusal
+from .store import PENDING_LIST_LIMIT, Approval, Verdict, Waiters, apply_verdict, mark_used, wait_for_decision
+
+log = logging.getLogger("sidecar.approvals.redis")
+
+T = TypeVar("T")
+MAX_TRANSACTION_ATTEMPTS = 20
+RECONNECT_DELAY_SECONDS = 0.5
+
+
+class RedisApprovalStore:
+    def __init__(self, url: str, *, prefix: str = "agent-sidecar:", retention_seconds: int = 7 * 86400,
+                 timeout_seconds: float = 2.0) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.retention_seconds = retention_seconds
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds,
+            retry=Retry(NoBackoff(), 0), decode_responses=False)
+        self._waiters = Waiters()
+        self._listener: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def _pending_key(self) -> str:
+        return f"{self.prefix}approvals:pending"
+
+    @property
+    def _channel(self) -> str:
+        return f"{self.prefix}approvals:events"
+
+    def _key(self, approval_id: str) -> str:
+        return f"{self.prefix}approval:{approval_id}"
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            raise Refusal("store_unavailable", f"approval store (redis) is unreachable: {type(exc).__name__}") from None
+
+    def _expire_at_ms(self, approval: Approval) -> int:
+        return int((approval.expires_at + self.retention_seconds) * 1000)
+
+    async def create(self, approval: Approval) -> None:
+        async with self._guard():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._key(approval.id), approval.to_json(), pxat=self._expire_at_ms(approval))
+                pipe.zadd(self._pending_key, {approval.id: approval.expires_at})
+                await pipe.execute()
+
+    async def get(self, approval_id: str) -> Approval | None:
+        async with self._guard():
+            raw = await self._redis.get(self._key(approval_id))
+        if raw is None:
+            return None
+        approval = Approval.from_json(raw)
+        approval.status = approval.effective_status(time.time())
+        return approval
+
+    async def _update(self, approval_id: str, change: Callable[[Approval], T]) -> tuple[Approval | None, T | None]:
+        key = self._key(approval_id)
+        async with self._guard():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for _ in range(MAX_TRANSACTION_ATTEMPTS):
+                    try:
+                        await pipe.watch(key)
+                        raw = await pipe.get(key)
+                        if raw is None:
+                            return None, None
+                        approval = Approval.from_json(raw)
+                        result = change(approval)
+                        pipe.multi()  # type: ignore[no-untyped-call]
+                        pipe.set(key, approval.to_json(), keepttl=True)
+                        if approval.status != "pending":
+                            pipe.zrem(self._pending_key, approval_id)
+                        await pipe.execute()
+                    except WatchError:
+                        continue
+                    await self._redis.publish(self._channel, approval_id)
+                    return approval, result
+        raise Refusal("store_unavailable", "approval store (redis) kept changing under this update; try again")
+
+    async def consume(self, approval_id: str) -> bool:
+        _, used = await self._update(approval_id, lambda a: mark_used(a, time.time()))
+        return bool(used)
+
+    async def decide(self, approval_id: str, verdict: Verdict) -> Approval:
+        approval, _ = await self._update(approval_id, lambda a: apply_verdict(a, verdict, time.time()))
+        if approval is None:
+            raise Refusal("approval_invalid", "no such approval")
+        return approval
+
+    async def list_pending(self, limit: int = PENDING_LIST_LIMIT) -> list[Approval]:
+        async with self._guard():
+            await self._redis.zremrangebyscore(self._pending_key, "-inf", time.time())
+            ids = await self._redis.zrange(self._pending_key, 0, limit - 1)
+            raws = await self._redis.mget([self._key(_text(i)) for i in ids]) if ids else []
+        now = time.time()
+        found = [Approval.from_json(raw) for raw in raws if raw is not None]
+        return [a for a in found if a.effective_status(now) == "pending"]
+
+    async def count_pending(self) -> int:
+        async with self._guard():
+            count: int = await self._redis.zcount(self._pending_key, time.time(), "+inf")
+        return count
+
+    async def wait(self, approval_id: str, timeout_seconds: float) -> Approval | None:
+        self._ensure_listener()
+        return await wait_for_decision(self.get, self._waiters, approval_id, timeout_seconds)
+
+    def _ensure_listener(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._listen(), name="approvals-redis-listener")
+
+    async def _listen(self) -> None:
+        """Wake local waiters on every published change; resubscribe after Redis comes back."""
+        while not self._closed:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                self._waiters.wake_all()  # anything missed while unsubscribed is re-read now
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._waiters.wake(_text(message.get("data")))
+            except (RedisError, OSError):
+                await asyncio.sleep(RECONNECT_DELAY_SECONDS)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def ping(self) -> tuple[bool, str]:
+        try:
+            async with self._guard():
+                await self._redis.ping()
+        except Refusal as refusal:
+            return False, refusal.detail
+        return True, "redis answers"
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,150 @@
+"""The embedded default: approvals in SQLite, committed before anyone is told about them.
+
+Every statement runs on one dedicated thread (SQLite may block on fsync), never on the
+event loop. WAL with synchronous=FULL: an approval acknowledged to the agent survives a
+``kill -9`` of the sidecar and a power cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from ..problems import Refusal
+from .store import PENDING_LIST_LIMIT, Approval, Verdict, Waiters, apply_verdict, mark_used, wait_for_decision
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS approvals (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS approvals_status ON approvals (status, created_at);
+"""
+
+
+class SqliteApprovalStore:
+    def __init__(self, path: Path, *, retention_seconds: float = 7 * 86400, max_records: int = 100_000) -> None:
+        self.path = path
+        self.retention_seconds = retention_seconds
+        self.max_records = max_records
+        self._waiters = Waiters()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="approvals-sqlite")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=5.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise OSError(f"cannot open approval store {path}: {exc}") from None
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        except sqlite3.Error as exc:
+            raise Refusal("store_unavailable", f"approval store (sqlite) failed: {type(exc).__name__}") from None
+
+    # ------------------------------------------------------------ thread side
+
+    def _load(self, approval_id: str) -> Approval | None:
+        row = self._db.execute("SELECT doc FROM approvals WHERE id = ?", (approval_id,)).fetchone()
+        return Approval.from_json(row[0]) if row else None
+
+    def _save(self, approval: Approval) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO approvals (id, status, created_at, expires_at, doc) VALUES (?, ?, ?, ?, ?)",
+            (approval.id, approval.status, approval.created_at, approval.expires_at, approval.to_json()))
+
+    def _transaction(self, work: Callable[[], T]) -> T:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work()
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return result
+
+    def _create(self, approval: Approval) -> None:
+        def work() -> None:
+            self._db.execute("DELETE FROM approvals WHERE expires_at < ? AND status != 'pending'",
+                             (time.time() - self.retention_seconds,))
+            (count,) = self._db.execute("SELECT count(*) FROM approvals").fetchone()
+            if count >= self.max_records:
+                self._db.execute("DELETE FROM approvals WHERE id IN (SELECT id FROM approvals ORDER BY created_at LIMIT ?)",
+                                 (count - self.max_records + 1,))
+            self._save(approval)
+        self._transaction(work)
+
+    def _update(self, approval_id: str, change: Callable[[Approval], T]) -> tuple[Approval | None, T | None]:
+        def work() -> tuple[Approval | None, T | None]:
+            approval = self._load(approval_id)
+            if approval is None:
+                return None, None
+            result = change(approval)  # a refusal raised here rolls the transaction back
+            self._save(approval)
+            return approval, result
+        return self._transaction(work)
+
+    def _pending(self, limit: int) -> list[Approval]:
+        rows = self._db.execute(
+            "SELECT doc FROM approvals WHERE status = 'pending' AND expires_at > ? ORDER BY created_at LIMIT ?",
+            (time.time(), limit)).fetchall()
+        return [Approval.from_json(row[0]) for row in rows]
+
+    def _count_pending(self) -> int:
+        (count,) = self._db.execute("SELECT count(*) FROM approvals WHERE status = 'pending' AND expires_at > ?",
+                                    (time.time(),)).fetchone()
+        return int(count)
+
+    # ------------------------------------------------------------ protocol
+
+    async def create(self, approval: Approval) -> None:
+        await self._run(lambda: self._create(approval))
+
+    async def get(self, approval_id: str) -> Approval | None:
+        approval = await self._run(lambda: self._load(approval_id))
+        if approval is not None:
+            approval.status = approval.effective_status(time.time())
+        return approval
+
+    async def consume(self, approval_id: str) -> bool:
+        _, used = await self._run(lambda: self._update(approval_id, lambda a: mark_used(a, time.time())))
+        return bool(used)
+
+    async def decide(self, approval_id: str, verdict: Verdict) -> Approval:
+        approval, _ = await self._run(lambda: self._update(approval_id, lambda a: apply_verdict(a, verdict, time.time())))
+        if approval is None:
+            raise Refusal("approval_invalid", "no such approval")
+        self._waiters.wake(approval_id)
+        return approval
+
+    async def list_pending(self, limit: int = PENDING_LIST_LIMIT) -> list[Approval]:
+        return await self._run(lambda: self._pending(limit))
+
+    async def count_pending(self) -> int:
+        return await self._run(self._count_pending)
+
+    async def wait(self, approval_id: str, timeout_seconds: float) -> Approval | None:
+        return await wait_for_decision(self.get, self._waiters, approval_id, timeout_seconds)
+
+    async def ping(self) -> tuple[bool, str]:
+        try:
+            await self._run(lambda: self._db.execute("SELECT 1").fetchone())
+        except Refusal as refusal:
+            return False, refusal.detail
+        return True, f"sqlite {self.path.name} answers"
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._db.close)
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,62 @@
+"""Build the approval parts from the config: the store, the approver desk, the hold settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..audit import AuditSink
+from ..config import Config, ConfigError
+from ..credentials.jwks import key_source
+from ..observability.metrics import Metrics
+from .approvers import ApproverVerifier
+from .desk import ApprovalDesk, HoldSettings
+from .store import ApprovalStore
+from .webhook import WebhookNotifier
+
+
+@dataclass(frozen=True)
+class ApprovalParts:
+    store: ApprovalStore
+    desk: ApprovalDesk
+    hold: HoldSettings
+
+
+def build_store(config: Config) -> ApprovalStore:
+    if config.store.backend == "redis":
+        from .redis_store import RedisApprovalStore
+
+        assert config.store.redis_url is not None
+        return RedisApprovalStore(config.store.redis_url)
+    from .sqlite_store import SqliteApprovalStore
+
+    try:
+        return SqliteApprovalStore(config.sqlite_path)
+    except OSError as exc:
+        raise ConfigError(f"{config.source.name}: store.sqlite_path: {exc}") from None
+
+
+def page_url(config: Config) -> str:
+    if config.approvals.page_url:
+        return config.approvals.page_url
+    host = config.admin.host if config.admin.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{config.admin.port}/ui/"
+
+
+def build_approvals(config: Config, metrics: Metrics, audit: AuditSink) -> ApprovalParts:
+    settings = config.approvals
+    verifier = None
+    if settings.approvers is not None:
+        verifier = ApproverVerifier(key_source(settings.approvers.jwks), issuer=settings.approvers.issuer,
+                                    audience=settings.approvers.audience, group_claim=settings.approvers.group_claim)
+    notifier = None
+    if settings.webhook is not None:
+        hook = settings.webhook
+        notifier = WebhookNotifier(hook.url, page_url=page_url(config), max_attempts=hook.max_attempts,
+                                   backoff_seconds=hook.backoff_seconds, timeout_seconds=hook.timeout_seconds,
+                                   queue_size=hook.queue_size)
+    store = build_store(config)
+    desk = ApprovalDesk(store, verifier=verifier, audit=audit, metrics=metrics, notifier=notifier)
+    hold = HoldSettings(max_wait_seconds=float(settings.max_wait_seconds),
+                        default_expiry_seconds=settings.default_expiry_seconds, notifier=notifier)
+    return ApprovalParts(store=store, desk=desk, hold=hold)

@@ -1,0 +1,90 @@
+"""Shared parts of the approval tests: an approvers' identity provider the test owns, polling, audit reading."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from harness import ROOT
+
+APPROVAL_POLICY = ROOT / "tests" / "policies" / "approvals"
+AGENT = "spiffe://test/ns/agents/sa/agent-under-test"
+ISSUER = "https://idp.test.example"
+AUDIENCE = "agent-sidecar-approvals"
+
+T = TypeVar("T")
+
+
+class ApproverIdP:
+    """An OIDC provider in miniature: its own EC key, a JWKS file, and ID tokens on demand."""
+
+    def __init__(self, directory: Path) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.kid = "idp-" + uuid.uuid4().hex[:8]
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.key.public_key()))
+        jwk.update({"kid": self.kid, "use": "sig", "alg": "ES256"})
+        self.jwks_path = directory / "approvers-jwks.json"
+        self.jwks_path.write_text(json.dumps({"keys": [jwk]}))
+
+    def token(self, subject: str, groups: list[str], *, issuer: str = ISSUER, audience: str = AUDIENCE,
+              lifetime: int = 300, key: Any = None, kid: str | None = None) -> str:
+        now = int(time.time())
+        claims = {"iss": issuer, "aud": audience, "sub": subject, "groups": groups, "iat": now, "exp": now + lifetime,
+                  "preferred_username": subject.split("@")[0]}
+        return jwt.encode(claims, key or self.key, algorithm="ES256", headers={"kid": kid or self.kid})
+
+    def config(self, **approvals: Any) -> dict[str, Any]:
+        section: dict[str, Any] = {"max_wait_seconds": 30,
+                                   "approvers": {"jwks": str(self.jwks_path), "issuer": ISSUER, "audience": AUDIENCE}}
+        section.update(approvals)
+        return section
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], *, deadline: float = 20.0, what: str = "condition") -> T:
+    """Poll ``probe`` until it returns something truthy (a condition with a deadline, not a sleep)."""
+    end = time.monotonic() + deadline
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def audit_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def audit_event(path: Path, kind: str, approval_id: str) -> dict[str, Any]:
+    async def probe() -> dict[str, Any] | None:
+        for event in audit_events(path):
+            if event.get("type") == kind and event.get("approval_id") == approval_id:
+                return event
+        return None
+    return await eventually(probe, what=f"audit event {kind} for {approval_id}")
+
+
+async def approve(admin: str, approval_id: str, token: str, comment: str = "ok", verdict: str = "approve") -> httpx.Response:
+    async with httpx.AsyncClient() as client:
+        return await client.post(f"{admin}/v1/approvals/{approval_id}/{verdict}", json={"comment": comment},
+                                 headers={"Authorization": f"Bearer {token}"})
+
+
+async def open_task(admin: str, intent: str = "clean up duplicate customer records") -> str:
+    async with httpx.AsyncClient() as client:
+        response = await client.post(f"{admin}/v1/tasks", json={"intent": intent, "ttl_seconds": 600})
+    assert response.status_code == 201, response.text
+    task_id: str = response.json()["id"]
+    return task_id
