@@ -6,6 +6,8 @@
 #   chromium      the approver page test (headless, driven by Playwright or Selenium)
 #   prometheus    for promtool, which checks the /metrics exposition
 #   nginx         the one-proxy-hop floor in the benchmark
+#   wrk           the benchmark's closed-loop peak (bench/wrk.py)
+#   iptables, iproute2  the iptables init script is run for real in a throw-away network namespace
 set -euo pipefail
 need=()
 command -v curl >/dev/null || need+=(curl)
@@ -13,6 +15,9 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v chromium >/dev/null || need+=(chromium)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v wrk >/dev/null || need+=(wrk)
+command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || need+=(iptables)
+command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need+=(iproute2)
 if ((${#need[@]})); then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -q
