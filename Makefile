@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 run: venv
-	$(PY) -m sidecar.demo
+	GOGC=$${GOGC:-400} $(PY) -m sidecar.demo
 
 system-deps:
 	bash scripts/install-system-deps.sh

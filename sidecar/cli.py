@@ -6,11 +6,26 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, load_config
+
+
+# The embedded OPA engine is Go code in this process. Go reads GOGC once, from the environment
+# the process started with, so it has to be set before start-up, not from Python later. At the
+# default of 100 the Go collector costs about a third of the CPU of every policy evaluation
+# (docs/performance.md); 400 trades a few MB of heap for it. An operator's own GOGC is kept.
+GO_GC_PERCENT = "400"
+
+
+def _with_go_runtime_settings(argv: list[str]) -> None:
+    if "GOGC" in os.environ:
+        return
+    environment = {**os.environ, "GOGC": GO_GC_PERCENT}
+    os.execve(sys.executable, [sys.executable, "-m", "sidecar", *argv], environment)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -93,26 +108,9 @@ def _policy_test(args: argparse.Namespace) -> int:
 
 
 def _policy_eval(args: argparse.Namespace) -> int:
-    from .policy.decide import decision_errors
-    from .policy.embedded import EmbeddedEngine
-    from .policy.engine import PolicyError
+    from .policy.explain import run_eval
 
-    try:
-        document: Any = json.loads(Path(args.input).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        print(f"agent-sidecar: {args.input}: cannot read JSON input ({exc})", file=sys.stderr)
-        return 2
-    if isinstance(document, dict) and "input" in document and len(document) == 1:
-        document = document["input"]
-    engine = EmbeddedEngine(Path(args.dir))
-    try:
-        result = engine.evaluate_sync(args.path, document)
-    except PolicyError as exc:
-        print(json.dumps({"error": str(exc)}, indent=2))
-        return 1
-    errors = decision_errors(result)
-    print(json.dumps({"decision": result, "contract_errors": errors}, indent=2, sort_keys=True))
-    return 1 if errors else 0
+    return run_eval(Path(args.input), Path(args.dir), args.path, as_json=args.json)
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
@@ -158,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--input", required=True, help="JSON file: the input document (or {\"input\": ...})")
     evaluate.add_argument("--dir", default="rego")
     evaluate.add_argument("--path", default="sidecar/authz/decision")
+    evaluate.add_argument("--json", action="store_true", help="the decision and its explanation as JSON")
     evaluate.set_defaults(func=_policy_eval)
 
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
@@ -173,6 +172,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.func is _run:
+        _with_go_runtime_settings(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     code: int = args.func(args)
