@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import harness
 import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -83,8 +84,4 @@ async def approve(admin: str, approval_id: str, token: str, comment: str = "ok",
 
 
 async def open_task(admin: str, intent: str = "clean up duplicate customer records") -> str:
-    async with httpx.AsyncClient() as client:
-        response = await client.post(f"{admin}/v1/tasks", json={"intent": intent, "ttl_seconds": 600})
-    assert response.status_code == 201, response.text
-    task_id: str = response.json()["id"]
-    return task_id
+    return await harness.open_task(admin, intent)

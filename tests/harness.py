@@ -171,3 +171,14 @@ async def start_sidecar(tmp: Path, config: dict[str, Any]) -> RunningSidecar:
     sidecar = build_sidecar(parse_config(config, path))
     await sidecar.start()
     return RunningSidecar(sidecar)
+
+
+async def open_task(admin: str, intent: str = "look up customer 42", ttl_seconds: int = 600) -> str:
+    """Open a task through the admin API, as an agent or its orchestrator does; return its id."""
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        response = await client.post(f"{admin}/v1/tasks", json={"intent": intent, "ttl_seconds": ttl_seconds})
+    assert response.status_code == 201, response.text
+    task_id: str = response.json()["id"]
+    return task_id

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import httpx
 import jwt
 
@@ -51,11 +52,7 @@ async def active(sc: RunningSidecar, token: str) -> bool:
 
 
 async def open_task(sc: RunningSidecar) -> str:
-    async with httpx.AsyncClient() as client:
-        response = await client.post(f"{sc.admin}/v1/tasks", json={"intent": "refund order 7", "ttl_seconds": 600})
-    assert response.status_code == 201
-    task_id: str = response.json()["id"]
-    return task_id
+    return await harness.open_task(sc.admin, "refund order 7")
 
 
 async def minted(sc: RunningSidecar, echo_tool: EchoTool, task_id: str | None, path: str = "/crm/customers/1") -> str:

@@ -11,15 +11,7 @@ import jwt
 import pytest
 from typing import Any
 
-from harness import EchoTool, RunningSidecar
-
-
-async def open_task(sc: RunningSidecar, intent: str = "look up customer 42") -> str:
-    async with httpx.AsyncClient() as client:
-        response = await client.post(f"{sc.admin}/v1/tasks", json={"intent": intent, "ttl_seconds": 600})
-    assert response.status_code == 201, response.text
-    task_id: str = response.json()["id"]
-    return task_id
+from harness import EchoTool, RunningSidecar, open_task
 
 
 async def test_allowed_call_gets_a_minted_credential_and_loses_the_agents(sidecar: RunningSidecar, echo_tool: EchoTool) -> None:
@@ -72,7 +64,7 @@ async def test_denied_call_is_problem_json_with_reasons(sidecar: RunningSidecar,
 
 
 async def test_held_call_gets_an_approval_id(sidecar: RunningSidecar, echo_tool: EchoTool) -> None:
-    task = await open_task(sidecar)
+    task = await open_task(sidecar.admin)
     async with httpx.AsyncClient() as agent:
         response = await agent.delete(f"{sidecar.proxy}/crm/customers/42", headers={"X-Agent-Task": task})
         assert response.status_code == 403
@@ -86,7 +78,7 @@ async def test_held_call_gets_an_approval_id(sidecar: RunningSidecar, echo_tool:
 
 
 async def test_write_inside_a_task_is_allowed_and_recorded_in_history(sidecar: RunningSidecar, echo_tool: EchoTool) -> None:
-    task = await open_task(sidecar)
+    task = await open_task(sidecar.admin)
     async with httpx.AsyncClient() as agent:
         response = await agent.post(f"{sidecar.proxy}/payments/refunds", json={"amount": 49},
                                     headers={"X-Agent-Task": task})

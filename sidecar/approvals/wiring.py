@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..audit import AuditSink
-from ..config import Config, ConfigError
+from ..config import Config
 from ..credentials.jwks import key_source
 from ..observability.metrics import Metrics
+from ..stores import open_store
 from .approvers import ApproverVerifier
 from .desk import ApprovalDesk, HoldSettings
 from .store import ApprovalStore
@@ -22,17 +25,12 @@ class ApprovalParts:
 
 
 def build_store(config: Config) -> ApprovalStore:
-    if config.store.backend == "redis":
-        from .redis_store import RedisApprovalStore
-
-        assert config.store.redis_url is not None
-        return RedisApprovalStore(config.store.redis_url)
+    from .redis_store import RedisApprovalStore
     from .sqlite_store import SqliteApprovalStore
 
-    try:
-        return SqliteApprovalStore(config.sqlite_path)
-    except OSError as exc:
-        raise ConfigError(f"{config.source.name}: store.sqlite_path: {exc}") from None
+    redis: Callable[[str], ApprovalStore] = RedisApprovalStore
+    sqlite: Callable[[Path], ApprovalStore] = SqliteApprovalStore
+    return open_store(config, redis=redis, sqlite=sqlite)
 
 
 def page_url(config: Config) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ..config import Config, ConfigError
+from ..config import Config
 from ..delegation import DelegationVerifier
 from ..identity import TokenFileIdentity
 from ..pipeline import IdentitySource, StaticIdentity
+from ..stores import open_store
 from ..tasks import TaskStore
 from .introspection import IntrospectionCallers, Introspector
 from .jwks import key_source
@@ -31,17 +33,12 @@ class CredentialParts:
 
 
 def build_task_store(config: Config) -> TaskStore:
-    if config.store.backend == "redis":
-        from ..tasks.redis_store import RedisTaskStore
-
-        assert config.store.redis_url is not None
-        return RedisTaskStore(config.store.redis_url)
+    from ..tasks.redis_store import RedisTaskStore
     from ..tasks.sqlite import SqliteTaskStore
 
-    try:
-        return SqliteTaskStore(config.sqlite_path)
-    except OSError as exc:
-        raise ConfigError(f"{config.source.name}: store.sqlite_path: {exc}") from None
+    redis: Callable[[str], TaskStore] = RedisTaskStore
+    sqlite: Callable[[Path], TaskStore] = SqliteTaskStore
+    return open_store(config, redis=redis, sqlite=sqlite)
 
 
 def build_credential_parts(config: Config, keys: KeyRing) -> CredentialParts:
