@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -41,22 +42,40 @@ def cases() -> list[Any]:
     return params
 
 
-async def decide(engine: PolicyEngine, case: dict[str, Any]) -> tuple[str, Any]:
+def contains(whole: Any, part: Any) -> bool:
+    """Every field of ``part`` is in ``whole`` with the same value (objects compared field by field)."""
+    if isinstance(part, dict):
+        return isinstance(whole, dict) and all(k in whole and contains(whole[k], v) for k, v in part.items())
+    return bool(whole == part)
+
+
+def policy_with_data(policy_dir: Path, data: dict[str, Any] | None, tmp: Path) -> Path:
+    """A case's "data" override, merged into a copy of the policy's data.json (lists are replaced)."""
+    if not data:
+        return policy_dir
+    target = tmp / f"policy-{sum(1 for _ in tmp.iterdir())}"
+    shutil.copytree(policy_dir, target)
+    data_file = target / "data.json"
+    data_file.write_text(json.dumps(merge(json.loads(data_file.read_text()), data)))
+    return target
+
+
+async def decide(engine: PolicyEngine, case: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
     decider = Decider(engine, "sidecar/authz/decision", timeout_ms=5000)
     document = merge(probe_input(), case["input"])
     try:
         decision = await decider.decide(document)
     except Refusal as refusal:
-        return "policy_unavailable", refusal.extra["policy_error"]
-    return decision.outcome, list(decision.reasons)
+        return "policy_unavailable", refusal.extra["policy_error"], {}
+    return decision.outcome, list(decision.reasons), decision.result
 
 
 @pytest.fixture(params=["embedded", "rest"])
-async def engine_for(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+async def engine_for(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
     opened: list[Any] = []
 
-    async def factory(policy: str) -> PolicyEngine:
-        policy_dir = ROOT / policy
+    async def factory(policy: str, data: dict[str, Any] | None = None) -> PolicyEngine:
+        policy_dir = policy_with_data(ROOT / policy, data, tmp_path)
         if request.param == "embedded":
             engine: PolicyEngine = EmbeddedEngine(policy_dir)
         else:
@@ -77,8 +96,8 @@ async def engine_for(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
 
 @pytest.mark.parametrize("policy, case", cases())
 async def test_decision_table(engine_for: Any, policy: str, case: dict[str, Any]) -> None:
-    engine = await engine_for(policy)
-    outcome, detail = await decide(engine, case)
+    engine = await engine_for(policy, case.get("data"))
+    outcome, detail, result = await decide(engine, case)
     assert outcome == case["outcome"]
     if outcome == "policy_unavailable":
         assert detail == case["policy_error"]
@@ -86,6 +105,7 @@ async def test_decision_table(engine_for: Any, policy: str, case: dict[str, Any]
         assert detail == case["reasons"]
     for fragment in case.get("reasons_contain", []):
         assert any(fragment in reason for reason in detail), (fragment, detail)
+    assert contains(result, case.get("expect", {})), (case.get("expect"), result)
 
 
 async def test_both_engines_agree_on_every_case() -> None:

@@ -65,9 +65,11 @@ class TaskSummary:
         if record.outcome == "allow":
             for name, value in record.measure_values().items():
                 _count(self.totals, name, value)
-        if record.external and record.write and record.host not in self.external_hosts_written and len(self.external_hosts_written) < 50:
+        # Only forwarded calls wrote or read anything; held and denied ones did not.
+        forwarded = record.outcome == "allow"
+        if forwarded and record.external and record.write and record.host not in self.external_hosts_written and len(self.external_hosts_written) < 50:
             self.external_hosts_written.append(record.host)
-        if record.classification and not record.write and record.classification not in self.classifications_read:
+        if forwarded and record.classification and not record.write and record.classification not in self.classifications_read:
             self.classifications_read.append(record.classification)
         self.recent.append(record)
 
@@ -192,6 +194,9 @@ class MemoryTaskStore:
         if len(self._expiries) > 2 * self.max_tasks:  # entries of tasks evicted as oldest
             self._expiries = [(t.expires_at, k) for k, (t, _) in self._tasks.items()]
             heapq.heapify(self._expiries)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
 
     async def get(self, task_id: str) -> tuple[Task, TaskSummary] | None:
         return self._tasks.get(task_id)

@@ -14,7 +14,13 @@ anomaly contains {
 # upstream, and repeated denials have their own rule. History is oldest first,
 # so the rate is past the cap exactly when the cap-th latest allowed call is
 # inside the window: one timestamp to parse, not twenty.
-recent_allowed := [r | some r in history_recent; r.outcome in strings(cfg.anomalies.rate_outcomes)]
+# The outcome lists are hoisted into rules: a function call inside a comprehension
+# is evaluated again for every element.
+rate_outcomes := {s | some s in strings(cfg.anomalies.rate_outcomes)}
+
+denied_outcomes := {s | some s in strings(cfg.anomalies.denied_outcomes)}
+
+recent_allowed := [r | some r in history_recent; rate_outcomes[r.outcome]]
 
 rate_window_start_ns := now_ns - (cfg.anomalies.rate_window_seconds * 1000000000)
 
@@ -35,7 +41,7 @@ at_ns(at) := at * 1000000000 if {
 	is_number(at)
 } else := timestamp_ns(at)
 
-recent_denied := [r | some r in history_recent; r.outcome in strings(cfg.anomalies.denied_outcomes)]
+recent_denied := [r | some r in history_recent; denied_outcomes[r.outcome]]
 
 anomaly contains {
 	"rule": "repeated_denials",

@@ -16,7 +16,8 @@
 #     "calls": 12,                                   calls so far in the task
 #     "by_route": {"crm": 10, "payments": 2},        calls per route
 #     "by_method": {"GET": 10, "POST": 2},           calls per HTTP method
-#     "totals": {"amount": 98, "records": 10},       amounts moved, records touched (allowed calls)
+#     "by_tool": {"refund": 2},                      calls per MCP tool (tools/call)
+#     "totals": {"amount": 98, "records": 10},       per measure, summed over allowed calls (routes[].measures add more)
 #     "external_hosts_written": ["api.example.com"], hosts outside the cluster written to
 #     "classifications_read": ["confidential"],      data_classification labels of routes read
 #     "recent": [                                    the last calls, oldest first (20 by default)

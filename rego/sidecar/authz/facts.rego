@@ -220,9 +220,24 @@ is_amount(v) if {
 	regex.match(number_text, v)
 }
 
+# input.request.measures holds the route's configured measures (routes[].measures
+# in the sidecar config) found in this call; the sidecar extracted them from the
+# JSON paths the operator named. A measure it did not find falls back to the
+# fields above.
+request_measures := in_obj(["request", "measures"])
+
+measured(name) := request_measures[name] if {
+	is_number(request_measures[name])
+	request_measures[name] >= 0
+}
+
+has_amount if measured("amount")
+
 has_amount if count(amount_values) + count(query_amount_values) > 0
 
-call_amount := sum(amount_values) + sum(query_amount_values)
+call_amount := measured("amount") if {
+	measured("amount")
+} else := sum(amount_values) + sum(query_amount_values)
 
 record_counts contains n if {
 	some p in payloads
@@ -244,7 +259,9 @@ count_of(x) := count(x) if {
 	is_array(x)
 } else := num(x)
 
-call_records := max(record_counts | {0})
+call_records := measured("records") if {
+	measured("records")
+} else := max(record_counts | {0})
 
 # -- wording ----------------------------------------------------------------
 
