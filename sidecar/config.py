@@ -82,6 +82,7 @@ class PolicyConfig:
     rego_dir: Path = Path("rego")
     timeout_ms: int = 250
     rest_url: str = "http://127.0.0.1:8181"
+    embedded_workers: int = 2  # engines evaluating in parallel, one per thread (one core each)
 
 
 @dataclass(frozen=True)
@@ -579,7 +580,7 @@ def parse_config(data: Any, source: Path) -> Config:
     )
     listeners = reader.mapping(top.get("listeners"), "listeners", {"proxy", "admin", "metrics"})
     limits = reader.mapping(top.get("limits"), "limits", {"max_body_bytes"})
-    policy = reader.mapping(top.get("policy"), "policy", {"engine", "decision_path", "rego_dir", "timeout_ms", "rest"})
+    policy = reader.mapping(top.get("policy"), "policy", {"engine", "decision_path", "rego_dir", "timeout_ms", "rest", "embedded_workers"})
     rest = reader.mapping(policy.get("rest"), "policy.rest", {"url"})
     credentials = reader.mapping(
         top.get("credentials"), "credentials",
@@ -623,6 +624,7 @@ def parse_config(data: Any, source: Path) -> Config:
             decision_path=decision_path,
             rego_dir=rego_dir,
             timeout_ms=reader.positive(policy, "policy", "timeout_ms", 250),
+            embedded_workers=_workers(reader, policy),
             rest_url=_http_url(reader, rest.get("url", "http://127.0.0.1:8181"), "policy.rest.url"),
         ),
         credentials=CredentialsConfig(
@@ -648,6 +650,13 @@ def parse_config(data: Any, source: Path) -> Config:
         routes=tuple(routes),
         raw=top,
     )
+
+
+def _workers(reader: _Reader, policy: dict[str, Any]) -> int:
+    workers = reader.positive(policy, "policy", "embedded_workers", 2)
+    if workers > 64:
+        raise reader.fail("policy.embedded_workers", "at most 64")
+    return workers
 
 
 def load_config(path: Path) -> Config:

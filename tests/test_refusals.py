@@ -157,3 +157,16 @@ async def test_unreachable_rest_engine_fails_closed(make_sidecar: Any, echo_tool
     assert problem["policy_error"] == "unreachable"
     assert echo_tool.seen == []
     assert ready.status_code == 503 and ready.json()["failing"] == ["policy"]
+
+
+async def test_a_runaway_evaluation_holds_one_engine_not_the_pool(make_sidecar: Any, echo_tool: EchoTool) -> None:
+    """With two engines, a call whose evaluation overruns its deadline is refused, and the next call
+    is decided by the other engine while the first is still busy."""
+    sc: RunningSidecar = await make_sidecar(policy={"engine": "embedded", "rego_dir": str(__import__("harness").FIXTURE_POLICY),
+                                                    "timeout_ms": 250, "embedded_workers": 2})
+    async with httpx.AsyncClient(timeout=30) as agent:
+        slow = await agent.get(f"{sc.proxy}/crm/fault/slow")
+        normal = await agent.get(f"{sc.proxy}/crm/customers/1")
+    assert slow.json()["policy_error"] == "timeout"
+    assert normal.status_code == 200
+    assert [s.path for s in echo_tool.seen] == ["/crm/customers/1"]

@@ -7,6 +7,8 @@ event loop never blocks on it, and a timeout can be enforced around it.
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,22 +45,45 @@ def new_engine(bundle: PolicyBundle) -> Any:
 
 
 class EmbeddedEngine:
+    """A small pool of engines, one per evaluation thread.
+
+    One opa_bindings engine evaluates one query at a time (it holds a lock), and the
+    native call releases the GIL, so N engines on N threads evaluate N calls at once
+    on N cores. Each engine holds its own compiled copy of the policy (a few MB).
+    """
+
     name = "embedded"
 
-    def __init__(self, rego_dir: Path) -> None:
+    def __init__(self, rego_dir: Path, *, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
         self._bundle = read_policy_dir(rego_dir)
-        self._engine = new_engine(self._bundle)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opa-eval")
+        self._engines = [new_engine(self._bundle) for _ in range(workers)]
+        self._unclaimed: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for engine in self._engines:
+            self._unclaimed.put(engine)
+        self._local = threading.local()
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opa-eval",
+                                            initializer=self._claim_engine)
+
+    def _claim_engine(self) -> None:
+        self._local.engine = self._unclaimed.get_nowait()
 
     @property
     def module_count(self) -> int:
         return len(self._bundle.modules)
 
+    @property
+    def workers(self) -> int:
+        return len(self._engines)
+
     def evaluate_sync(self, path: str, input_document: dict[str, Any]) -> Any:
+        """Evaluate on this thread's engine (the first engine outside the pool's threads)."""
         import opa_bindings
 
+        engine = getattr(self._local, "engine", None) or self._engines[0]
         try:
-            return self._engine.eval_document(path.replace("/", "."), input_document)
+            return engine.eval_document(path.replace("/", "."), input_document)
         except opa_bindings.OpaUndefinedError:
             raise PolicyError("undefined", f"data.{path.replace('/', '.')} is undefined") from None
         except opa_bindings.OpaError as exc:
@@ -70,4 +95,5 @@ class EmbeddedEngine:
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self._engine.close()
+        for engine in self._engines:
+            engine.close()
