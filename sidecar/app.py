@@ -158,6 +158,7 @@ def build_sidecar(config: Config) -> Sidecar:
         audit_fail_closed=config.audit.fail_closed,
         hold=approvals.hold,
         delegation=credential_parts.delegation,
+        max_in_flight=config.max_in_flight,
     )
 
     async def policy_ready() -> tuple[bool, str]:

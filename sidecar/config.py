@@ -187,6 +187,7 @@ class Config:
     metrics: Listen = Listen("127.0.0.1", 15090)
     state_dir: Path = Path(".state")
     max_body_bytes: int = 1024 * 1024
+    max_in_flight: int = 4096
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
@@ -579,7 +580,7 @@ def parse_config(data: Any, source: Path) -> Config:
          "approvals", "tasks", "metrics", "webhook", "store", "introspection", "approvers", "delegation"},
     )
     listeners = reader.mapping(top.get("listeners"), "listeners", {"proxy", "admin", "metrics"})
-    limits = reader.mapping(top.get("limits"), "limits", {"max_body_bytes"})
+    limits = reader.mapping(top.get("limits"), "limits", {"max_body_bytes", "max_in_flight"})
     policy = reader.mapping(top.get("policy"), "policy", {"engine", "decision_path", "rego_dir", "timeout_ms", "rest", "embedded_workers"})
     rest = reader.mapping(policy.get("rest"), "policy.rest", {"url"})
     credentials = reader.mapping(
@@ -619,6 +620,7 @@ def parse_config(data: Any, source: Path) -> Config:
         metrics=_listen(reader, listeners, "metrics", Listen("127.0.0.1", 15090)),
         state_dir=reader.path(top, "", "state_dir", source.parent / ".state") or Path(".state"),
         max_body_bytes=reader.positive(limits, "limits", "max_body_bytes", 1024 * 1024),
+        max_in_flight=reader.positive(limits, "limits", "max_in_flight", 4096),
         policy=PolicyConfig(
             engine=engine,
             decision_path=decision_path,

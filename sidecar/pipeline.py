@@ -81,9 +81,16 @@ class RequestPath:
     audit_fail_closed: bool = True
     delegation: DelegationVerifier = field(default_factory=lambda: DelegationVerifier(None))
     hold: HoldSettings = field(default_factory=HoldSettings)
+    max_in_flight: int = 4096
+    in_flight: int = 0
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         trace = Trace()
+        if self.in_flight >= self.max_in_flight:
+            # Admission control keeps memory bounded under a flood: refused at once, never queued.
+            return await self._refuse(trace, Refusal("overloaded", f"{self.in_flight} calls in flight (limit {self.max_in_flight})",
+                                                     headers={"Retry-After": "1"}))
+        self.in_flight += 1
         try:
             return await self._serve(request, trace)
         except Refusal as refusal:
@@ -91,6 +98,8 @@ class RequestPath:
         except Exception as exc:  # noqa: BLE001 - fail closed on anything unforeseen
             log.exception("unhandled error on the request path")
             return await self._refuse(trace, Refusal("internal_error", f"internal error ({type(exc).__name__})"))
+        finally:
+            self.in_flight -= 1
 
     async def _serve(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         if request.method == "CONNECT":

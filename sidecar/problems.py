@@ -36,6 +36,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "body_too_large": (413, "The request body exceeds the configured limit"),
     "internal_error": (500, "The sidecar failed while handling this call"),
     "upstream_error": (502, "The upstream tool could not be reached"),
+    "overloaded": (503, "Too many calls in flight; retry shortly"),
     "policy_unavailable": (503, "The policy engine gave no valid decision"),
     "audit_unavailable": (503, "The audit log cannot be written"),
     "credential_unavailable": (503, "No credential could be minted"),

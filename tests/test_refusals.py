@@ -170,3 +170,39 @@ async def test_a_runaway_evaluation_holds_one_engine_not_the_pool(make_sidecar: 
     assert slow.json()["policy_error"] == "timeout"
     assert normal.status_code == 200
     assert [s.path for s in echo_tool.seen] == ["/crm/customers/1"]
+
+
+async def test_calls_past_the_in_flight_limit_are_refused_not_queued(make_sidecar: Any) -> None:
+    """An upstream that holds every call until released; the limit is 2, the third call is refused at once."""
+    from aiohttp import web
+
+    release = asyncio.Event()
+    arrived: list[str] = []
+
+    async def hold(request: web.Request) -> web.Response:
+        arrived.append(request.path)
+        await release.wait()
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", hold)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        sc: RunningSidecar = await make_sidecar(limits={"max_in_flight": 2}, routes=[
+            {"name": "slowtool", "match": {"path_prefix": "/slow"}, "upstream": f"http://127.0.0.1:{port}"}])
+        async with httpx.AsyncClient(timeout=30) as agent:
+            held = [asyncio.create_task(agent.get(f"{sc.proxy}/slow/{i}")) for i in range(2)]
+            while len(arrived) < 2:
+                await asyncio.sleep(0.01)  # poll until both calls are at the upstream
+            refused = await agent.get(f"{sc.proxy}/slow/third")
+            release.set()
+            answers = await asyncio.gather(*held)
+        problem = assert_problem(refused, 503, "overloaded")
+        assert refused.headers["retry-after"] == "1" and "limit 2" in problem["detail"]
+        assert [a.status_code for a in answers] == [200, 200]
+        assert sorted(arrived) == ["/0", "/1"]
+    finally:
+        await runner.cleanup()
