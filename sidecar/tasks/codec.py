@@ -24,16 +24,22 @@ def task_from_json(text: str | bytes) -> Task:
     return Task(**{k: v for k, v in doc.items() if k in known})
 
 
+# Computed once: dataclasses.fields() and asdict() cost tens of microseconds per call on the hot path,
+# and every field holds JSON-native values already, so a shallow view serialises the same document.
+_SUMMARY_FIELDS = tuple(f.name for f in fields(TaskSummary))
+_RECORD_FIELDS = frozenset(f.name for f in fields(CallRecord))
+
+
 def summary_to_json(summary: TaskSummary) -> str:
-    doc = asdict(summary)
-    doc["recent"] = [asdict(record) for record in summary.recent]
+    doc: dict[str, Any] = {name: getattr(summary, name) for name in _SUMMARY_FIELDS}
+    doc["recent"] = [vars(record) for record in summary.recent]
     return json.dumps(doc, separators=(",", ":"))
 
 
 def summary_from_json(text: str | bytes) -> TaskSummary:
     doc: dict[str, Any] = json.loads(text)
     summary = TaskSummary()
-    record_fields = {f.name for f in fields(CallRecord)}
+    record_fields = _RECORD_FIELDS
     for field in fields(TaskSummary):
         if field.name not in doc:
             continue  # a field added after this summary was stored keeps its default

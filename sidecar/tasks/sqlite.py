@@ -1,16 +1,21 @@
 """Tasks and the revocation list in SQLite: the embedded default, survives a restart.
 
-One connection guarded by a lock; every statement runs in a worker thread so
-the event loop never waits on the disk.
+One connection owned by one writer thread: statements run there in the order they
+were submitted, so the event loop never waits on the disk and a later history
+snapshot can never be overwritten by an earlier one. The store belongs to one
+sidecar process (the one that owns the state directory), so it keeps the live
+tasks it has touched in a bounded in-memory map: reading a task's history for a
+decision costs no thread hop and no JSON decoding.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +30,8 @@ TASK_RETENTION_SECONDS = 7 * 24 * 3600
 # Expired credentials are dropped after this grace: introspection answers active=false for unknown jtis anyway.
 CREDENTIAL_GRACE_SECONDS = 3600
 PRUNE_EVERY_SECONDS = 60.0
+# Live tasks kept decoded in memory (least recently used evicted; the database keeps them all).
+MAX_CACHED_TASKS = 10_000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -89,16 +96,13 @@ class SqliteTaskStore:
             self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise OSError(f"{path}: cannot open the task store ({exc})") from None
-        self._lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store")
+        self._cached: OrderedDict[str, tuple[Task, TaskSummary]] = OrderedDict()
         self._pruned_at = 0.0
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        def locked() -> T:
-            with self._lock:
-                return work(self._db)
-
         try:
-            return await asyncio.to_thread(locked)
+            return await asyncio.get_running_loop().run_in_executor(self._writer, work, self._db)
         except sqlite3.Error as exc:
             raise Refusal("store_unavailable", f"task store: {type(exc).__name__}") from None
 
@@ -112,7 +116,15 @@ class SqliteTaskStore:
             self._maybe_prune(db)
 
         await self._run(insert)
+        self._cache(task, TaskSummary())
         return task
+
+    def _cache(self, task: Task, summary: TaskSummary) -> tuple[Task, TaskSummary]:
+        self._cached[task.id] = (task, summary)
+        self._cached.move_to_end(task.id)
+        while len(self._cached) > MAX_CACHED_TASKS:
+            self._cached.popitem(last=False)
+        return task, summary
 
     def _maybe_prune(self, db: sqlite3.Connection) -> None:
         now = time.time()
@@ -123,6 +135,11 @@ class SqliteTaskStore:
         db.execute("DELETE FROM task_credentials WHERE expires_at < ?", (int(now - CREDENTIAL_GRACE_SECONDS),))
 
     async def get(self, task_id: str) -> tuple[Task, TaskSummary] | None:
+        cached = self._cached.get(task_id)
+        if cached is not None:
+            self._cached.move_to_end(task_id)
+            return cached
+
         def select(db: sqlite3.Connection) -> tuple[str, str] | None:
             row = db.execute("SELECT doc, summary FROM tasks WHERE id = ?", (task_id,)).fetchone()
             return (row[0], row[1]) if row else None
@@ -130,21 +147,24 @@ class SqliteTaskStore:
         found = await self._run(select)
         if found is None:
             return None
-        return task_from_json(found[0]), summary_from_json(found[1])
+        return self._cache(task_from_json(found[0]), summary_from_json(found[1]))
 
     async def record(self, task_id: str, record: CallRecord) -> None:
-        def update(db: sqlite3.Connection) -> None:
-            row = db.execute("SELECT summary FROM tasks WHERE id = ?", (task_id,)).fetchone()
-            if row is None:
-                return
-            summary = summary_from_json(row[0])
-            summary.add(record)
-            db.execute("UPDATE tasks SET summary = ? WHERE id = ?", (summary_to_json(summary), task_id))
+        found = await self.get(task_id)
+        if found is None:
+            return
+        summary = found[1]
+        summary.add(record)
+        snapshot = summary_to_json(summary)  # taken now, written in submission order by the one writer thread
 
-        await self._run(transaction(update))
+        def update(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE tasks SET summary = ? WHERE id = ?", (snapshot, task_id))
+
+        await self._run(update)
 
     async def finish(self, task_id: str, status: str) -> Task | None:
         check_end_status(status)
+        self._cached.pop(task_id, None)  # re-read from the database, as ended, on the next get
 
         def end(db: sqlite3.Connection) -> Task | None:
             row = db.execute("SELECT doc FROM tasks WHERE id = ?", (task_id,)).fetchone()
@@ -158,7 +178,9 @@ class SqliteTaskStore:
                        (time.time(), status, task_id))
             return task
 
-        return await self._run(durable(transaction(end)))
+        ended = await self._run(durable(transaction(end)))
+        self._cached.pop(task_id, None)  # a read that raced the update may have cached the task as open
+        return ended
 
     async def record_credential(self, jti: str, task_id: str | None, expires_at: int) -> None:
         def insert(db: sqlite3.Connection) -> None:
@@ -179,3 +201,4 @@ class SqliteTaskStore:
             db.close()
 
         await self._run(shut)
+        self._writer.shutdown(wait=False)
