@@ -126,7 +126,7 @@ def sidecar_config(tmp: Path, upstream: str, *, policy_dir: Path = FIXTURE_POLIC
                       "metrics": f"127.0.0.1:{free_port()}"},
         "state_dir": str(tmp / "state"),
         "limits": {"max_body_bytes": 1024 * 1024},
-        "policy": {"engine": engine, "rego_dir": str(policy_dir), "timeout_ms": 250,
+        "policy": {"engine": engine, "rego_dir": str(policy_dir), "timeout_ms": 1000,
                    **({"rest": {"url": rest_url}} if rest_url else {})},
         "identity": {"static": "spiffe://test/ns/agents/sa/agent-under-test"},
         "routes": [
