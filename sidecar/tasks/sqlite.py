@@ -30,8 +30,9 @@ TASK_RETENTION_SECONDS = 7 * 24 * 3600
 # Expired credentials are dropped after this grace: introspection answers active=false for unknown jtis anyway.
 CREDENTIAL_GRACE_SECONDS = 3600
 PRUNE_EVERY_SECONDS = 60.0
-# Live tasks kept decoded in memory (least recently used evicted; the database keeps them all).
-MAX_CACHED_TASKS = 10_000
+# Recently used tasks kept decoded in memory (least recently used evicted; the database keeps them all).
+# A pod works on few tasks at once; 1,000 keeps the map near 7 MB (about 7 KB a task with full history).
+MAX_CACHED_TASKS = 1_000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
