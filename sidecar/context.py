@@ -25,6 +25,7 @@ def build_input(
     mcp_call: McpCall | None = None,
     delegation: list[dict[str, Any]] | None = None,
     approval: dict[str, Any] | None = None,
+    mcp_annotations: dict[str, Any] | None = None,
     now_ns: int | None = None,
 ) -> dict[str, Any]:
     now_ns = now_ns if now_ns is not None else time.time_ns()
@@ -48,7 +49,7 @@ def build_input(
             "measures": call_measures(call.route.measures, payload(call.body_json, mcp_call)),
         },
         "tool": {"route": call.route.name, "labels": dict(call.route.labels), "upstream": call.route.upstream},
-        "mcp": mcp_call.as_input() if mcp_call else None,
+        "mcp": _mcp(mcp_call, mcp_annotations),
         "agent": {"id": agent.id, "verified": agent.verified},
         "task": task,
         "delegation": delegation or [],
@@ -58,3 +59,12 @@ def build_input(
             "now_ns": now_ns,
         },
     }
+
+
+def _mcp(mcp_call: McpCall | None, annotations: dict[str, Any] | None) -> dict[str, Any] | None:
+    if mcp_call is None:
+        return None
+    document = mcp_call.as_input()
+    if annotations is not None:
+        document["annotations"] = annotations  # the tool server's own hints, from its tools/list answer
+    return document

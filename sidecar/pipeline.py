@@ -30,6 +30,7 @@ from .problems import Refusal
 from .proxy.forward import Forwarder
 from .proxy.headers import single
 from .proxy.intercept import Interceptor
+from .proxy.mcp_catalog import ResponseTap, ToolCatalog, jsonrpc_messages
 from .proxy.tunnel import run_tunnel
 from .tasks import CallRecord, TaskStore
 from .tasks.measures import destination_external, effective_measures, payload, summed_measures
@@ -83,6 +84,7 @@ class RequestPath:
     hold: HoldSettings = field(default_factory=HoldSettings)
     max_in_flight: int = 4096
     in_flight: int = 0
+    tool_catalog: ToolCatalog = field(default_factory=ToolCatalog)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         trace = Trace()
@@ -122,8 +124,11 @@ class RequestPath:
         if approval is not None:
             self._record_approval_used(approval, decision, credential)
         upstream_started = time.perf_counter()
-        response, result = await self.forwarder.forward(request, call, credential, decision.decision_id)
+        tap = ResponseTap() if any(c.method == "tools/list" for c in call.mcp_calls) else None
+        response, result = await self.forwarder.forward(request, call, credential, decision.decision_id, tap)
         self.metrics.upstream_seconds.labels(call.route.name).observe(time.perf_counter() - upstream_started)
+        if tap is not None:
+            self.tool_catalog.learn(call.route.name, jsonrpc_messages(tap.body(), result.content_type))
         self._record_upstream(trace, decision, result.status, result.bytes_sent)  # 6. record
         await self._remember(trace, "allow")
         self.metrics.requests.labels(call.route.name, "allowed").inc()
@@ -179,7 +184,8 @@ class RequestPath:
         targets = call.mcp_calls or (None,)
         for mcp_call in targets:
             document = build_input(call, agent, trace.task, mcp_call=mcp_call, approval=approval_doc,
-                                   delegation=trace.delegation)
+                                   delegation=trace.delegation,
+                                   mcp_annotations=self.tool_catalog.annotations(call.route.name, mcp_call.tool) if mcp_call else None)
             try:
                 decision = await self.decider.decide(document)
             except Refusal as refusal:

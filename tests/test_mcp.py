@@ -125,3 +125,68 @@ async def test_malformed_mcp_requests(make_sidecar: Any, echo_tool: EchoTool, me
     assert response.status_code == 400
     assert detail in response.json()["detail"]
     assert echo_tool.seen == []
+
+
+async def test_tool_annotations_learned_from_tools_list_reach_the_policy(make_sidecar: Any) -> None:
+    """The shipped library holds a tool its own server annotates destructiveHint and lets a readOnlyHint
+    tool through; the hints exist only in the server's tools/list answer, which the sidecar reads."""
+    from mcp.client.streamable_http import create_mcp_http_client
+    from mcp.types import ToolAnnotations
+
+    from harness import SHIPPED_POLICY, open_task
+
+    server = MCPServer("annotated-tools")
+    calls: list[str] = []
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=True))
+    def lookup(key: str) -> str:
+        calls.append("lookup")
+        return f"value of {key}"
+
+    @server.tool(annotations=ToolAnnotations(destructive_hint=True))
+    def tidy_up(scope: str) -> str:
+        calls.append("tidy_up")
+        return f"tidied {scope}"
+
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(server.streamable_http_app(stateless_http=True, json_response=False),
+                                       host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    serving = asyncio.create_task(uv.serve())
+    while not uv.started:
+        await asyncio.sleep(0.01)  # readiness poll of an in-process server, not a timing assumption
+    try:
+        sc = await make_sidecar(
+            policy={"engine": "embedded", "rego_dir": str(SHIPPED_POLICY), "timeout_ms": 2000},
+            routes=[{"name": "tools", "match": {"path_prefix": "/tools"}, "upstream": f"http://127.0.0.1:{port}",
+                     "labels": {"protocol": "mcp", "environment": "dev"}}])
+        task = await open_task(sc.admin, "look things up and tidy up")
+        client = create_mcp_http_client(headers={"X-Agent-Task": task})
+        async with client, streamable_http_client(f"{sc.proxy}/tools/mcp", http_client=client) as streams:
+            async with ClientSession(streams[0], streams[1]) as session:
+                await session.initialize()
+                listed = await session.list_tools()  # an SSE answer: the sidecar reads it on the way back
+                assert {t.name for t in listed.tools} == {"lookup", "tidy_up"}
+                looked_up: Any = await session.call_tool("lookup", {"key": "k"})
+                assert "value of k" in json.dumps(looked_up.model_dump(mode="json"))
+                with pytest.raises(Exception) as held:
+                    await session.call_tool("tidy_up", {"scope": "everything"})
+        assert "approval" in str(held.value).lower()
+        assert calls == ["lookup"]
+        assert await audited_annotations(sc.audit_path, want=2) == {
+            "lookup": {"readOnlyHint": True}, "tidy_up": {"destructiveHint": True}}
+    finally:
+        uv.should_exit = True
+        await serving
+
+
+async def audited_annotations(path: Any, want: int) -> dict[str, Any]:
+    """The annotations each decided tools/call carried, from the audit log (written by a background
+    thread: poll until `want` tools appear, with a deadline)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        events = [json.loads(line) for line in path.read_text().splitlines()]
+        inputs = [e["input"] for e in events if e.get("type") == "decision" and (e.get("input") or {}).get("mcp")]
+        found = {i["mcp"]["tool"]: i["mcp"].get("annotations") for i in inputs if i["mcp"]["tool"]}
+        if len(found) >= want or asyncio.get_running_loop().time() > deadline:
+            return found
+        await asyncio.sleep(0.02)

@@ -14,17 +14,21 @@ from ..config import Route
 from ..documents import InterceptedCall, MintedCredential
 from ..problems import Refusal
 from .headers import response_headers
+from .mcp_catalog import ResponseTap
 
 
 @dataclass(frozen=True)
 class UpstreamResult:
     status: int
     bytes_sent: int
+    content_type: str = ""
 
 
 class Forwarder(Protocol):
-    async def forward(self, request: web.BaseRequest, call: InterceptedCall,
-                      credential: MintedCredential, decision_header: str) -> tuple[web.StreamResponse, UpstreamResult]: ...
+    async def forward(self, request: web.BaseRequest, call: InterceptedCall, credential: MintedCredential,
+                      decision_header: str, tap: ResponseTap | None = None) -> tuple[web.StreamResponse, UpstreamResult]:
+        """Send the call upstream and stream the answer back; ``tap`` sees a copy of the answer's bytes."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -51,8 +55,8 @@ class HttpForwarder:
             )
         return self._session
 
-    async def forward(self, request: web.BaseRequest, call: InterceptedCall,
-                      credential: MintedCredential, decision_header: str) -> tuple[web.StreamResponse, UpstreamResult]:
+    async def forward(self, request: web.BaseRequest, call: InterceptedCall, credential: MintedCredential,
+                      decision_header: str, tap: ResponseTap | None = None) -> tuple[web.StreamResponse, UpstreamResult]:
         headers = list(call.headers)
         if credential.header:
             headers.append((credential.header, credential.value.reveal()))
@@ -80,14 +84,16 @@ class HttpForwarder:
             try:
                 async for chunk in upstream.content.iter_any():
                     sent += len(chunk)
+                    if tap is not None:
+                        tap.feed(chunk)
                     await response.write(chunk)
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 # Headers are gone already: cut the connection so the agent sees a truncated answer.
                 if request.transport is not None:
                     request.transport.close()
-                return response, UpstreamResult(upstream.status, sent)
+                return response, UpstreamResult(upstream.status, sent, upstream.content_type)
             await response.write_eof()
-            return response, UpstreamResult(upstream.status, sent)
+            return response, UpstreamResult(upstream.status, sent, upstream.content_type)
 
     async def close(self) -> None:
         if self._session is not None:
