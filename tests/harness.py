@@ -182,3 +182,23 @@ async def open_task(admin: str, intent: str = "look up customer 42", ttl_seconds
     assert response.status_code == 201, response.text
     task_id: str = response.json()["id"]
     return task_id
+
+
+async def serve_app(app: web.Application, ssl_context: Any = None) -> tuple[web.AppRunner, int]:
+    """Serve an aiohttp app on a free loopback port; the caller cleans up the runner."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
+    return runner, port
+
+
+async def send_connect(proxy_port: int, authority: str) -> tuple[Any, Any, bytes]:
+    """Open a raw connection to the proxy, send CONNECT authority, return (reader, writer, response head)."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+    writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    return reader, writer, head

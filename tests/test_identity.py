@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from conftest import SidecarFactory
-from harness import EchoTool, RunningSidecar, free_port
+from harness import EchoTool, RunningSidecar, free_port, serve_app
 from sidecar.credentials.jwks import FileJwks, UrlJwks
 from sidecar.identity import TokenFileIdentity
 from sidecar.problems import Refusal
@@ -159,10 +159,7 @@ async def jwks_server() -> AsyncIterator[tuple[str, dict[str, Any]]]:
 
     app = web.Application()
     app.router.add_get("/keys", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await serve_app(app)
     yield f"http://127.0.0.1:{port}/keys", served
     await runner.cleanup()
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from harness import EchoTool, RunningSidecar, free_port
+from harness import EchoTool, RunningSidecar, free_port, serve_app
 
 
 async def raw_request(port: int, data: bytes) -> tuple[int, bytes, bytes]:
@@ -186,10 +186,7 @@ async def test_calls_past_the_in_flight_limit_are_refused_not_queued(make_sideca
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", hold)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await serve_app(app)
     try:
         sc: RunningSidecar = await make_sidecar(limits={"max_in_flight": 2}, routes=[
             {"name": "slowtool", "match": {"path_prefix": "/slow"}, "upstream": f"http://127.0.0.1:{port}"}])

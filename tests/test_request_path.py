@@ -11,7 +11,7 @@ import jwt
 import pytest
 from typing import Any
 
-from harness import EchoTool, RunningSidecar, open_task
+from harness import EchoTool, RunningSidecar, open_task, send_connect
 
 
 async def test_allowed_call_gets_a_minted_credential_and_loses_the_agents(sidecar: RunningSidecar, echo_tool: EchoTool) -> None:
@@ -105,10 +105,7 @@ async def test_forward_proxy_unknown_host_is_no_route(sidecar: RunningSidecar, e
 
 
 async def test_connect_is_refused_without_a_tunnel_route(sidecar: RunningSidecar, echo_tool: EchoTool) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.sidecar.config.proxy.port)
-    writer.write(b"CONNECT crm.example.com:443 HTTP/1.1\r\nHost: crm.example.com:443\r\n\r\n")
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
+    _, writer, head = await send_connect(sidecar.sidecar.config.proxy.port, "crm.example.com:443")
     writer.close()
     assert head.startswith(b"HTTP/1.1 403")
     assert b"application/problem+json" in head
@@ -119,10 +116,8 @@ async def test_connect_tunnel_when_the_route_allows_it(make_sidecar: Any, echo_t
     sc = await make_sidecar(routes=[{"name": "tunnelled", "match": {"host": "tool.example.com:8443"},
                                      "upstream": echo_tool.base, "allow_tunnel": True},
                                     {"name": "closed", "match": {"host": "other.example.com"}, "upstream": echo_tool.base}])
-    reader, writer = await asyncio.open_connection("127.0.0.1", sc.sidecar.config.proxy.port)
-    writer.write(b"CONNECT tool.example.com:8443 HTTP/1.1\r\nHost: tool.example.com:8443\r\n\r\n")
-    await writer.drain()
-    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    reader, writer, head = await send_connect(sc.sidecar.config.proxy.port, "tool.example.com:8443")
+    assert head.startswith(b"HTTP/1.1 200")
     writer.write(b"GET /through/the/tunnel HTTP/1.1\r\nHost: tool\r\nConnection: close\r\n\r\n")
     await writer.drain()
     answer = await reader.read()
@@ -130,10 +125,7 @@ async def test_connect_tunnel_when_the_route_allows_it(make_sidecar: Any, echo_t
     assert answer.startswith(b"HTTP/1.1 200") and b"/through/the/tunnel" in answer
     assert [s.path for s in echo_tool.seen] == ["/through/the/tunnel"]
 
-    reader, writer = await asyncio.open_connection("127.0.0.1", sc.sidecar.config.proxy.port)
-    writer.write(b"CONNECT other.example.com:443 HTTP/1.1\r\nHost: other.example.com:443\r\n\r\n")
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
+    _, writer, head = await send_connect(sc.sidecar.config.proxy.port, "other.example.com:443")
     writer.close()
     assert head.startswith(b"HTTP/1.1 403")
     assert len(echo_tool.seen) == 1

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from harness import free_port
+from harness import serve_app
 from tls_certs import make_ca_and_server
 
 
@@ -26,12 +26,9 @@ async def tls_tool(tmp_path: Path) -> AsyncIterator[tuple[str, Path, list[str]]]
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    runner, port = await serve_app(app, context)
     yield f"https://127.0.0.1:{port}", ca, seen
     await runner.cleanup()
 
