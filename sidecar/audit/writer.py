@@ -147,7 +147,7 @@ class AuditWriter:
     @staticmethod
     def _settle(batch: list[_Item], outcomes: list[dict[str, Any]] | list[None]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Receipt, dict[str, Any] | None]]] = {}
-        for item, outcome in zip(batch, outcomes):
+        for item, outcome in zip(batch, outcomes, strict=True):
             if item.loop is not None and item.waiter is not None:
                 by_loop.setdefault(item.loop, []).append((item.waiter, outcome))
         for loop, pairs in by_loop.items():

@@ -39,7 +39,7 @@ class Readiness:
     async def run(self) -> dict[str, Any]:
         names = list(self._checks)
         outcomes = await asyncio.gather(*(self._run_one(self._checks[name]) for name in names))
-        results = {name: {"ok": ok, "detail": detail} for name, (ok, detail) in zip(names, outcomes)}
+        results = {name: {"ok": ok, "detail": detail} for name, (ok, detail) in zip(names, outcomes, strict=True)}
         failing = [name for name, result in results.items() if not result["ok"]]
         return {"ready": not failing, "failing": failing, "checks": results}
 
