@@ -38,6 +38,10 @@ from .tasks.store import iso
 
 log = logging.getLogger("sidecar.pipeline")
 
+# RequestBinding field that differs -> its refusal code.
+MISMATCH_CODES = {"method": "approval_wrong_method", "target": "approval_wrong_target",
+                  "body_sha256": "approval_wrong_body", "agent": "approval_wrong_agent", "task_id": "approval_wrong_task"}
+
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -165,7 +169,7 @@ class RequestPath:
             raise Refusal("approval_invalid", "unknown approval id", approval_id=call.approval_id)
         wrong = approval.binding.mismatch(self._binding(call, agent))
         if wrong:
-            raise Refusal("approval_invalid", f"approval {approval.id} was made for another request ({wrong} differs)",
+            raise Refusal(MISMATCH_CODES[wrong], f"approval {approval.id} was made for another request ({wrong} differs)",
                           approval_id=approval.id, extra={"mismatch": wrong})
         if approval.status == "expired":
             self._record_approval_expired(approval)

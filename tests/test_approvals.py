@@ -93,6 +93,8 @@ async def test_every_refusal_of_a_presented_approval_has_its_own_code(sc: Runnin
     assert pending.json()["code"] == "approval_pending"
     assert (await approve(sc.admin, approval_id, token)).status_code == 200
 
+    codes = {"body_sha256": "approval_wrong_body", "target": "approval_wrong_target",
+             "method": "approval_wrong_method", "task_id": "approval_wrong_task"}
     cases = {
         "body_sha256": dict(method="PUT", path="/crm/customers/42", task=task, body=b'{"name": "Ada", "tier": "platinum"}'),
         "target": dict(method="PUT", path="/crm/customers/43", task=task, body=body),
@@ -103,7 +105,7 @@ async def test_every_refusal_of_a_presented_approval_has_its_own_code(sc: Runnin
         response = await retry(sc, approval_id, **request)
         assert response.status_code == 403
         assert response.headers["content-type"] == "application/problem+json"
-        assert response.json()["code"] == "approval_invalid", differs
+        assert response.json()["code"] == codes[differs], differs
         assert response.json()["mismatch"] == differs
         assert response.json()["approval_id"] == approval_id
     assert echo_tool.seen == []
@@ -124,7 +126,7 @@ async def test_another_agent_cannot_use_the_approval(make_sidecar: SidecarFactor
     approval_id = (await held(sc))["approval_id"]
     assert (await approve(sc.admin, approval_id, idp.token(ALICE, ["approvers"]))).status_code == 200
     response = await retry(other, approval_id)
-    assert response.json()["code"] == "approval_invalid" and response.json()["mismatch"] == "agent"
+    assert response.json()["code"] == "approval_wrong_agent" and response.json()["mismatch"] == "agent"
     assert echo_tool.seen == []
 
 
