@@ -9,6 +9,8 @@ OPA_BINDINGS = opa-golib-python-bindings==0.4.4
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	@# Debian ships venv's ensurepip separately (python3.11-venv).
+	@$(PYTHON) -c "import ensurepip" 2>/dev/null || bash scripts/install-python-venv.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
