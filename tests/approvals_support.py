@@ -85,3 +85,12 @@ async def approve(admin: str, approval_id: str, token: str, comment: str = "ok",
 
 async def open_task(admin: str, intent: str = "clean up duplicate customer records") -> str:
     return await harness.open_task(admin, intent)
+
+
+async def list_pending(admin: str, token: str) -> list[dict[str, Any]]:
+    """GET /v1/approvals as an approver: the pending approvals."""
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"{admin}/v1/approvals", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    approvals: list[dict[str, Any]] = response.json()["approvals"]
+    return approvals

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from approvals_support import (AGENT, APPROVAL_POLICY, ApproverIdP, approve, audit_event, audit_events, eventually,
-                               open_task)
+                               list_pending, open_task)
 from conftest import SidecarFactory
 from harness import EchoTool, RunningSidecar
 
@@ -319,12 +319,7 @@ async def test_config_errors_name_the_key(tmp_path: Path, echo_tool: EchoTool) -
 
 
 async def _pending(sc: RunningSidecar, idp: ApproverIdP) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient() as client:
-        response = await client.get(f"{sc.admin}/v1/approvals",
-                                    headers={"Authorization": f"Bearer {idp.token(ALICE, ['approvers'])}"})
-    assert response.status_code == 200, response.text
-    approvals: list[dict[str, Any]] = response.json()["approvals"]
-    return approvals
+    return await list_pending(sc.admin, idp.token(ALICE, ["approvers"]))
 
 
 async def _scrape(sc: RunningSidecar) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from approvals_support import APPROVAL_POLICY, ApproverIdP, approve, eventually
+from approvals_support import APPROVAL_POLICY, ApproverIdP, approve, eventually, list_pending
 from conftest import SidecarFactory
 from harness import EchoTool, RunningSidecar
 
@@ -22,12 +22,7 @@ async def redis_sidecar(make_sidecar: SidecarFactory, tmp_path: Path, idp: Appro
 
 
 async def pending(sc: RunningSidecar, idp: ApproverIdP) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient() as client:
-        response = await client.get(f"{sc.admin}/v1/approvals",
-                                    headers={"Authorization": f"Bearer {idp.token(ALICE, ['approvers'])}"})
-    assert response.status_code == 200, response.text
-    items: list[dict[str, Any]] = response.json()["approvals"]
-    return items
+    return await list_pending(sc.admin, idp.token(ALICE, ["approvers"]))
 
 
 async def readiness(sc: RunningSidecar) -> tuple[int, dict[str, Any]]:
