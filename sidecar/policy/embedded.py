@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import PolicyError
-from .loader import PolicyBundle, PolicyLoadError, read_policy_dir
+from .loader import PolicyBundle, load_bundle, read_policy_dir
 
 
 def opa_available() -> bool:
@@ -31,16 +31,7 @@ def new_engine(bundle: PolicyBundle) -> Any:
 
     engine = opa_bindings.OpaEngine()
     engine.print_handler = lambda message, location: None
-    for name, source in bundle.modules.items():
-        try:
-            engine.add_policy(name, source)
-        except opa_bindings.OpaError as exc:
-            raise PolicyLoadError(bundle.root / name, exc.message.strip()) from None
-    for path, value in bundle.data:
-        try:
-            engine.add_data(value, path)
-        except opa_bindings.OpaError as exc:
-            raise PolicyLoadError(bundle.root / (path.replace(".", "/") or ".") / "data.json", exc.message) from None
+    load_bundle(engine, bundle)
     return engine
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 
 class PolicyLoadError(Exception):
@@ -21,7 +22,7 @@ class PolicyBundle:
 
     root: Path
     modules: dict[str, str] = field(default_factory=dict)
-    data: list[tuple[str, Any]] = field(default_factory=list)  # (dotted path or "", value)
+    data: list[tuple[str, Any, Path]] = field(default_factory=list)  # (dotted data path or "", value, file)
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -29,20 +30,80 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+def _is_data_file(path: Path) -> bool:
+    return path.name == "data.json" or path.name.endswith(".data.json")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyLoadError(path, f"cannot read: {exc}") from None
+
+
 def read_policy_dir(root: Path) -> PolicyBundle:
-    """Read every *.rego and data.json under root; a data.json merges at its directory's path."""
+    """Read every *.rego and data file (data.json, *.data.json) under root, skipping hidden paths.
+
+    Modules are named by their path relative to root; a data file merges at the data path of
+    its directory (``a/b/data.json`` at ``data.a.b``, one at the top at the root), as ``opa run`` does.
+    """
+    root = Path(root)
     if not root.is_dir():
         raise PolicyLoadError(root, "not a directory")
     bundle = PolicyBundle(root=root)
-    for path in sorted(p for p in root.rglob("*.rego") if not _hidden(p, root)):
-        bundle.modules[path.relative_to(root).as_posix()] = path.read_text(encoding="utf-8")
-    for path in sorted(p for p in root.rglob("data.json") if not _hidden(p, root)):
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p, root))
+    for path in (p for p in files if p.suffix == ".rego"):
+        bundle.modules[path.relative_to(root).as_posix()] = _read(path)
+    for path in (p for p in files if _is_data_file(p)):
+        parts = path.parent.relative_to(root).parts
+        if any("." in part for part in parts):
+            raise PolicyLoadError(path, "a data file's directory names its data path and must not contain '.'")
         try:
-            value = json.loads(path.read_text(encoding="utf-8"))
+            value = json.loads(_read(path))
         except ValueError as exc:
             raise PolicyLoadError(path, f"invalid JSON: {exc}") from None
-        relative = path.parent.relative_to(root)
-        bundle.data.append((".".join(relative.parts), value))
+        bundle.data.append((".".join(parts), value, path))
     if not bundle.modules:
         raise PolicyLoadError(root, "no .rego files")
     return bundle
+
+
+class OpaModuleSink(Protocol):
+    """The part of ``opa_bindings.OpaEngine`` that loading needs."""
+
+    def add_policy(self, path: str, source: str) -> Any: ...
+
+    def add_data(self, value: Any, path: str = "") -> Any: ...
+
+    def eval_query(self, query: str, input: Any = None, *, coverage: bool = False,
+                   trace: bool = False) -> list[dict[str, Any]]: ...
+
+
+# "sidecar/authz/x.rego:12: rego_type_error: ..." in a compile error.
+_ERROR_LOCATION = re.compile(r"([^\s:]+\.rego):\d+")
+
+
+def load_bundle(engine: OpaModuleSink, bundle: PolicyBundle) -> list[str]:
+    """Add the bundle's modules and data to an engine; every error names the file it comes from.
+
+    Type and safety errors only surface when a query is prepared, so one is prepared here:
+    a broken policy fails at load, not on the first call.
+    """
+    import opa_bindings
+
+    for name, source in bundle.modules.items():
+        try:
+            engine.add_policy(name, source)
+        except opa_bindings.OpaError as exc:
+            raise PolicyLoadError(bundle.root / name, exc.message.strip()) from None
+    for data_path, value, file in bundle.data:
+        try:
+            engine.add_data(value, data_path)
+        except opa_bindings.OpaError as exc:
+            raise PolicyLoadError(file, exc.message.strip()) from None
+    try:
+        engine.eval_query("true")
+    except opa_bindings.OpaError as exc:
+        named = [m for m in _ERROR_LOCATION.findall(exc.message) if m in bundle.modules]
+        raise PolicyLoadError(bundle.root / named[0] if named else bundle.root, exc.message.strip()) from None
+    return list(bundle.modules)

@@ -7,14 +7,13 @@ and reports pass/fail and coverage in the shape of ``opa test``'s output.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from .loader import PolicyLoadError
+from .loader import OpaModuleSink, PolicyLoadError, load_bundle, read_policy_dir
 
 __all__ = [
     "PolicyLoadError",
@@ -29,21 +28,12 @@ __all__ = [
 _PACKAGE = re.compile(r"^package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
 # A rule head at the start of a line; `todo_test_` rules are skipped, as by OPA.
 _TEST_HEAD = re.compile(r"^(test_\w*)\s*(?:if\b|\{|:=|=)", re.MULTILINE)
-# "sidecar/authz/x.rego:12: rego_type_error: ..." in a compile error.
-_ERROR_LOCATION = re.compile(r"([^\s:]+\.rego):\d+")
 
 
-class PolicyEngine(Protocol):
+class PolicyEngine(OpaModuleSink, Protocol):
     """The part of ``opa_bindings.OpaEngine`` the runner uses."""
 
     last_coverage: dict[str, Any] | None
-
-    def add_policy(self, path: str, source: str) -> Any: ...
-
-    def add_data(self, value: Any, path: str = "") -> Any: ...
-
-    def eval_query(self, query: str, input: Any = None, *, coverage: bool = False,
-                   trace: bool = False) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -82,80 +72,13 @@ class TestReport:
         return sum(1 for r in self.results if r.error is not None)
 
 
-def _opa_error() -> type[Exception]:
-    import opa_bindings
-
-    error: type[Exception] = opa_bindings.OpaError
-    return error
-
-
 def _error_text(exc: Exception) -> str:
     return str(getattr(exc, "message", exc)).strip()
 
 
-def _is_data_file(path: Path) -> bool:
-    return path.name == "data.json" or path.name.endswith(".data.json")
-
-
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
-
-
-def load_policy_dir(engine: PolicyEngine, directory: Path) -> list[str]:
-    """Add every ``*.rego`` and merge every ``data.json``/``*.data.json`` under directory.
-
-    Modules are named by their path relative to directory. A data file merges at
-    the data path of its directory (``a/b/data.json`` at ``data.a.b``; one at the top
-    level at the root), as ``opa run`` does. Files under hidden directories are
-    skipped. Returns the module names; raises PolicyLoadError naming the file on a
-    parse, compile or data error.
-    """
-    opa_error = _opa_error()
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise PolicyLoadError(directory, "not a directory")
-    modules: list[str] = []
-    for path in sorted(directory.rglob("*.rego")):
-        relative = path.relative_to(directory)
-        if _hidden(relative) or not path.is_file():
-            continue
-        name = relative.as_posix()
-        try:
-            engine.add_policy(name, path.read_text(encoding="utf-8"))
-        except opa_error as exc:
-            raise PolicyLoadError(path, _error_text(exc)) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PolicyLoadError(path, f"cannot read: {exc}") from None
-        modules.append(name)
-    for path in sorted(p for p in directory.rglob("*.json") if _is_data_file(p)):
-        relative = path.relative_to(directory)
-        if _hidden(relative) or not path.is_file():
-            continue
-        parts = relative.parent.parts
-        if any("." in part for part in parts):
-            raise PolicyLoadError(path, "a data file's directory names its data path and must not contain '.'")
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise PolicyLoadError(path, f"invalid JSON: {exc}") from None
-        try:
-            engine.add_data(value, ".".join(parts))
-        except opa_error as exc:
-            raise PolicyLoadError(path, _error_text(exc)) from None
-    if not modules:
-        raise PolicyLoadError(directory, "no .rego files")
-    _compile(engine, directory, modules, opa_error)
-    return modules
-
-
-def _compile(engine: PolicyEngine, directory: Path, modules: list[str], opa_error: type[Exception]) -> None:
-    """Type and safety errors only surface when a query is prepared: prepare one now."""
-    try:
-        engine.eval_query("true")
-    except opa_error as exc:
-        message = _error_text(exc)
-        named = [m for m in _ERROR_LOCATION.findall(message) if m in modules]
-        raise PolicyLoadError(directory / named[0] if named else directory, message) from None
+def load_policy_dir(engine: OpaModuleSink, directory: Path) -> list[str]:
+    """Load a policy directory the way the sidecar does (sidecar/policy/loader.py); return module names."""
+    return load_bundle(engine, read_policy_dir(Path(directory)))
 
 
 def discover_tests(modules: dict[str, str]) -> list[tuple[str, str]]:
@@ -238,8 +161,9 @@ def run_tests(directory: Path, *, coverage: bool = True) -> TestReport:
     current: list[str] = []
     engine.register_function(_KEY_BUILTIN, lambda index: current[index], arity=1)
     try:
-        names = load_policy_dir(engine, directory)
-        sources = {name: (directory / name).read_text(encoding="utf-8") for name in names}
+        bundle = read_policy_dir(directory)
+        load_bundle(engine, bundle)
+        sources = bundle.modules
         tests = discover_tests(sources)
         results: list[TestResult] = []
         for package, rule in tests:
