@@ -13,7 +13,6 @@ import asyncio
 import sys
 from pathlib import Path
 
-from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -22,13 +21,7 @@ from harness import OpaDataApiServer  # noqa: E402
 
 
 async def serve(rego_dir: Path, port: int) -> None:
-    server = OpaDataApiServer(rego_dir)
-    app = web.Application()
-    app.router.add_post("/v1/data/{path:.*}", server.data)
-    app.router.add_get("/health", server.health)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024, reuse_address=True).start()
+    await OpaDataApiServer(rego_dir).start(port)
     print("ready", flush=True)
     await asyncio.Event().wait()
 

@@ -57,6 +57,7 @@ class InterceptedCall:
     task_id: str | None = None
     approval_id: str | None = None
     prefer_wait_seconds: float | None = None
+    delegation: Secret | None = None  # X-Agent-Delegation: a parent sidecar's credential, verified in context
 
     @property
     def target_url(self) -> str:

@@ -28,7 +28,6 @@ from .observability.metrics import Metrics
 from .policy import Decider
 from .problems import Refusal
 from .proxy.forward import Forwarder
-from .proxy.headers import single
 from .proxy.intercept import Interceptor
 from .proxy.mcp_catalog import ResponseTap, ToolCatalog, jsonrpc_messages
 from .proxy.tunnel import run_tunnel
@@ -112,7 +111,7 @@ class RequestPath:
             return await self._serve_tunnel(request, trace)
         call = trace.call = await self.interceptor.intercept(request)  # 1. intercept
         agent = trace.agent = self.identity.current()  # 2. context
-        trace.delegation = await self.delegation.chain(single(request.headers, "X-Agent-Delegation"))
+        trace.delegation = await self.delegation.chain(call.delegation.reveal() if call.delegation else None)
         trace.task = await self._task(call, agent)
         approval = await self._presented_approval(call, agent) if call.approval_id else None
         decision = await self._decide(call, agent, trace, approval)  # 3. decide

@@ -84,14 +84,17 @@ class OpaDataApiServer:
         self.port = 0
         self.runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/data/{path:.*}", self.data)
         app.router.add_get("/health", self.health)
-        self.runner = web.AppRunner(app, access_log=None)
+        return app
+
+    async def start(self, port: int | None = None) -> None:
+        self.runner = web.AppRunner(self.app(), access_log=None)
         await self.runner.setup()
-        self.port = free_port()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.port = port or free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port, backlog=1024, reuse_address=True).start()
 
     @property
     def url(self) -> str:

@@ -77,20 +77,21 @@ async def test_an_approval_survives_kill_9_and_the_retry_goes_through(tmp_path: 
     admin = f"http://{config['listeners']['admin']}"
     metrics = f"http://{config['listeners']['metrics']}"
 
-    first = SidecarProcess(config_path, tmp_path / "first.log")
-    processes.append(first)
-    first.start()
-    await ready(metrics, first)
+    async def started(name: str) -> SidecarProcess:
+        process = SidecarProcess(config_path, tmp_path / f"{name}.log")
+        processes.append(process)
+        process.start()
+        await ready(metrics, process)
+        return process
+
+    first = await started("first")
     async with httpx.AsyncClient() as agent:
         held = await agent.delete(f"{proxy}/crm/customers/42")
     assert held.status_code == 403 and held.json()["code"] == "approval_required"
     approval_id = held.json()["approval_id"]
     first.kill_9()
 
-    second = SidecarProcess(config_path, tmp_path / "second.log")
-    processes.append(second)
-    second.start()
-    await ready(metrics, second)
+    await started("second")
     async with httpx.AsyncClient() as client:
         shown = await client.get(f"{admin}/v1/approvals/{approval_id}")
     assert shown.status_code == 200 and shown.json()["status"] == "pending"

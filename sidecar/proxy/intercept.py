@@ -12,6 +12,7 @@ from aiohttp import web
 
 from ..documents import InterceptedCall, Mode
 from ..problems import Refusal
+from ..secret import Secret
 from . import headers as hdr
 from . import mcp
 from .routing import RouteMatchResult, RouteTable
@@ -58,6 +59,7 @@ class Interceptor:
             task_id=_token(request, "X-Agent-Task"),
             approval_id=_token(request, "X-Agent-Approval"),
             prefer_wait_seconds=_prefer_wait(request),
+            delegation=_secret_header(request, "X-Agent-Delegation"),
         )
 
     def intercept_connect(self, request: web.BaseRequest) -> InterceptedCall:
@@ -148,6 +150,11 @@ def _token(request: web.BaseRequest, name: str) -> str | None:
     if not _TOKEN.match(value):
         raise Refusal("bad_request", f"header {name} is not a valid id")
     return value
+
+
+def _secret_header(request: web.BaseRequest, name: str) -> Secret | None:
+    value = hdr.single(request.headers, name)
+    return Secret(value) if value is not None else None
 
 
 def _prefer_wait(request: web.BaseRequest) -> float | None:
