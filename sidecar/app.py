@@ -47,7 +47,8 @@ def build_engine(config: Config) -> PolicyEngine:
     if not opa_available():
         raise ConfigError(f"{config.source.name}: policy.engine: embedded engine (opa_bindings) is not installed here; use engine: rest")
     try:
-        return EmbeddedEngine(config.policy.rego_dir, workers=config.policy.embedded_workers)
+        return EmbeddedEngine(config.policy.rego_dir, workers=config.policy.embedded_workers,
+                              decision_path=config.policy.decision_path)
     except PolicyLoadError as exc:
         raise ConfigError(f"{config.source.name}: policy.rego_dir: {exc}") from None
 

@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 
-from harness import ROOT, OpaDataApiServer
-from sidecar.app import probe_input
+from harness import ROOT, OpaDataApiServer, sidecar_config
+from sidecar.app import build_sidecar, probe_input
+from sidecar.config import ConfigError, load_config
 from sidecar.policy import Decider, PolicyEngine
 from sidecar.policy.embedded import EmbeddedEngine
+from sidecar.policy.loader import PolicyLoadError
 from sidecar.policy.rest import RestEngine
 from sidecar.problems import Refusal
 
@@ -160,3 +162,49 @@ def test_schemas_are_valid_json_schema() -> None:
     assert list(validator("input.v1").iter_errors(probe_input())) == []
 
 
+
+
+# -- the library's data check, run once at load by the embedded engine ----------------------------
+
+def library_with_data(tmp_path: Path, data: dict[str, Any]) -> Path:
+    return policy_with_data(ROOT / "rego", data, tmp_path)
+
+
+def test_embedded_engine_refuses_a_mistyped_knob_at_load_naming_it(tmp_path: Path) -> None:
+    policy = library_with_data(tmp_path, {"sidecar": {"config": {"limits": {"per_call_amount": "50"}}}})
+    with pytest.raises(PolicyLoadError) as caught:
+        EmbeddedEngine(policy)
+    assert "limits.per_call_amount must be a number" in str(caught.value)
+    assert str(policy / "data.json") in str(caught.value)
+
+
+def test_sidecar_start_names_the_knob_and_the_setting(tmp_path: Path) -> None:
+    policy = library_with_data(tmp_path, {"sidecar": {"config": {"read_methods": "GET"}}})
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(json.dumps(sidecar_config(tmp_path, "http://127.0.0.1:9", policy_dir=policy)))
+    with pytest.raises(ConfigError) as caught:
+        build_sidecar(load_config(config_file))
+    assert "policy.rego_dir" in str(caught.value) and "read_methods must be a array" in str(caught.value)
+
+
+def test_a_data_file_cannot_claim_the_check_was_done(tmp_path: Path) -> None:
+    policy = library_with_data(tmp_path, {"sidecar": {"runtime": {"config_checked": True},
+                                                      "config": {"limits": {"per_call_amount": "50"}}}})
+    with pytest.raises(PolicyLoadError) as caught:
+        EmbeddedEngine(policy)
+    assert "data.sidecar.runtime is set by the sidecar" in str(caught.value)
+    (policy / "sidecar" / "runtime").mkdir(parents=True, exist_ok=True)
+    (policy / "sidecar" / "runtime" / "data.json").write_text('{"config_checked": true}')
+    (policy / "data.json").write_text((ROOT / "rego" / "data.json").read_text())
+    with pytest.raises(PolicyLoadError):
+        EmbeddedEngine(policy)
+
+
+async def test_a_checked_library_skips_the_per_call_check_and_still_decides(tmp_path: Path) -> None:
+    engine = EmbeddedEngine(ROOT / "rego")
+    try:
+        assert await engine.evaluate("sidecar/authz/data_checked_at_load", {}) is True
+        decision = await engine.evaluate("sidecar/authz/decision", probe_input())
+        assert "config_invalid" not in decision["rules"]
+    finally:
+        await engine.close()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import PolicyError
-from .loader import PolicyBundle, load_bundle, read_policy_dir
+from .loader import RUNTIME_DATA_PATH, PolicyBundle, PolicyLoadError, load_bundle, read_policy_dir
 
 
 def opa_available() -> bool:
@@ -35,6 +35,31 @@ def new_engine(bundle: PolicyBundle) -> Any:
     return engine
 
 
+def check_data_once(engine: Any, bundle: PolicyBundle, decision_path: str) -> None:
+    """Run the policy's own data check (``config_errors`` beside the decision rule) once, at load.
+
+    The data of an embedded engine cannot change after loading, so checking it on every call
+    would repeat the same answer at about a sixth of each evaluation's cost. A failing check
+    refuses the policy here, naming the knobs; a passing one sets
+    ``data.sidecar.runtime.config_checked``, which the shipped library reads to skip its
+    per-call check. An OPA server never gets that flag, so it keeps checking per call.
+    """
+    import opa_bindings
+
+    package = decision_path.rsplit("/", 1)[0].replace("/", ".")
+    try:
+        errors = engine.eval_document(f"{package}.config_errors")
+    except opa_bindings.OpaUndefinedError:
+        return  # a policy without a data check
+    except opa_bindings.OpaError as exc:
+        raise PolicyLoadError(bundle.root, f"data.{package}.config_errors: {exc.message}") from None
+    if errors:
+        files = ", ".join(str(file) for _, _, file in bundle.data) or str(bundle.root)
+        listed = "; ".join(sorted(str(e) for e in errors)) if isinstance(errors, list) else str(errors)
+        raise PolicyLoadError(files, f"the policy's data check (data.{package}.config_errors) failed: {listed}")
+    engine.add_data(True, f"{RUNTIME_DATA_PATH}.config_checked")
+
+
 class EmbeddedEngine:
     """A small pool of engines, one per evaluation thread.
 
@@ -45,11 +70,13 @@ class EmbeddedEngine:
 
     name = "embedded"
 
-    def __init__(self, rego_dir: Path, *, workers: int = 1) -> None:
+    def __init__(self, rego_dir: Path, *, workers: int = 1, decision_path: str = "sidecar/authz/decision") -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self._bundle = read_policy_dir(rego_dir)
         self._engines = [new_engine(self._bundle) for _ in range(workers)]
+        for engine in self._engines:
+            check_data_once(engine, self._bundle, decision_path)
         self._unclaimed: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for engine in self._engines:
             self._unclaimed.put(engine)

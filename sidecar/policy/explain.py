@@ -143,7 +143,7 @@ def run_eval(input_path: Path, rego_dir: Path, decision_path: str, *, as_json: b
         print(f"agent-sidecar: {input_path}: cannot read JSON input ({exc})", file=err)
         return 2
     try:
-        engine = EmbeddedEngine(rego_dir)
+        engine = EmbeddedEngine(rego_dir, decision_path=decision_path)
     except PolicyLoadError as exc:
         print(f"agent-sidecar: {exc}", file=err)
         return 2

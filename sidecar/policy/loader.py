@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 
+# Data the sidecar itself sets in an embedded engine (see embedded.check_data_once); no data file may.
+RUNTIME_DATA_PATH = "sidecar.runtime"
+
+
 class PolicyLoadError(Exception):
     def __init__(self, path: Path | str, message: str) -> None:
         super().__init__(f"{path}: {message}")
@@ -62,10 +66,24 @@ def read_policy_dir(root: Path) -> PolicyBundle:
             value = json.loads(_read(path))
         except ValueError as exc:
             raise PolicyLoadError(path, f"invalid JSON: {exc}") from None
+        if _sets_runtime_data(parts, value):
+            raise PolicyLoadError(path, f"data.{RUNTIME_DATA_PATH} is set by the sidecar, not by a data file")
         bundle.data.append((".".join(parts), value, path))
     if not bundle.modules:
         raise PolicyLoadError(root, "no .rego files")
     return bundle
+
+
+def _sets_runtime_data(parts: tuple[str, ...], value: Any) -> bool:
+    reserved = RUNTIME_DATA_PATH.split(".")
+    remaining = reserved[len(parts):] if list(parts) == reserved[:len(parts)] else None
+    if remaining is None:
+        return list(parts[:len(reserved)]) == reserved
+    for key in remaining:
+        if not isinstance(value, dict) or key not in value:
+            return False
+        value = value[key]
+    return True
 
 
 class OpaModuleSink(Protocol):

@@ -100,6 +100,12 @@ test_mistyped_knob_denies_everything if {
 	fired(d, "config_invalid")
 }
 
+test_knob_check_skipped_once_checked_at_load if {
+	d := decide(call("GET", "crm", "/customers/42", null)) with data.sidecar.config.limits.per_call_amount as "50"
+		with data.sidecar.runtime.config_checked as true
+	not fired(d, "config_invalid")
+}
+
 test_other_mcp_methods_are_writes if {
 	d := decide(no_task(mcp_method("mcp", "sampling/createMessage")))
 	reason_for(d, "write_without_task") == "write_without_task: MCP sampling/createMessage on mcp is a propose call and writes need a task (declare one and send X-Agent-Task)"
