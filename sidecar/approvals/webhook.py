@@ -13,12 +13,13 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from .store import Approval
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("sidecar.approvals.webhook")
 
@@ -68,6 +69,8 @@ class WebhookNotifier:
             self._worker = asyncio.get_running_loop().create_task(self._deliver_forever(), name="approvals-webhook")
 
     async def _deliver_forever(self) -> None:
+        import httpx  # only a sidecar with a webhook configured pays its memory
+
         async with httpx.AsyncClient(timeout=self.timeout_seconds, follow_redirects=False) as client:
             while True:
                 event = await self._queue.get()
@@ -77,6 +80,8 @@ class WebhookNotifier:
                     self._queue.task_done()
 
     async def _deliver(self, client: httpx.AsyncClient, event: dict[str, Any]) -> None:
+        import httpx
+
         body = json.dumps(event, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json", "User-Agent": "agent-sidecar-approvals"}
         for attempt in range(1, self.max_attempts + 1):

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 
 from .verify import JwksUnavailable, KeySource, verify_with_source
 
@@ -94,6 +93,8 @@ class UrlJwks:
             return self._keys
 
     async def _fetch(self) -> dict[str, Any]:
+        import httpx  # only a sidecar that verifies against a JWKS URL pays its memory
+
         try:
             async with httpx.AsyncClient(timeout=self.timeout, verify=self.verify_tls, follow_redirects=False) as client:
                 response = await client.get(self.url, headers={"Accept": "application/json"})

@@ -12,10 +12,12 @@ import time
 import uuid
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import fastjsonschema
-from jsonschema import Draft202012Validator
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
 
 from ..documents import ApprovalSpec, CredentialSpec, Decision
 from ..problems import Refusal
@@ -32,6 +34,9 @@ def load_schema(name: str) -> dict[str, Any]:
 
 @lru_cache(maxsize=None)
 def validator(name: str) -> Draft202012Validator:
+    # Imported here: only an explanation needs it, and it costs a few MiB of every sidecar's memory.
+    from jsonschema import Draft202012Validator
+
     schema = load_schema(name)
     Draft202012Validator.check_schema(schema)
     return Draft202012Validator(schema)
