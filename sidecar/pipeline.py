@@ -129,12 +129,13 @@ class RequestPath:
         upstream_started = time.perf_counter()
         tap = ResponseTap() if any(c.method == "tools/list" for c in call.mcp_calls) else None
         response, result = await self.forwarder.forward(request, call, credential, decision.decision_id, tap)
-        self.metrics.upstream_seconds.labels(call.route.name).observe(time.perf_counter() - upstream_started)
+        route_metrics = self.metrics.route(call.route.name)
+        route_metrics.upstream_seconds.observe(time.perf_counter() - upstream_started)
         if tap is not None:
             self.tool_catalog.learn(call.route.name, jsonrpc_messages(tap.body(), result.content_type))
         self._record_upstream(trace, decision, result.status, result.bytes_sent)  # 6. record
         await self._remember(trace, "allow")
-        self.metrics.requests.labels(call.route.name, "allowed").inc()
+        route_metrics.allowed.inc()
         return response
 
     async def _serve_tunnel(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
@@ -195,7 +196,7 @@ class RequestPath:
                 self.metrics.policy_errors.labels(self.decider.engine.name, str(refusal.extra.get("policy_error", "error"))).inc()
                 trace.decisions.append((_failed(refusal), document))
                 raise
-            self.metrics.decision_seconds.labels(self.decider.engine.name).observe(decision.eval_ns / 1e9)
+            self.metrics.decision_timer(self.decider.engine.name).observe(decision.eval_ns / 1e9)
             trace.decisions.append((decision, document))
         await self._revoke_if_obliged(call, trace)
         return _strictest([d for d, _ in trace.decisions])
@@ -262,7 +263,7 @@ class RequestPath:
     async def _hold_and_wait(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace, decision: Decision) -> Approval:
         """``Prefer: wait=N``: hold the call until a human decides, at most the configured cap."""
         approval_id = trace.approval_id = await self._hold(call, agent, trace, decision)
-        self._record_decision(trace, decision, "hold", code="approval_required")
+        self._record_decision(trace, decision, "hold", code="approval_required", receipt=False)
         trace.decisions.clear()  # recorded; what follows is recorded as its own event
         wait = self._wait_seconds(call)
         approval = await self.approvals.wait(approval_id, wait)
@@ -314,15 +315,15 @@ class RequestPath:
             raise Refusal("credential_unavailable", f"no credential for route {call.route.name}: {type(exc).__name__}",
                           decision_id=decision.decision_id) from None
         if credential.jti:
-            self.metrics.credentials_minted.labels(call.route.name).inc()
+            self.metrics.route(call.route.name).credentials_minted.inc()
         return credential
 
     # ---------------------------------------------------------------- 6. record
 
-    def _append(self, event: dict[str, Any]) -> AuditReceipt | None:
+    def _append(self, event: dict[str, Any], receipt: bool = True) -> AuditReceipt | None:
         """Queue an event (the writer thread writes it and counts failures); refuse if it cannot be queued."""
         try:
-            return self.audit.append(event)
+            return self.audit.append(event, receipt=receipt)
         except AuditError:
             if self.audit_fail_closed:
                 raise Refusal("audit_unavailable", "the audit log cannot be written; nothing is forwarded") from None
@@ -334,8 +335,8 @@ class RequestPath:
             if receipt is not None and await receipt is None and self.audit_fail_closed:
                 raise Refusal("audit_unavailable", "the audit log cannot be written; nothing is forwarded")
 
-    def _record_decision(self, trace: Trace, decision: Decision, outcome: str, *,
-                         credential: MintedCredential | None = None, code: str | None = None) -> list[AuditReceipt | None]:
+    def _record_decision(self, trace: Trace, decision: Decision, outcome: str, *, credential: MintedCredential | None = None,
+                         code: str | None = None, receipt: bool = True) -> list[AuditReceipt | None]:
         call = trace.call
         receipts = []
         for each, document in trace.decisions or [(decision, {})]:
@@ -354,7 +355,7 @@ class RequestPath:
                 "approval_id": trace.approval_id,
                 "jti": credential.jti if credential else None,
                 "reasons": list(each.reasons),
-            }))
+            }, receipt))
         return receipts
 
     def _record_upstream(self, trace: Trace, decision: Decision, status: int, size: int) -> None:
@@ -362,7 +363,7 @@ class RequestPath:
         assert call is not None
         try:
             self.audit.append({"type": "upstream", "decision_id": decision.decision_id, "task_id": call.task_id,
-                               "route": call.route.name, "status": status, "bytes": size})
+                               "route": call.route.name, "status": status, "bytes": size}, receipt=False)
         except AuditError:
             pass  # counted by the sink; the call already went out, so do not lie to the agent
 
@@ -380,10 +381,11 @@ class RequestPath:
             if trace.decisions:
                 decision = trace.decisions[-1][0]
                 outcome = {"denied": "deny", "approval_required": "hold"}.get(refusal.code, "refused")
-                self._record_decision(trace, decision, outcome, code=refusal.code)
+                self._record_decision(trace, decision, outcome, code=refusal.code, receipt=False)
             else:
                 self.audit.append({"type": "refusal", "code": refusal.code, "detail": refusal.detail, "route": route,
-                                   "task_id": call.task_id if call else None, "approval_id": refusal.approval_id})
+                                   "task_id": call.task_id if call else None, "approval_id": refusal.approval_id},
+                                  receipt=False)
         except (AuditError, Refusal):
             pass  # counted by the sink; the call is refused either way
         if refusal.code in ("denied", "approval_required"):

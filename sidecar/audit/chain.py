@@ -37,8 +37,8 @@ class AuditSink(Protocol):
         """Write an event and return it with its chain fields; raise AuditError when it was not written."""
         ...
 
-    def append(self, event: dict[str, Any]) -> asyncio.Future[dict[str, Any] | None] | None:
-        """Queue an event without waiting and return its receipt (see sidecar.audit.writer).
+    def append(self, event: dict[str, Any], *, receipt: bool = True) -> asyncio.Future[dict[str, Any] | None] | None:
+        """Queue an event without waiting and return its receipt (see sidecar.audit.writer); none if not ``receipt``.
 
         Raise AuditError only when the event cannot even be queued; every lost event is counted by the sink.
         """

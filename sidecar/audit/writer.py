@@ -7,8 +7,9 @@ events that arrive together share one system call. ``append`` returns a
 receipt at once: a future that resolves to the written event, or to None when
 it could not be written. The request path awaits the receipt of an allow
 decision before it forwards the call (fail closed) and ignores the receipts of
-upstream results and refusals. Every event that is not written is counted
-through ``on_error``.
+upstream results and refusals, which it queues with ``receipt=False``: then the
+writer has nothing to hand back, and the event loop is not woken for them. Every
+event that is not written is counted through ``on_error``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ MAX_BATCH = 512
 Receipt = asyncio.Future[dict[str, Any] | None]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     event: dict[str, Any]
     loop: asyncio.AbstractEventLoop | None = None
@@ -47,7 +48,9 @@ class AuditWriter:
                  on_error: Callable[[int], None] | None = None,
                  on_written: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
         self.chain = chain
-        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
+        # SimpleQueue: a put costs a C call, not a Condition round trip; the bound is checked in _put.
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._queue_size = queue_size
         self._on_error = on_error or (lambda count: None)
         self._on_written = on_written
         self.last_error: str | None = None
@@ -64,15 +67,17 @@ class AuditWriter:
             raise AuditError(self.last_error or "audit write failed")
         return written
 
-    def append(self, event: dict[str, Any]) -> Receipt | None:
+    def append(self, event: dict[str, Any], *, receipt: bool = True) -> Receipt | None:
         """Queue an event; raise AuditError (already counted) when the queue is full or the writer stopped.
 
-        Returns None when called outside an event loop: nobody can await the outcome there.
+        Returns None when ``receipt`` is false or when called outside an event loop (nobody can await the outcome).
         """
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop: asyncio.AbstractEventLoop | None = None
+        if receipt:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass
         waiter: Receipt | None = loop.create_future() if loop is not None else None
         self._put(_Item(_stamped(event), loop, waiter))
         return waiter
@@ -81,12 +86,11 @@ class AuditWriter:
         if not self._thread.is_alive():
             self._on_error(1)
             raise AuditError("audit writer is stopped")
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        if self._queue.qsize() >= self._queue_size:
             self._on_error(1)
             self.last_error = "queue full"
-            raise AuditError("audit queue is full; the sink is not keeping up") from None
+            raise AuditError("audit queue is full; the sink is not keeping up")
+        self._queue.put(item)
 
     @property
     def depth(self) -> int:

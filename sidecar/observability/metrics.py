@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Embedded evaluations take tens to hundreds of microseconds: resolve below a millisecond.
@@ -14,8 +16,19 @@ APPROVAL_OUTCOMES = ("approved", "denied", "used", "expired")
 UPSTREAM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+@dataclass(frozen=True)
+class RouteMetrics:
+    """One route's children of the per-call metrics, looked up once: ``labels()`` costs a lock and a few µs."""
+
+    allowed: Counter
+    upstream_seconds: Histogram
+    credentials_minted: Counter
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._routes: dict[str, RouteMetrics] = {}
+        self._decision_seconds: dict[str, Histogram] = {}
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("agent_sidecar_requests", "Intercepted calls by route and outcome.",
@@ -47,6 +60,19 @@ class Metrics:
                                           "Audit events dropped from the full shipping queue.", registry=r)
         self.audit_ship_queue = Gauge("agent_sidecar_audit_ship_queue_events", "Audit events waiting to be shipped.",
                                       registry=r)
+
+    def route(self, name: str) -> RouteMetrics:
+        found = self._routes.get(name)
+        if found is None:
+            found = self._routes[name] = RouteMetrics(self.requests.labels(name, "allowed"), self.upstream_seconds.labels(name),
+                                                      self.credentials_minted.labels(name))
+        return found
+
+    def decision_timer(self, engine: str) -> Histogram:
+        found = self._decision_seconds.get(engine)
+        if found is None:
+            found = self._decision_seconds[engine] = self.decision_seconds.labels(engine)
+        return found
 
     def prime(self, routes: list[str], engine: str) -> None:
         """Create every bounded label combination at zero, so rates and alerts work before the first event."""

@@ -45,6 +45,8 @@ class HttpForwarder:
 
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self._ssl = {route.name: ssl_context(route) for route in routes}
+        self._timeouts = {route.name: aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=route.timeout_seconds)
+                          for route in routes}
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -61,7 +63,8 @@ class HttpForwarder:
         if credential.header:
             headers.append((credential.header, credential.value.reveal()))
         headers.append(("X-Agent-Decision", decision_header))
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=call.route.timeout_seconds)
+        timeout = self._timeouts.get(call.route.name) or aiohttp.ClientTimeout(
+            total=None, sock_connect=10, sock_read=call.route.timeout_seconds)
         try:
             upstream = await self._client().request(
                 call.method, call.target_url, headers=headers, data=call.body if call.body else None,

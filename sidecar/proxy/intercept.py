@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from aiohttp import web
 
@@ -23,6 +24,7 @@ _AMBIGUOUS_PATH = re.compile(r"%2f|%5c|%2e|\\|%00", re.IGNORECASE)
 _DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d{1,6})(?:$|[,;\s])", re.IGNORECASE)
 _TOKEN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 class Interceptor:
@@ -38,7 +40,7 @@ class Interceptor:
         content_type = request.headers.get("content-type", "")
         body_json = _parse_json(body, content_type)
         calls = mcp.parse_calls(body_json) if mcp.looks_like_jsonrpc(body_json) else ()
-        upstream = urlsplit(route.upstream)
+        upstream = _split_upstream(route.upstream)
         query_string = request.rel_url.raw_query_string if mode != "forward_proxy" else urlsplit(request.raw_path).query
         return InterceptedCall(
             route=route,
@@ -49,11 +51,11 @@ class Interceptor:
             port=upstream.port or (443 if upstream.scheme == "https" else 80),
             path=match.upstream_path,
             query_string=query_string,
-            query=parse_qs(query_string, keep_blank_values=True),
+            query=parse_qs(query_string, keep_blank_values=True) if query_string else {},
             headers=forward_headers,
             body=body,
             body_json=body_json,
-            body_sha256=hashlib.sha256(body).hexdigest(),
+            body_sha256=hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256,
             content_type=content_type,
             mcp_calls=calls,
             task_id=_token(request, "X-Agent-Task"),
@@ -122,6 +124,11 @@ class Interceptor:
                               extra={"limit_bytes": self.max_body_bytes})
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+@functools.lru_cache(maxsize=256)  # route upstreams: a fixed set
+def _split_upstream(url: str) -> SplitResult:
+    return urlsplit(url)
 
 
 def _check_path(path: str) -> None:

@@ -21,6 +21,7 @@ with no matching path has no value for that call.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
@@ -109,6 +110,8 @@ def payload(body: Any, mcp_call: McpCall | None) -> Any:
 def call_measures(measures: Iterable[Measure], document: Any) -> dict[str, float]:
     """The value of each measure that one of its paths finds in ``document``."""
     values: dict[str, float] = {}
+    if document is None:
+        return values  # no path finds a number in nothing (the body of most reads)
     for measure in measures:
         for path in measure.paths:
             found = path_value(path, document)
@@ -170,6 +173,7 @@ INTERNAL_NETWORKS = tuple(ipaddress.ip_network(n) for n in
                           ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128"))
 
 
+@functools.lru_cache(maxsize=1024)  # hosts come from route upstreams: few, and parsing an address is not free
 def host_internal(host: str) -> bool:
     host = host.lower().strip("[]").rstrip(".")
     try:

@@ -10,15 +10,15 @@ decision costs no thread hop and no JSON decoding.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..lane import WorkerLane
 from ..problems import Refusal
 from .codec import summary_from_json, summary_to_json, task_from_json, task_to_json
 from .store import CallRecord, CredentialState, Task, TaskSummary, check_end_status, new_task
@@ -97,13 +97,13 @@ class SqliteTaskStore:
             self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise OSError(f"{path}: cannot open the task store ({exc})") from None
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-store")
+        self._writer = WorkerLane("task-store")
         self._cached: OrderedDict[str, tuple[Task, TaskSummary]] = OrderedDict()
         self._pruned_at = 0.0
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._writer, work, self._db)
+            return await self._writer.submit(functools.partial(work, self._db))
         except sqlite3.Error as exc:
             raise Refusal("store_unavailable", f"task store: {type(exc).__name__}") from None
 
@@ -202,4 +202,4 @@ class SqliteTaskStore:
             db.close()
 
         await self._run(shut)
-        self._writer.shutdown(wait=False)
+        self._writer.stop()
