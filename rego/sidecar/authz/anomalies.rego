@@ -20,7 +20,7 @@ rate_outcomes := {s | some s in strings(cfg.anomalies.rate_outcomes)}
 
 denied_outcomes := {s | some s in strings(cfg.anomalies.denied_outcomes)}
 
-recent_allowed := [r | some r in history_recent; rate_outcomes[r.outcome]]
+recent_allowed := [r | some r in history_recent_raw; rate_outcomes[r.outcome]]
 
 rate_window_start_ns := now_ns - (cfg.anomalies.rate_window_seconds * 1000000000)
 
@@ -41,7 +41,7 @@ at_ns(at) := at * 1000000000 if {
 	is_number(at)
 } else := timestamp_ns(at)
 
-recent_denied := [r | some r in history_recent; denied_outcomes[r.outcome]]
+recent_denied := [r | some r in history_recent_raw; denied_outcomes[r.outcome]]
 
 anomaly contains {
 	"rule": "repeated_denials",

@@ -154,7 +154,12 @@ history_amount := num(object.get(history, ["totals", "amount"], 0))
 
 history_records := num(object.get(history, ["totals", "records"], 0))
 
-history_recent := [r | some r in arr(object.get(history, "recent", [])); is_object(r)]
+# The comprehensions over the raw list read r.outcome, which is undefined (the
+# element skipped), never an error, for an element that is not an object: one
+# pass over the history fewer on every call.
+history_recent_raw := arr(object.get(history, "recent", []))
+
+history_recent := [r | some r in history_recent_raw; is_object(r)]
 
 history_classifications := lower_strings(object.get(history, "classifications_read", []))
 
