@@ -48,3 +48,16 @@ def test_bench_smoke_run_writes_a_well_formed_report(tmp_path: Path) -> None:
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert report.read_text().count("<!-- bench:begin") == 1
+
+
+def test_policy_cost_script_evaluates_the_library(tmp_path: Path) -> None:
+    """bench.policy_cost runs this script under valgrind (not installed for the tests); here it runs bare, once."""
+    from bench.policy_cost import EVALUATE
+
+    document = tmp_path / "input.json"
+    document.write_text("{}")
+    for checked in ("1", "0"):
+        done = subprocess.run([sys.executable, "-c", EVALUATE, str(ROOT / "rego"), "sidecar.authz.decision", "2",
+                               str(document), checked], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        assert done.returncode == 0, done.stderr[-2000:]

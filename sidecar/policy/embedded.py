@@ -35,14 +35,17 @@ def new_engine(bundle: PolicyBundle) -> Any:
     return engine
 
 
-def check_data_once(engine: Any, bundle: PolicyBundle, decision_path: str) -> None:
+CONFIG_CHECKED_PATH = f"{RUNTIME_DATA_PATH}.config_checked"
+
+
+def check_data_once(engine: Any, bundle: PolicyBundle, decision_path: str) -> bool:
     """Run the policy's own data check (``config_errors`` beside the decision rule) once, at load.
 
     The data of an embedded engine cannot change after loading, so checking it on every call
     would repeat the same answer at about a sixth of each evaluation's cost. A failing check
-    refuses the policy here, naming the knobs; a passing one sets
-    ``data.sidecar.runtime.config_checked``, which the shipped library reads to skip its
-    per-call check. An OPA server never gets that flag, so it keeps checking per call.
+    refuses the policy here, naming the knobs; a passing one returns True, and the caller sets
+    ``data.sidecar.runtime.config_checked`` (CONFIG_CHECKED_PATH), which the shipped library reads
+    to skip its per-call check. An OPA server never gets that flag, so it keeps checking per call.
     """
     import opa_bindings
 
@@ -50,14 +53,14 @@ def check_data_once(engine: Any, bundle: PolicyBundle, decision_path: str) -> No
     try:
         errors = engine.eval_document(f"{package}.config_errors")
     except opa_bindings.OpaUndefinedError:
-        return  # a policy without a data check
+        return False  # a policy without a data check
     except opa_bindings.OpaError as exc:
         raise PolicyLoadError(bundle.root, f"data.{package}.config_errors: {exc.message}") from None
     if errors:
         files = ", ".join(str(file) for _, _, file in bundle.data) or str(bundle.root)
         listed = "; ".join(sorted(str(e) for e in errors)) if isinstance(errors, list) else str(errors)
         raise PolicyLoadError(files, f"the policy's data check (data.{package}.config_errors) failed: {listed}")
-    engine.add_data(True, f"{RUNTIME_DATA_PATH}.config_checked")
+    return True
 
 
 class EmbeddedEngine:
@@ -75,8 +78,11 @@ class EmbeddedEngine:
             raise ValueError("workers must be at least 1")
         self._bundle = read_policy_dir(rego_dir)
         self._engines = [new_engine(self._bundle) for _ in range(workers)]
-        for engine in self._engines:
-            check_data_once(engine, self._bundle, decision_path)
+        # Every engine holds the same bundle: one check covers them all (each evaluation leaves
+        # megabytes of garbage that GOGC=400 keeps around for a while).
+        if check_data_once(self._engines[0], self._bundle, decision_path):
+            for engine in self._engines:
+                engine.add_data(True, CONFIG_CHECKED_PATH)
         self._unclaimed: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for engine in self._engines:
             self._unclaimed.put(engine)
