@@ -83,26 +83,17 @@ def test_a_test_must_be_true_not_merely_defined(tmp_path: Path) -> None:
     assert report.coverage is None
 
 
-def test_parse_error_names_the_file(tmp_path: Path) -> None:
-    write(tmp_path, {
-        "ok.rego": "package ok\n\nx := 1\n",
-        "sub/broken.rego": "package broken\n\nallow if {\n",
-    })
+@pytest.mark.parametrize(("name", "source", "named_in"), [
+    pytest.param("sub/broken.rego", "package broken\n\nallow if {\n", "broken.rego", id="parse error"),
+    pytest.param("typo.rego", "package typo\n\nallow if no_such_function(input)\n", "no_such_function",
+                 id="compile error"),
+])
+def test_a_broken_module_names_the_file(tmp_path: Path, name: str, source: str, named_in: str) -> None:
+    write(tmp_path, {"ok.rego": "package ok\n\nx := 1\n", name: source})
     with pytest.raises(PolicyLoadError) as caught:
         run_tests(tmp_path)
-    assert caught.value.path.endswith("sub/broken.rego")
-    assert "broken.rego" in str(caught.value)
-
-
-def test_compile_error_names_the_file(tmp_path: Path) -> None:
-    write(tmp_path, {
-        "ok.rego": "package ok\n\nx := 1\n",
-        "typo.rego": "package typo\n\nallow if no_such_function(input)\n",
-    })
-    with pytest.raises(PolicyLoadError) as caught:
-        run_tests(tmp_path)
-    assert caught.value.path.endswith("typo.rego")
-    assert "no_such_function" in caught.value.message
+    assert caught.value.path.endswith(name)
+    assert named_in in str(caught.value)
 
 
 def test_invalid_data_json_names_the_file(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from .verify import JwksUnavailable, KeySource, verify_with_source
 
 __all__ = ["FileJwks", "JwksUnavailable", "KeySource", "StaticJwks", "UrlJwks", "key_source", "parse_jwks",

@@ -75,11 +75,10 @@ def read_policy_dir(root: Path) -> PolicyBundle:
 
 
 def _sets_runtime_data(parts: tuple[str, ...], value: Any) -> bool:
-    reserved = RUNTIME_DATA_PATH.split(".")
-    remaining = reserved[len(parts):] if list(parts) == reserved[:len(parts)] else None
-    if remaining is None:
-        return list(parts[:len(reserved)]) == reserved
-    for key in remaining:
+    """Whether a data document merged at ``parts`` would write anything under RUNTIME_DATA_PATH."""
+    for key in reversed(parts):
+        value = {key: value}
+    for key in RUNTIME_DATA_PATH.split("."):
         if not isinstance(value, dict) or key not in value:
             return False
         value = value[key]

@@ -40,13 +40,16 @@ def ssl_context(route: Route) -> ssl.SSLContext | bool:
     return context
 
 
+def _timeout(route: Route) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=route.timeout_seconds)
+
+
 class HttpForwarder:
     """One pooled aiohttp client; TLS verified by default, per-route CA bundles."""
 
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self._ssl = {route.name: ssl_context(route) for route in routes}
-        self._timeouts = {route.name: aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=route.timeout_seconds)
-                          for route in routes}
+        self._timeouts = {route.name: _timeout(route) for route in routes}
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -63,8 +66,7 @@ class HttpForwarder:
         if credential.header:
             headers.append((credential.header, credential.value.reveal()))
         headers.append(("X-Agent-Decision", decision_header))
-        timeout = self._timeouts.get(call.route.name) or aiohttp.ClientTimeout(
-            total=None, sock_connect=10, sock_read=call.route.timeout_seconds)
+        timeout = self._timeouts.get(call.route.name) or _timeout(call.route)
         try:
             upstream = await self._client().request(
                 call.method, call.target_url, headers=headers, data=call.body if call.body else None,
