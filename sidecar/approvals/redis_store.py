@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 
 from ..problems import Refusal
@@ -41,7 +42,10 @@ class RedisApprovalStore:
         self.retention_seconds = retention_seconds
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds,
-            retry=Retry(NoBackoff(), 0), decode_responses=False)
+            # One retry on a broken connection only: after a Redis restart the pool still holds sockets
+            # from before it, and the first command on each would fail although Redis answers again.
+            # Timeouts are not retried: the command may have been applied.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), decode_responses=False)
         self._waiters = Waiters()
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
