@@ -82,7 +82,9 @@ class PolicyConfig:
     rego_dir: Path = Path("rego")
     timeout_ms: int = 250
     rest_url: str = "http://127.0.0.1:8181"
-    embedded_workers: int = 2  # engines evaluating in parallel, one per thread (one core each)
+    # Engines evaluating in parallel, one per thread. One by default: on the two cores a sidecar gets,
+    # a second engine competes with the event loop and doubles the Go heap (docs/performance.md).
+    embedded_workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -655,7 +657,7 @@ def parse_config(data: Any, source: Path) -> Config:
 
 
 def _workers(reader: _Reader, policy: dict[str, Any]) -> int:
-    workers = reader.positive(policy, "policy", "embedded_workers", 2)
+    workers = reader.positive(policy, "policy", "embedded_workers", PolicyConfig.embedded_workers)
     if workers > 64:
         raise reader.fail("policy.embedded_workers", "at most 64")
     return workers
