@@ -235,13 +235,27 @@ async def run_closed(job: dict[str, Any]) -> dict[str, Any]:
 
 
 async def run_inflight(job: dict[str, Any]) -> dict[str, Any]:
-    """``count`` calls open at once on as many connections; the upstream holds each one."""
+    """``count`` calls open at once on as many connections; the upstream holds each one.
+
+    How many are open is sampled all along, while connections are still being opened too, and the
+    answers are counted by status: a proxy that refuses part of the flood (503 overloaded) is not
+    holding those calls, and the report says so.
+    """
     work = workload(job)
     count, batch = int(job["count"]), int(job.get("batch", 250))
     conns: list[Connection] = []
     answers: list[asyncio.Future[tuple[int, float]]] = []
     connect_errors = 0
+    peak_open = 0
     started = time.perf_counter()
+
+    async def sample_open() -> None:
+        nonlocal peak_open
+        while True:
+            peak_open = max(peak_open, sum(1 for answer in answers if not answer.done()))
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.ensure_future(sample_open())
     send_deadline = started + float(job.get("max_send_seconds", 1e9))
     for offset in range(0, count, batch):
         if time.perf_counter() > send_deadline:
@@ -257,19 +271,19 @@ async def run_inflight(job: dict[str, Any]) -> dict[str, Any]:
                 connect_errors += 1
     sent_after = time.perf_counter() - started
     settle_until = time.perf_counter() + float(job.get("settle", 3.0))
-    peak_open = 0
-    while time.perf_counter() < settle_until:
-        open_now = sum(1 for answer in answers if not answer.done())
-        peak_open = max(peak_open, open_now)
-        if open_now == 0:
-            break
+    while time.perf_counter() < settle_until and any(not answer.done() for answer in answers):
         await asyncio.sleep(0.1)
-    answered = sum(1 for answer in answers if answer.done() and not answer.exception())
+    sampler.cancel()
+    statuses: dict[str, int] = {}
+    for answer in answers:
+        if answer.done() and not answer.exception():
+            status = str(answer.result()[0])
+            statuses[status] = statuses.get(status, 0) + 1
     for conn in conns:
         conn.close()
     await asyncio.gather(*answers, return_exceptions=True)
-    return {"sent": len(conns), "connect_errors": connect_errors, "answered_before_close": answered,
-            "peak_open": peak_open, "send_seconds": sent_after}
+    return {"sent": len(conns), "connect_errors": connect_errors, "answered_before_close": sum(statuses.values()),
+            "statuses": statuses, "peak_open": peak_open, "send_seconds": sent_after}
 
 
 JOBS = {"seq": run_seq, "rate": run_rate, "closed": run_closed, "inflight": run_inflight}

@@ -142,8 +142,9 @@ def memory_table(results: Results) -> list[str]:
                  "called once)") if "live_tasks_mib" in memory else "-"
         inflight = "-"
         if "inflight_mib" in memory:
+            answers = ", ".join(f"{n} answered {status}" for status, n in sorted(memory.get("inflight_statuses", {}).items()))
             inflight = (f"{memory['inflight_mib']:.1f} ({memory['inflight_sent']} sent, {memory['inflight_peak_open']} open at "
-                        f"once, {memory['inflight_upstream_peak']} held at the upstream at once)")
+                        f"once, {memory['inflight_upstream_peak']} held at the upstream at once; {answers or 'none answered'})")
         rows.append([name, f"{memory.get('rest_mib', 0):.1f}", tasks, inflight])
     return _table(["variant", "RSS at rest, MiB", "RSS with live tasks, MiB", "RSS with calls in flight, MiB"], rows)
 

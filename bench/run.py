@@ -299,6 +299,7 @@ class Bench:
             result = job.result()
             memory = self.results.memory.setdefault(target.name, {})
             memory.update({"inflight_mib": peak, "inflight_sent": result["sent"], "inflight_peak_open": result["peak_open"],
+                           "inflight_statuses": result["statuses"],
                            "inflight_connect_errors": result["connect_errors"],
                            "inflight_upstream_peak": await self.upstream_peak()})
             await asyncio.sleep(0.5 if self.profile is FULL else 0.1)
