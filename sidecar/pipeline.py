@@ -120,10 +120,13 @@ class RequestPath:
             decision = await self._decide(call, agent, trace, approval)  # the policy decides again, seeing the approval
         await self._enforce(call, agent, trace, decision, approval)  # 4. enforce
         credential = self._mint(call, agent, trace, decision)  # 5. mint
+        # The allow event is queued first so that the audit writer and the task store work at once;
+        # the call waits for both before anything leaves.
+        allowed = self._record_decision(trace, decision, "allow", credential=credential)
         if credential.jti and credential.expires_at is not None:
             # Known to the store before it leaves: introspection and task revocation cover it.
             await self.tasks.record_credential(credential.jti, call.task_id, credential.expires_at)
-        await self._written(self._record_decision(trace, decision, "allow", credential=credential))  # fail closed
+        await self._written(allowed)  # fail closed
         if approval is not None:
             self._record_approval_used(approval, decision, credential)
         upstream_started = time.perf_counter()
