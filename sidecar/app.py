@@ -48,7 +48,8 @@ def build_engine(config: Config) -> PolicyEngine:
         raise ConfigError(f"{config.source.name}: policy.engine: embedded engine (opa_bindings) is not installed here; use engine: rest")
     try:
         return EmbeddedEngine(config.policy.rego_dir, workers=config.policy.embedded_workers,
-                              decision_path=config.policy.decision_path)
+                              decision_path=config.policy.decision_path,
+                              queue_deadline_seconds=config.policy.timeout_ms / 1000)
     except PolicyLoadError as exc:
         raise ConfigError(f"{config.source.name}: policy.rego_dir: {exc}") from None
 

@@ -196,7 +196,8 @@ class RequestPath:
             try:
                 decision = await self.decider.decide(document)
             except Refusal as refusal:
-                self.metrics.policy_errors.labels(self.decider.engine.name, str(refusal.extra.get("policy_error", "error"))).inc()
+                if refusal.code == "policy_unavailable":
+                    self.metrics.policy_errors.labels(self.decider.engine.name, str(refusal.extra.get("policy_error", "error"))).inc()
                 trace.decisions.append((_failed(refusal), document))
                 raise
             self.metrics.decision_timer(self.decider.engine.name).observe(decision.eval_ns / 1e9)

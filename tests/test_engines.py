@@ -7,6 +7,7 @@ Set OPA_URL=http://127.0.0.1:8181 to run the REST side against a real `opa run -
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from harness import ROOT, OpaDataApiServer, sidecar_config
+from harness import FIXTURE_POLICY, ROOT, OpaDataApiServer, sidecar_config
 from sidecar.app import build_sidecar, probe_input
 from sidecar.config import ConfigError, load_config
 from sidecar.policy import Decider, PolicyEngine
@@ -208,3 +209,41 @@ async def test_a_checked_library_skips_the_per_call_check_and_still_decides(tmp_
         assert "config_invalid" not in decision["rules"]
     finally:
         await engine.close()
+
+
+# -- shedding: a call that would wait in the engine's queue past the deadline -------------------
+
+
+async def _two_at_once(engine: EmbeddedEngine) -> list[Any]:
+    decider = Decider(engine, "sidecar/authz/decision", timeout_ms=5000)
+    try:
+        await decider.decide(probe_input())  # alone: nothing ahead of it
+        return list(await asyncio.gather(decider.decide(probe_input()), decider.decide(probe_input()),
+                                         return_exceptions=True))
+    finally:
+        await engine.close()
+
+
+async def test_a_call_behind_a_queue_longer_than_the_deadline_is_refused_at_once_as_overloaded() -> None:
+    """Any evaluation ahead outlasts a deadline of one nanosecond: the second of two calls is shed
+    before it is queued, as `overloaded` (503, Retry-After), not as a policy failure."""
+    first, second = await _two_at_once(EmbeddedEngine(FIXTURE_POLICY, queue_deadline_seconds=1e-9))
+    assert not isinstance(first, BaseException) and first.outcome in {"allow", "hold", "deny"}
+    assert isinstance(second, Refusal) and second.code == "overloaded"
+    assert second.headers == {"Retry-After": "1"} and "policy_error" not in second.extra
+
+
+async def test_without_a_deadline_every_call_waits_its_turn() -> None:
+    results = await _two_at_once(EmbeddedEngine(FIXTURE_POLICY))
+    assert not any(isinstance(result, BaseException) for result in results)
+
+
+async def test_nothing_is_shed_before_an_evaluation_has_been_timed() -> None:
+    engine = EmbeddedEngine(FIXTURE_POLICY, queue_deadline_seconds=1e-9)
+    decider = Decider(engine, "sidecar/authz/decision", timeout_ms=5000)
+    try:
+        results = await asyncio.gather(decider.decide(probe_input()), decider.decide(probe_input()),
+                                       return_exceptions=True)
+    finally:
+        await engine.close()
+    assert not any(isinstance(result, BaseException) for result in results)

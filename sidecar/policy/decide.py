@@ -2,6 +2,8 @@
 
 An undefined decision, an engine error, a timeout or a result of the wrong
 shape all become a ``policy_unavailable`` refusal: nothing is forwarded on doubt.
+An engine too far behind to answer before the deadline refuses at once; that is
+an ``overloaded`` refusal, since nothing is wrong with the policy or the engine.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class Decider:
         self.timeout_seconds = timeout_ms / 1000.0
 
     async def decide(self, input_document: dict[str, Any], decision_id: str | None = None) -> Decision:
-        """Return a validated decision or raise a policy_unavailable Refusal."""
+        """Return a validated decision or raise a policy_unavailable (or overloaded) Refusal."""
         decision_id = decision_id or str(uuid.uuid4())
         started = time.perf_counter_ns()
         try:
@@ -105,6 +107,9 @@ class Decider:
         except asyncio.TimeoutError:
             raise self._refuse(decision_id, "timeout", f"policy engine timed out after {self.timeout_seconds * 1000:.0f} ms") from None
         except PolicyError as exc:
+            if exc.kind == "overloaded":  # the engine is healthy, only behind: not a policy failure
+                raise Refusal("overloaded", f"policy engine busy: {exc.message}", decision_id=decision_id,
+                              headers={"Retry-After": "1"}) from None
             raise self._refuse(decision_id, exc.kind, f"policy engine {exc.kind}: {exc.message}") from None
         eval_ns = time.perf_counter_ns() - started
         errors = decision_errors(result)

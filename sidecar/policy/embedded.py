@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,14 @@ class EmbeddedEngine:
 
     name = "embedded"
 
-    def __init__(self, rego_dir: Path, *, workers: int = 1, decision_path: str = "sidecar/authz/decision") -> None:
+    def __init__(self, rego_dir: Path, *, workers: int = 1, decision_path: str = "sidecar/authz/decision",
+                 queue_deadline_seconds: float | None = None) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        # Shedding (see _refuse_if_behind): None waits in the queue whatever its length.
+        self._queue_deadline = queue_deadline_seconds
+        self._pending = 0  # calls submitted and not yet answered; read and written on the event loop only
+        self._mean_seconds: float | None = None  # recent evaluation time, a moving average
         self._bundle = read_policy_dir(rego_dir)
         self._engines = [new_engine(self._bundle) for _ in range(workers)]
         # Every engine holds the same bundle: one check covers them all (each evaluation leaves
@@ -106,16 +112,41 @@ class EmbeddedEngine:
         import opa_bindings
 
         engine = getattr(self._local, "engine", None) or self._engines[0]
+        started = time.perf_counter()
         try:
             return engine.eval_document(path.replace("/", "."), input_document)
         except opa_bindings.OpaUndefinedError:
             raise PolicyError("undefined", f"data.{path.replace('/', '.')} is undefined") from None
         except opa_bindings.OpaError as exc:
             raise PolicyError("error", f"{exc.code}: {exc.message}") from None
+        finally:
+            # A plain float store: atomic under the GIL; a lost update between two threads is harmless.
+            elapsed, mean = time.perf_counter() - started, self._mean_seconds
+            self._mean_seconds = elapsed if mean is None else mean + (elapsed - mean) / 8
 
     async def evaluate(self, path: str, input_document: dict[str, Any]) -> Any:
+        self._refuse_if_behind()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.evaluate_sync, path, input_document)
+        self._pending += 1
+        try:
+            return await loop.run_in_executor(self._executor, self.evaluate_sync, path, input_document)
+        finally:
+            self._pending -= 1
+
+    def _refuse_if_behind(self) -> None:
+        """Refuse at once a call that would wait in the queue past the deadline, by recent evaluation times.
+
+        Without this a flood queues every call, and each one past the engine's capacity is refused
+        only when its deadline runs out: it holds its memory for that long and is reported as a
+        policy timeout although the engine is healthy. The estimate counts the calls ahead only, so a
+        policy that is slow on its own still times out as before rather than being called overloaded.
+        """
+        mean = self._mean_seconds
+        if self._queue_deadline is None or mean is None:
+            return
+        wait = self._pending * mean / len(self._engines)
+        if wait >= self._queue_deadline:
+            raise PolicyError("overloaded", f"{self._pending} evaluations ahead, about {wait * 1000:.0f} ms")
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

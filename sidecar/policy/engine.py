@@ -10,7 +10,7 @@ class PolicyError(Exception):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(f"{kind}: {message}")
-        self.kind = kind  # unreachable | error | undefined | timeout | malformed
+        self.kind = kind  # unreachable | error | undefined | timeout | malformed | overloaded
         self.message = message
 
 
