@@ -214,10 +214,11 @@ async def test_a_checked_library_skips_the_per_call_check_and_still_decides(tmp_
 # -- shedding: a call that would wait in the engine's queue past the deadline -------------------
 
 
-async def _two_at_once(engine: EmbeddedEngine) -> list[Any]:
+async def _two_at_once(engine: EmbeddedEngine, *, one_alone_first: bool = True) -> list[Any]:
     decider = Decider(engine, "sidecar/authz/decision", timeout_ms=5000)
     try:
-        await decider.decide(probe_input())  # alone: nothing ahead of it
+        if one_alone_first:
+            await decider.decide(probe_input())  # nothing ahead of it; it times an evaluation
         return list(await asyncio.gather(decider.decide(probe_input()), decider.decide(probe_input()),
                                          return_exceptions=True))
     finally:
@@ -239,11 +240,5 @@ async def test_without_a_deadline_every_call_waits_its_turn() -> None:
 
 
 async def test_nothing_is_shed_before_an_evaluation_has_been_timed() -> None:
-    engine = EmbeddedEngine(FIXTURE_POLICY, queue_deadline_seconds=1e-9)
-    decider = Decider(engine, "sidecar/authz/decision", timeout_ms=5000)
-    try:
-        results = await asyncio.gather(decider.decide(probe_input()), decider.decide(probe_input()),
-                                       return_exceptions=True)
-    finally:
-        await engine.close()
+    results = await _two_at_once(EmbeddedEngine(FIXTURE_POLICY, queue_deadline_seconds=1e-9), one_alone_first=False)
     assert not any(isinstance(result, BaseException) for result in results)

@@ -53,13 +53,24 @@ async def opa() -> AsyncIterator[tuple[FakeOpa, str]]:
     await runner.cleanup()
 
 
-async def test_the_query_is_opas_data_api_shape_and_the_result_comes_back(opa: tuple[FakeOpa, str]) -> None:
-    fake, url = opa
-    engine = RestEngine(url, timeout_seconds=5)
+async def ask(url: str, timeout_seconds: float = 5) -> Any:
+    """One decision query through a fresh client, closed afterwards."""
+    engine = RestEngine(url, timeout_seconds=timeout_seconds)
     try:
-        assert await engine.evaluate(DECISION_PATH, INPUT) == {"allow": True}
+        return await engine.evaluate(DECISION_PATH, INPUT)
     finally:
         await engine.close()
+
+
+async def failure(url: str, timeout_seconds: float = 5) -> PolicyError:
+    with pytest.raises(PolicyError) as raised:
+        await ask(url, timeout_seconds)
+    return raised.value
+
+
+async def test_the_query_is_opas_data_api_shape_and_the_result_comes_back(opa: tuple[FakeOpa, str]) -> None:
+    fake, url = opa
+    assert await ask(url) == {"allow": True}
     [seen] = fake.requests
     assert seen["method"] == "POST" and seen["path"] == "/v1/data/sidecar/authz/decision"
     assert seen["headers"]["Content-Type"] == "application/json"
@@ -81,23 +92,13 @@ async def test_a_compressed_answer_is_decoded(opa: tuple[FakeOpa, str]) -> None:
     fake, url = opa
     fake.answer = web.Response(body=gzip.compress(json.dumps({"result": {"allow": False}}).encode()),
                                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
-    engine = RestEngine(url, timeout_seconds=5)
-    try:
-        assert await engine.evaluate(DECISION_PATH, INPUT) == {"allow": False}
-    finally:
-        await engine.close()
+    assert await ask(url) == {"allow": False}
 
 
 async def test_an_answer_slower_than_the_timeout_is_a_timeout(opa: tuple[FakeOpa, str]) -> None:
     fake, url = opa
     fake.held = True  # the server never answers until the test ends
-    engine = RestEngine(url, timeout_seconds=0.2)
-    try:
-        with pytest.raises(PolicyError) as raised:
-            await engine.evaluate(DECISION_PATH, INPUT)
-    finally:
-        await engine.close()
-    assert raised.value.kind == "timeout"
+    assert (await failure(url, timeout_seconds=0.2)).kind == "timeout"
 
 
 async def test_nothing_listening_is_unreachable() -> None:
@@ -118,27 +119,19 @@ async def test_a_connection_closed_without_an_answer_is_unreachable() -> None:
 
     server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    engine = RestEngine(f"http://127.0.0.1:{port}", timeout_seconds=5)
     try:
-        with pytest.raises(PolicyError) as raised:
-            await engine.evaluate(DECISION_PATH, INPUT)
+        failed = await failure(f"http://127.0.0.1:{port}")
     finally:
-        await engine.close()
         server.close()
         await server.wait_closed()
-    assert raised.value.kind == "unreachable"
+    assert failed.kind == "unreachable"
 
 
 async def test_an_opa_error_answer_is_an_engine_error(opa: tuple[FakeOpa, str]) -> None:
     fake, url = opa
     fake.answer = web.json_response({"code": "internal_error", "message": "eval_conflict_error"}, status=500)
-    engine = RestEngine(url, timeout_seconds=5)
-    try:
-        with pytest.raises(PolicyError) as raised:
-            await engine.evaluate(DECISION_PATH, INPUT)
-    finally:
-        await engine.close()
-    assert raised.value.kind == "error" and "internal_error" in raised.value.message
+    failed = await failure(url)
+    assert failed.kind == "error" and "internal_error" in failed.message
 
 
 async def test_proxy_variables_in_the_environment_do_not_reroute_policy_queries(
@@ -149,9 +142,5 @@ async def test_proxy_variables_in_the_environment_do_not_reroute_policy_queries(
         monkeypatch.setenv(name, dead)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    engine = RestEngine(url, timeout_seconds=5)
-    try:
-        assert await engine.evaluate(DECISION_PATH, INPUT) == {"allow": True}
-    finally:
-        await engine.close()
+    assert await ask(url) == {"allow": True}
     assert len(fake.requests) == 1

@@ -160,7 +160,7 @@ class EmbeddedEngine:
         mean = self._mean_seconds
         if self._queue_deadline is None or mean is None:
             return
-        wait = self._pending * mean / len(self._engines)
+        wait = self._pending * mean / self.workers
         if wait >= self._queue_deadline:
             raise PolicyError("overloaded", f"{self._pending} evaluations ahead, about {wait * 1000:.0f} ms")
 
