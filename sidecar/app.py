@@ -27,6 +27,7 @@ from .observability.health import build_metrics_app
 from .observability.metrics import Metrics
 from .pipeline import RequestPath
 from .policy import Decider, PolicyEngine
+from .policy.embedded import EmbeddedEngine
 from .policy.loader import PolicyLoadError
 from .problems import Refusal
 from .proxy.forward import HttpForwarder
@@ -48,6 +49,7 @@ def build_engine(config: Config) -> PolicyEngine:
         raise ConfigError(f"{config.source.name}: policy.engine: embedded engine (opa_bindings) is not installed here; use engine: rest")
     try:
         return EmbeddedEngine(config.policy.rego_dir, workers=config.policy.embedded_workers,
+                              spare_engines=config.policy.embedded_spare_engines,
                               decision_path=config.policy.decision_path,
                               queue_deadline_seconds=config.policy.timeout_ms / 1000)
     except PolicyLoadError as exc:
@@ -144,6 +146,8 @@ def build_sidecar(config: Config) -> Sidecar:
     audit_parts = build_audit(config, metrics)
     audit = audit_parts.writer
     metrics.prime([route.name for route in config.routes], engine.name)
+    if isinstance(engine, EmbeddedEngine):
+        metrics.watch_spares(engine)
     approvals = build_approvals(config, metrics, audit)
     identity = credential_parts.identity
     decider = Decider(engine, config.policy.decision_path, config.policy.timeout_ms)

@@ -85,6 +85,8 @@ class PolicyConfig:
     # Engines evaluating in parallel, one per thread. One by default: on the two cores a sidecar gets,
     # a second engine competes with the event loop and doubles the Go heap (docs/performance.md).
     embedded_workers: int = 1
+    # Standby engines that take over from one whose evaluation overran its deadline (issue 15).
+    embedded_spare_engines: int = 1
 
 
 @dataclass(frozen=True)
@@ -583,7 +585,8 @@ def parse_config(data: Any, source: Path) -> Config:
     )
     listeners = reader.mapping(top.get("listeners"), "listeners", {"proxy", "admin", "metrics"})
     limits = reader.mapping(top.get("limits"), "limits", {"max_body_bytes", "max_in_flight"})
-    policy = reader.mapping(top.get("policy"), "policy", {"engine", "decision_path", "rego_dir", "timeout_ms", "rest", "embedded_workers"})
+    policy = reader.mapping(top.get("policy"), "policy", {"engine", "decision_path", "rego_dir", "timeout_ms", "rest", "embedded_workers",
+                                                            "embedded_spare_engines"})
     rest = reader.mapping(policy.get("rest"), "policy.rest", {"url"})
     credentials = reader.mapping(
         top.get("credentials"), "credentials",
@@ -629,6 +632,7 @@ def parse_config(data: Any, source: Path) -> Config:
             rego_dir=rego_dir,
             timeout_ms=reader.positive(policy, "policy", "timeout_ms", 250),
             embedded_workers=_workers(reader, policy),
+            embedded_spare_engines=_spare_engines(reader, policy),
             rest_url=_http_url(reader, rest.get("url", "http://127.0.0.1:8181"), "policy.rest.url"),
         ),
         credentials=CredentialsConfig(
@@ -661,6 +665,13 @@ def _workers(reader: _Reader, policy: dict[str, Any]) -> int:
     if workers > 64:
         raise reader.fail("policy.embedded_workers", "at most 64")
     return workers
+
+
+def _spare_engines(reader: _Reader, policy: dict[str, Any]) -> int:
+    spares = reader.typed(policy, "policy", "embedded_spare_engines", int, PolicyConfig.embedded_spare_engines)
+    if not 0 <= spares <= 16:
+        raise reader.fail("policy.embedded_spare_engines", "between 0 and 16")
+    return spares
 
 
 def load_config(path: Path) -> Config:

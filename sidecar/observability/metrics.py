@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # Embedded evaluations take tens to hundreds of microseconds: resolve below a millisecond.
 DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -23,6 +27,31 @@ class RouteMetrics:
     allowed: Counter
     upstream_seconds: Histogram
     credentials_minted: Counter
+
+
+class SparingEngine(Protocol):
+    """An engine that stands spare engines in for evaluations that overran (sidecar.policy.embedded)."""
+
+    @property
+    def spare_engines(self) -> int: ...
+
+    overruns: int
+    spares_in_use: int
+
+
+class _EngineSpares(Collector):
+    """Read from the engine at scrape time: the engine keeps plain counts on its event loop."""
+
+    def __init__(self, engine: SparingEngine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("agent_sidecar_policy_overruns", "Evaluations that outlived their call's deadline.",
+                                  value=self._engine.overruns)
+        yield GaugeMetricFamily("agent_sidecar_policy_spare_engines", "Spare engines standing in for an overrunning one.",
+                                value=self._engine.spares_in_use)
+        yield GaugeMetricFamily("agent_sidecar_policy_spare_engines_max", "Spare engines configured.",
+                                value=self._engine.spare_engines)
 
 
 class Metrics:
@@ -60,6 +89,9 @@ class Metrics:
                                           "Audit events dropped from the full shipping queue.", registry=r)
         self.audit_ship_queue = Gauge("agent_sidecar_audit_ship_queue_events", "Audit events waiting to be shipped.",
                                       registry=r)
+
+    def watch_spares(self, engine: SparingEngine) -> None:
+        self.registry.register(_EngineSpares(engine))
 
     def route(self, name: str) -> RouteMetrics:
         found = self._routes.get(name)

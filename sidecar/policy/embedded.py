@@ -1,14 +1,15 @@
 """The real OPA Go engine in process, through opa_bindings.
 
-Evaluation runs on one dedicated thread: the native call releases the GIL, the
-event loop never blocks on it, and a timeout can be enforced around it.
+Evaluation runs on threads of a small pool: the native call releases the GIL, the
+event loop never blocks on it, and a deadline is enforced around it. The binding
+cannot cancel an evaluation; an overrun is contained by spare engines instead
+(see EmbeddedEngine).
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 from .engine import PolicyError
 from .loader import RUNTIME_DATA_PATH, PolicyBundle, PolicyLoadError, load_bundle, read_policy_dir
+
+log = logging.getLogger("sidecar.policy")
 
 
 def opa_available() -> bool:
@@ -79,25 +82,38 @@ def _prepare(engine: Any, decision_path: str) -> None:
 
 
 class EmbeddedEngine:
-    """A small pool of engines, one per evaluation thread.
+    """A small pool of engines, each evaluation on a thread of its own.
 
     One opa_bindings engine evaluates one query at a time (it holds a lock), and the
     native call releases the GIL, so N engines on N threads evaluate N calls at once
     on N cores. Each engine holds its own compiled copy of the policy (a few MB).
+
+    ``workers`` evaluations run at once. The binding cannot cancel an evaluation, so one
+    that overruns its caller's deadline keeps its engine busy until it finishes; then one of
+    ``spare_engines`` standby engines takes its place (its slot is handed on), so that a
+    runaway evaluation stays one call's problem. The overrunning engine returns to the pool
+    when it finishes. With every spare covering an overrun, a further overrun keeps its slot:
+    capacity shrinks and callers are refused at their own deadlines, never forwarded.
     """
 
     name = "embedded"
 
-    def __init__(self, rego_dir: Path, *, workers: int = 1, decision_path: str = "sidecar/authz/decision",
-                 queue_deadline_seconds: float | None = None) -> None:
+    def __init__(self, rego_dir: Path, *, workers: int = 1, spare_engines: int = 0,
+                 decision_path: str = "sidecar/authz/decision", queue_deadline_seconds: float | None = None) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        if spare_engines < 0:
+            raise ValueError("spare_engines must not be negative")
+        self._workers = workers
+        self._spare_engines = spare_engines
         # Shedding (see _refuse_if_behind): None waits in the queue whatever its length.
         self._queue_deadline = queue_deadline_seconds
         self._pending = 0  # calls submitted and not yet answered; read and written on the event loop only
-        self._mean_seconds: float | None = None  # recent evaluation time, a moving average
+        self._mean_seconds: float | None = None  # recent evaluation time (overruns excluded), a moving average
+        self.overruns = 0  # evaluations that outlived their caller's deadline
+        self.spares_in_use = 0  # spare engines standing in for an overrunning one now
         self._bundle = read_policy_dir(rego_dir)
-        self._engines = [new_engine(self._bundle) for _ in range(workers)]
+        self._engines = [new_engine(self._bundle) for _ in range(workers + spare_engines)]
         # Every engine holds the same bundle: one check covers them all (each evaluation leaves
         # megabytes of garbage that GOGC=400 keeps around for a while).
         if check_data_once(self._engines[0], self._bundle, decision_path):
@@ -105,15 +121,9 @@ class EmbeddedEngine:
                 engine.add_data(True, CONFIG_CHECKED_PATH)
         for engine in self._engines:
             _prepare(engine, decision_path)
-        self._unclaimed: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for engine in self._engines:
-            self._unclaimed.put(engine)
-        self._local = threading.local()
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opa-eval",
-                                            initializer=self._claim_engine)
-
-    def _claim_engine(self) -> None:
-        self._local.engine = self._unclaimed.get_nowait()
+        self._idle = list(self._engines)  # engines not evaluating; the event loop's only
+        self._slots: asyncio.Semaphore | None = None  # made on the loop that evaluates
+        self._executor = ThreadPoolExecutor(max_workers=len(self._engines), thread_name_prefix="opa-eval")
 
     @property
     def module_count(self) -> int:
@@ -121,33 +131,73 @@ class EmbeddedEngine:
 
     @property
     def workers(self) -> int:
-        return len(self._engines)
+        return self._workers
+
+    @property
+    def spare_engines(self) -> int:
+        return self._spare_engines
 
     def evaluate_sync(self, path: str, input_document: dict[str, Any]) -> Any:
-        """Evaluate on this thread's engine (the first engine outside the pool's threads)."""
-        import opa_bindings
-
-        engine = getattr(self._local, "engine", None) or self._engines[0]
-        started = time.perf_counter()
-        try:
-            return engine.eval_document(path.replace("/", "."), input_document)
-        except opa_bindings.OpaUndefinedError:
-            raise PolicyError("undefined", f"data.{path.replace('/', '.')} is undefined") from None
-        except opa_bindings.OpaError as exc:
-            raise PolicyError("error", f"{exc.code}: {exc.message}") from None
-        finally:
-            # A plain float store: atomic under the GIL; a lost update between two threads is harmless.
-            elapsed, mean = time.perf_counter() - started, self._mean_seconds
-            self._mean_seconds = elapsed if mean is None else mean + (elapsed - mean) / 8
+        """Evaluate on the first engine, on the calling thread (tools and benchmarks)."""
+        return _evaluate_on(self._engines[0], path, input_document)[0]
 
     async def evaluate(self, path: str, input_document: dict[str, Any]) -> Any:
         self._refuse_if_behind()
-        loop = asyncio.get_running_loop()
         self._pending += 1
         try:
-            return await loop.run_in_executor(self._executor, self.evaluate_sync, path, input_document)
+            return await self._evaluate_on_an_idle_engine(path, input_document)
         finally:
             self._pending -= 1
+
+    async def _evaluate_on_an_idle_engine(self, path: str, input_document: dict[str, Any]) -> Any:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self._workers)
+        await self._slots.acquire()
+        engine = self._idle.pop()  # a held slot guarantees an idle engine: see _overran
+        running = asyncio.get_running_loop().run_in_executor(self._executor, _evaluate_on, engine, path, input_document)
+        try:
+            result, elapsed = await asyncio.shield(running)
+        except asyncio.CancelledError:
+            self._overran(engine, running)
+            raise
+        except BaseException:
+            self._return(engine)
+            raise
+        self._return(engine)
+        mean = self._mean_seconds
+        self._mean_seconds = elapsed if mean is None else mean + (elapsed - mean) / 8
+        return result
+
+    def _return(self, engine: Any) -> None:
+        assert self._slots is not None
+        self._idle.append(engine)
+        self._slots.release()
+
+    def _overran(self, engine: Any, running: asyncio.Future[tuple[Any, float]]) -> None:
+        """The caller gave up (its deadline passed) while the engine goes on evaluating.
+
+        Busy engines never outnumber the slots held plus the spares in use, so a caller that holds a
+        slot always finds an idle engine.
+        """
+        assert self._slots is not None
+        self.overruns += 1
+        covered = self.spares_in_use < self._spare_engines
+        if covered:
+            self.spares_in_use += 1
+            self._slots.release()  # a spare engine takes this slot while the overrunning one finishes
+        log.warning("policy evaluation overran its deadline; %s", "a spare engine takes over" if covered
+                    else "no spare engine left: one evaluation slot fewer until it finishes")
+        running.add_done_callback(lambda finished: self._overrun_finished(engine, covered, finished))
+
+    def _overrun_finished(self, engine: Any, covered: bool, finished: asyncio.Future[tuple[Any, float]]) -> None:
+        if not finished.cancelled():
+            finished.exception()  # retrieved: nobody waits for this outcome any more
+        self._idle.append(engine)
+        if covered:
+            self.spares_in_use -= 1
+        else:
+            assert self._slots is not None
+            self._slots.release()
 
     def _refuse_if_behind(self) -> None:
         """Refuse at once a call that would wait in the queue past the deadline, by recent evaluation times.
@@ -156,6 +206,8 @@ class EmbeddedEngine:
         only when its deadline runs out: it holds its memory for that long and is reported as a
         policy timeout although the engine is healthy. The estimate counts the calls ahead only, so a
         policy that is slow on its own still times out as before rather than being called overloaded.
+        Overrunning evaluations count neither as calls ahead (their callers have gone) nor in the
+        mean (a spare engine evaluates in their place).
         """
         mean = self._mean_seconds
         if self._queue_deadline is None or mean is None:
@@ -166,5 +218,18 @@ class EmbeddedEngine:
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-        for engine in self._engines:
+        for engine in self._idle:  # an engine still overrunning is released by the collector once it finishes
             engine.close()
+
+
+def _evaluate_on(engine: Any, path: str, input_document: dict[str, Any]) -> tuple[Any, float]:
+    """The decision at ``path`` and the seconds it took; runs on an evaluation thread."""
+    import opa_bindings
+
+    started = time.perf_counter()
+    try:
+        return engine.eval_document(path.replace("/", "."), input_document), time.perf_counter() - started
+    except opa_bindings.OpaUndefinedError:
+        raise PolicyError("undefined", f"data.{path.replace('/', '.')} is undefined") from None
+    except opa_bindings.OpaError as exc:
+        raise PolicyError("error", f"{exc.code}: {exc.message}") from None

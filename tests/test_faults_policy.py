@@ -1,0 +1,77 @@
+"""Issue 15, item 3: a runaway evaluation stays one call's problem.
+
+A real sidecar on the embedded engine (one worker, one spare engine), a policy with one path that
+evaluates for seconds, and normal calls sent while that evaluation is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from harness import RunningSidecar
+
+SLOW_POLICY = Path(__file__).resolve().parent / "policies" / "slow"
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not exposed")
+
+
+async def scrape(client: httpx.AsyncClient, sidecar: RunningSidecar) -> str:
+    response = await client.get(f"{sidecar.metrics}/metrics")
+    return response.text
+
+
+async def test_normal_calls_are_decided_while_a_runaway_evaluation_overruns(make_sidecar: Any, echo_tool: Any) -> None:
+    sc: RunningSidecar = await make_sidecar(policy={"engine": "embedded", "rego_dir": str(SLOW_POLICY), "timeout_ms": 250,
+                                                    "embedded_workers": 1, "embedded_spare_engines": 1})
+    async with httpx.AsyncClient(timeout=30) as agent:
+        slow = await agent.get(f"{sc.proxy}/crm/runaway")
+        during = await scrape(agent, sc)
+        sequential = [await agent.get(f"{sc.proxy}/crm/customers/{n}") for n in range(5)]
+        concurrent = await asyncio.gather(*(agent.get(f"{sc.proxy}/crm/orders/{n}") for n in range(5)))
+        after = await scrape(agent, sc)
+    assert slow.status_code == 503
+    assert slow.json()["code"] == "policy_unavailable" and slow.json()["policy_error"] == "timeout"
+    assert [r.status_code for r in [*sequential, *concurrent]] == [200] * 10
+    # The runaway evaluation was still running while every normal call was decided: a spare stood in.
+    assert metric(during, "agent_sidecar_policy_spare_engines") == 1
+    assert metric(after, "agent_sidecar_policy_spare_engines") == 1
+    assert metric(after, "agent_sidecar_policy_overruns_total") == 1
+    assert "/crm/runaway" not in [seen.path for seen in echo_tool.seen]
+
+
+async def test_the_overrunning_engine_returns_to_the_pool_when_it_finishes(make_sidecar: Any) -> None:
+    sc: RunningSidecar = await make_sidecar(policy={"engine": "embedded", "rego_dir": str(SLOW_POLICY), "timeout_ms": 250,
+                                                    "embedded_spare_engines": 1})
+    async with httpx.AsyncClient(timeout=30) as agent:
+        slow = await agent.get(f"{sc.proxy}/crm/runaway")
+        deadline = asyncio.get_running_loop().time() + 60
+        while metric(await scrape(agent, sc), "agent_sidecar_policy_spare_engines") != 0:
+            assert asyncio.get_running_loop().time() < deadline, "the overrunning engine never came back"
+            await asyncio.sleep(0.1)
+        # Both engines are free again: a second runaway is covered by the spare just like the first.
+        second = await agent.get(f"{sc.proxy}/crm/runaway")
+        normal = await agent.get(f"{sc.proxy}/crm/customers/1")
+        text = await scrape(agent, sc)
+    assert slow.status_code == second.status_code == 503
+    assert normal.status_code == 200
+    assert metric(text, "agent_sidecar_policy_overruns_total") == 2
+
+
+async def test_without_a_spare_an_overrun_costs_its_slot_and_callers_are_refused_not_forwarded(
+        make_sidecar: Any, echo_tool: Any) -> None:
+    sc: RunningSidecar = await make_sidecar(policy={"engine": "embedded", "rego_dir": str(SLOW_POLICY), "timeout_ms": 250,
+                                                    "embedded_spare_engines": 0})
+    async with httpx.AsyncClient(timeout=30) as agent:
+        await agent.get(f"{sc.proxy}/crm/runaway")
+        blocked = await agent.get(f"{sc.proxy}/crm/customers/1")
+    assert blocked.status_code == 503 and blocked.json()["code"] in {"policy_unavailable", "overloaded"}
+    assert echo_tool.seen == []
