@@ -32,6 +32,7 @@ from .policy.loader import PolicyLoadError
 from .problems import Refusal
 from .proxy.forward import HttpForwarder
 from .proxy.intercept import Interceptor
+from .proxy.listener import GuardedServer
 from .proxy.routing import RouteTable
 from .tasks import Task
 
@@ -106,7 +107,8 @@ class Sidecar:
             await prepare()
         self._running = [asyncio.create_task(run()) for run in self.background]
         # No access log: every call is in the audit chain already, and a log line per call costs ~6% CPU.
-        proxy = web.Server(self.path.handle, handler_cancellation=True, access_log=None)
+        proxy = GuardedServer(self.path.handle, limits=self.config.connections, on_refusal=self._listener_refusal,
+                              handler_cancellation=True, access_log=None)
         targets: list[tuple[web.BaseRunner, Any]] = [
             (web.ServerRunner(proxy, access_log=None), self.config.proxy),
             (web.AppRunner(self.admin_app, access_log=None), self.config.admin),
@@ -117,6 +119,16 @@ class Sidecar:
             self.runners.append(runner)
             await web.TCPSite(runner, listen.host, listen.port, reuse_address=True).start()
         log.info("proxy on %s, admin on %s, metrics on %s", self.config.proxy, self.config.admin, self.config.metrics)
+
+    def _listener_refusal(self, refusal: Refusal) -> None:
+        """A refusal made below the request path (the HTTP parser, a slow head, too many connections)."""
+        self.path.metrics.refusals.labels(refusal.code).inc()
+        self.path.metrics.requests.labels("none", "refused").inc()
+        try:
+            self.path.audit.append({"type": "refusal", "code": refusal.code, "detail": refusal.detail, "route": "none",
+                                    "task_id": None, "approval_id": None}, receipt=False)
+        except AuditError:
+            pass  # counted by the sink; the connection is refused either way
 
     async def stop(self) -> None:
         for runner in reversed(self.runners):
@@ -152,7 +164,8 @@ def build_sidecar(config: Config) -> Sidecar:
     identity = credential_parts.identity
     decider = Decider(engine, config.policy.decision_path, config.policy.timeout_ms)
     path = RequestPath(
-        interceptor=Interceptor(RouteTable(config.routes), config.max_body_bytes),
+        interceptor=Interceptor(RouteTable(config.routes), config.max_body_bytes,
+                                body_timeout_seconds=config.connections.body_timeout_seconds),
         identity=identity,
         tasks=tasks,
         decider=decider,

@@ -22,6 +22,10 @@ from .tasks.measures import (MAX_MEASURES_PER_ROUTE, MAX_PATHS_PER_MEASURE, MEAS
 T = TypeVar("T")
 
 DEFAULT_CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "cookie")
+# Methods a route accepts unless it lists its own; TRACE, CONNECT and WebDAV methods never by default.
+DEFAULT_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+PROTOCOLS = ("http", "mcp")
+CONTENT_CODINGS = ("gzip", "deflate")
 
 
 class ConfigError(Exception):
@@ -65,6 +69,13 @@ class Route:
     ca_bundle: Path | None = None
     timeout_seconds: float = 30.0
     measures: tuple[Measure, ...] = ()  # route-configured; the task history adds amount/records defaults
+    methods: frozenset[str] = frozenset(DEFAULT_METHODS)
+    protocol: str = "http"  # http | mcp: JSON-RPC is parsed on mcp routes only, never sniffed from a body
+    content_encodings: tuple[str, ...] = ()  # request codings decoded (once) and judged; any other is refused
+
+    @property
+    def is_mcp(self) -> bool:
+        return self.protocol == "mcp"
 
     @property
     def credential_headers(self) -> frozenset[str]:
@@ -73,6 +84,16 @@ class Route:
         names.add(self.credential.header.lower())
         names.update(h.lower() for h in self.credential.strip_headers)
         return frozenset(names)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Bounds on what a slow or greedy client can hold on the proxy listener."""
+
+    header_timeout_seconds: float = 10.0  # first byte of a request head to its end
+    body_timeout_seconds: float = 30.0  # to read the whole body
+    idle_timeout_seconds: float = 30.0  # a kept-alive connection with no request
+    max_connections: int = 1024
 
 
 @dataclass(frozen=True)
@@ -192,6 +213,7 @@ class Config:
     state_dir: Path = Path(".state")
     max_body_bytes: int = 1024 * 1024
     max_in_flight: int = 4096
+    connections: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
@@ -313,7 +335,8 @@ def _route(reader: _Reader, value: Any, index: int) -> Route:
     key = f"routes[{index}]"
     section = reader.mapping(
         value, key,
-        {"name", "match", "upstream", "labels", "credential", "allow_tunnel", "tls", "timeout_seconds", "measures"},
+        {"name", "match", "upstream", "labels", "credential", "allow_tunnel", "tls", "timeout_seconds", "measures",
+         "methods", "protocol", "content_encodings"},
     )
     name = section.get("name")
     if not isinstance(name, str) or not _ROUTE_NAME.match(name):
@@ -337,6 +360,9 @@ def _route(reader: _Reader, value: Any, index: int) -> Route:
     labels = section.get("labels") or {}
     if not isinstance(labels, dict) or not all(isinstance(k, str) for k in labels):
         raise reader.fail(f"{key}.labels", "must be a mapping of names to values")
+    protocol = _protocol(reader, section, labels, key)
+    if protocol == "mcp":
+        labels = {**labels, "protocol": "mcp"}  # the policy sees what the config says
     tls = reader.mapping(section.get("tls"), f"{key}.tls", {"verify", "ca_bundle"})
     ca_bundle = reader.path(tls, f"{key}.tls", "ca_bundle", None)
     if ca_bundle is not None and not ca_bundle.is_file():
@@ -352,7 +378,40 @@ def _route(reader: _Reader, value: Any, index: int) -> Route:
         ca_bundle=ca_bundle,
         timeout_seconds=reader.typed(section, key, "timeout_seconds", float, 30.0),
         measures=_measures(reader, section.get("measures"), f"{key}.measures"),
+        methods=_methods(reader, section.get("methods"), f"{key}.methods"),
+        protocol=protocol,
+        content_encodings=_codings(reader, section.get("content_encodings"), f"{key}.content_encodings"),
     )
+
+
+def _protocol(reader: _Reader, section: dict[str, Any], labels: dict[str, Any], key: str) -> str:
+    """``protocol: mcp`` (or, as before, the label ``protocol: mcp``) makes a route MCP; both must agree."""
+    protocol = reader.choice(section, key, "protocol", PROTOCOLS, "http") if "protocol" in section else ""
+    label = labels.get("protocol")
+    if label is not None and str(label).lower() == "mcp":
+        if protocol == "http":
+            raise reader.fail(f"{key}.protocol", "is http but labels.protocol says mcp")
+        return "mcp"
+    return protocol or "http"
+
+
+def _methods(reader: _Reader, value: Any, key: str) -> frozenset[str]:
+    if value is None:
+        return frozenset(DEFAULT_METHODS)
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(m, str) and re.fullmatch(r"[A-Z]{1,20}", m) for m in value)):
+        raise reader.fail(key, "must be a list of upper-case method names such as GET")
+    if "CONNECT" in value or "TRACE" in value:
+        raise reader.fail(key, "CONNECT and TRACE cannot be listed (CONNECT is allow_tunnel)")
+    return frozenset(value)
+
+
+def _codings(reader: _Reader, value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(v in CONTENT_CODINGS for v in value):
+        raise reader.fail(key, f"must be a list of {', '.join(CONTENT_CODINGS)}")
+    return tuple(value)
 
 
 def _measures(reader: _Reader, value: Any, key: str) -> tuple[Measure, ...]:
@@ -584,7 +643,8 @@ def parse_config(data: Any, source: Path) -> Config:
          "approvals", "tasks", "metrics", "webhook", "store", "introspection", "approvers", "delegation"},
     )
     listeners = reader.mapping(top.get("listeners"), "listeners", {"proxy", "admin", "metrics"})
-    limits = reader.mapping(top.get("limits"), "limits", {"max_body_bytes", "max_in_flight"})
+    limits = reader.mapping(top.get("limits"), "limits", {"max_body_bytes", "max_in_flight", "header_timeout_seconds",
+                                                          "body_timeout_seconds", "idle_timeout_seconds", "max_connections"})
     policy = reader.mapping(top.get("policy"), "policy", {"engine", "decision_path", "rego_dir", "timeout_ms", "rest", "embedded_workers",
                                                             "embedded_spare_engines"})
     rest = reader.mapping(policy.get("rest"), "policy.rest", {"url"})
@@ -626,6 +686,7 @@ def parse_config(data: Any, source: Path) -> Config:
         state_dir=reader.path(top, "", "state_dir", source.parent / ".state") or Path(".state"),
         max_body_bytes=reader.positive(limits, "limits", "max_body_bytes", 1024 * 1024),
         max_in_flight=reader.positive(limits, "limits", "max_in_flight", 4096),
+        connections=_connection_limits(reader, limits),
         policy=PolicyConfig(
             engine=engine,
             decision_path=decision_path,
@@ -658,6 +719,16 @@ def parse_config(data: Any, source: Path) -> Config:
         routes=tuple(routes),
         raw=top,
     )
+
+
+def _connection_limits(reader: _Reader, limits: dict[str, Any]) -> ConnectionLimits:
+    seconds = {}
+    for name, default in (("header_timeout_seconds", 10.0), ("body_timeout_seconds", 30.0), ("idle_timeout_seconds", 30.0)):
+        value = reader.typed(limits, "limits", name, float, default)
+        if not 0.1 <= value <= 3600:
+            raise reader.fail(f"limits.{name}", "must be between 0.1 and 3600")
+        seconds[name] = value
+    return ConnectionLimits(max_connections=reader.positive(limits, "limits", "max_connections", 1024), **seconds)
 
 
 def _workers(reader: _Reader, policy: dict[str, Any]) -> int:

@@ -37,7 +37,13 @@ class McpCall:
 
 @dataclass(frozen=True)
 class InterceptedCall:
-    """What the agent asked for, after credentials and hop-by-hop headers are removed."""
+    """What the agent asked for, parsed once: the one request object every later step reads.
+
+    ``path`` and ``query_string`` are canonical (sidecar/proxy/canonical.py) and are what
+    the upstream receives byte for byte; ``body`` is what is forwarded and hashed. The
+    policy input, the credential's request binding, the approval binding and the audit
+    event are all derived from these fields; nothing rewrites them after the decision.
+    """
 
     route: Route
     mode: Mode
@@ -45,12 +51,12 @@ class InterceptedCall:
     scheme: str
     host: str
     port: int
-    path: str  # on the upstream, route prefix removed, percent-encoded as received
-    query_string: str
+    path: str  # on the upstream (the route's base path + the canonical path), exactly as sent
+    query_string: str  # canonical, exactly as sent; "" when there is none
     query: dict[str, list[str]]
     headers: tuple[tuple[str, str], ...]  # forwardable, original case, in order
     body: bytes
-    body_json: Any  # parsed JSON or None
+    body_json: Any  # the body as the policy sees it: parsed JSON, a form as an object, or None
     body_sha256: str
     content_type: str
     mcp_calls: tuple[McpCall, ...] = ()
@@ -58,6 +64,7 @@ class InterceptedCall:
     approval_id: str | None = None
     prefer_wait_seconds: float | None = None
     delegation: Secret | None = None  # X-Agent-Delegation: a parent sidecar's credential, verified in context
+    body_readable: bool = True  # False when the body is neither JSON nor a form: the policy cannot see into it
 
     @property
     def target_url(self) -> str:
@@ -68,6 +75,10 @@ class InterceptedCall:
             authority = f"[{self.host}]" if self.port == default_port else f"[{self.host}]:{self.port}"
         query = f"?{self.query_string}" if self.query_string else ""
         return f"{self.scheme}://{authority}{self.path}{query}"
+
+    @property
+    def path_and_query(self) -> str:
+        return f"{self.path}?{self.query_string}" if self.query_string else self.path
 
     @property
     def is_mcp(self) -> bool:

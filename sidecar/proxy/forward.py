@@ -1,4 +1,13 @@
-"""Step 5, forward: send the call upstream with the minted credential; stream the answer back."""
+"""Step 5, forward: send the call upstream with the minted credential; stream the answer back.
+
+At most once: the upstream receives each decided call once or not at all. aiohttp
+resends an idempotent request when a pooled connection drops before the answer; that
+would run an approved DELETE twice under one decision id, so the retry is switched
+off and a dropped connection is a 502 for the agent to decide about.
+
+Verbatim: the target is sent exactly as canonicalised and judged (yarl ``encoded=True``:
+no re-quoting), the body exactly as hashed.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,7 @@ from typing import Protocol
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from ..config import Route
 from ..documents import InterceptedCall, MintedCredential
@@ -31,6 +41,17 @@ class Forwarder(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def disable_resend(session: aiohttp.ClientSession) -> None:
+    """Turn off aiohttp's silent resend of idempotent requests on a dropped pooled connection.
+
+    There is no public switch; the attribute is checked so that an aiohttp that renames it
+    fails here, at start-up, and tests/adversarial show a resend if it ever comes back.
+    """
+    if not hasattr(session, "_retry_connection"):
+        raise RuntimeError("this aiohttp has no _retry_connection switch; refusing to forward without at-most-once")
+    session._retry_connection = False
 
 
 def ssl_context(route: Route) -> ssl.SSLContext | bool:
@@ -58,6 +79,7 @@ class HttpForwarder:
             self._session = aiohttp.ClientSession(
                 connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             )
+            disable_resend(self._session)
         return self._session
 
     async def forward(self, request: web.BaseRequest, call: InterceptedCall, credential: MintedCredential,
@@ -69,7 +91,7 @@ class HttpForwarder:
         timeout = self._timeouts.get(call.route.name) or _timeout(call.route)
         try:
             upstream = await self._client().request(
-                call.method, call.target_url, headers=headers, data=call.body if call.body else None,
+                call.method, URL(call.target_url, encoded=True), headers=headers, data=call.body if call.body else None,
                 allow_redirects=False, ssl=self._ssl.get(call.route.name, True), timeout=timeout,
             )
         except asyncio.TimeoutError:

@@ -22,6 +22,16 @@ SPOOFABLE = frozenset({"x-agent-decision", "x-agent-credential-jti"})
 # Recomputed by the client for the upstream.
 FRAMING = frozenset({"host", "content-length", "expect"})
 
+# Headers some upstreams honour as a different method than the one the policy judged.
+METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+
+# Headers some upstreams honour as a different target than the one the policy judged.
+TARGET_OVERRIDES = frozenset({"x-original-url", "x-rewrite-url"})
+
+# Claims about the client that only a proxy may make: an agent's are dropped, never forwarded.
+PROXY_CLAIMS = frozenset({"forwarded", "x-real-ip", "x-client-ip", "true-client-ip"})
+PROXY_CLAIM_PREFIX = "x-forwarded-"
+
 
 def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     tokens: set[str] = set()
@@ -39,7 +49,28 @@ def single(headers: CIMultiDictProxy[str], name: str) -> str | None:
     return values[0].strip() if values else None
 
 
-def forwardable(headers: CIMultiDictProxy[str], credential_headers: Iterable[str]) -> tuple[tuple[str, str], ...]:
+def refuse_meaning_changers(headers: CIMultiDictProxy[str]) -> None:
+    """Refuse headers that would make the upstream read another request than the one judged.
+
+    A name with ``_`` is refused because CGI-style servers map it onto the ``-`` spelling
+    (``X_Agent_Decision`` becomes ``X-Agent-Decision``).
+    """
+    for name in headers:
+        lower = name.lower()
+        if "_" in name:
+            raise Refusal("header_not_allowed", f"header names with '_' are refused ({name[:40]})")
+        if lower in METHOD_OVERRIDES:
+            raise Refusal("method_override", f"{name} would change the method after the decision")
+        if lower in TARGET_OVERRIDES:
+            raise Refusal("header_not_allowed", f"{name} would change the target after the decision")
+
+
+def is_proxy_claim(name: str) -> bool:
+    return name in PROXY_CLAIMS or name.startswith(PROXY_CLAIM_PREFIX)
+
+
+def forwardable(headers: CIMultiDictProxy[str], credential_headers: Iterable[str],
+                also_drop: Iterable[str] = ()) -> tuple[tuple[str, str], ...]:
     """The agent's headers that may reach the upstream and the policy.
 
     Credentials are stripped, not refused: agent SDKs often send a placeholder
@@ -52,8 +83,9 @@ def forwardable(headers: CIMultiDictProxy[str], credential_headers: Iterable[str
     for name in SPOOFABLE:
         if name in headers:
             raise Refusal("credential_header", f"header {name} is set by the sidecar only")
-    drop = HOP_BY_HOP | SIDECAR_HEADERS | FRAMING | strip | connection_tokens(headers)
-    return tuple((name, value) for name, value in headers.items() if name.lower() not in drop)
+    drop = HOP_BY_HOP | SIDECAR_HEADERS | FRAMING | strip | connection_tokens(headers) | set(also_drop)
+    return tuple((name, value) for name, value in headers.items()
+                 if name.lower() not in drop and not is_proxy_claim(name.lower()))
 
 
 def policy_view(headers: tuple[tuple[str, str], ...]) -> dict[str, str]:

@@ -1,63 +1,73 @@
-"""Step 1, intercept: which route, what request, which body, which MCP calls."""
+"""Step 1, intercept: which route, what request, which body, which MCP calls.
+
+Everything the agent sent is parsed here once, strictly, into one InterceptedCall;
+what could be read two ways is refused before the decision (docs/security.md).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
-import json
 import re
-from typing import Any
-from urllib.parse import SplitResult, parse_qs, urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from aiohttp import web
 
-from ..documents import InterceptedCall, Mode
+from ..config import Route
+from ..documents import InterceptedCall, McpCall, Mode
 from ..problems import Refusal
 from ..secret import Secret
+from . import canonical
 from . import headers as hdr
 from . import mcp
+from .body import BodyView, content_codings, decode_content, read_body
 from .routing import RouteMatchResult, RouteTable
 
-# Encoded slashes, backslashes and dots make the path the policy sees differ from
-# the path the upstream resolves; such paths are refused rather than guessed at.
-_AMBIGUOUS_PATH = re.compile(r"%2f|%5c|%2e|\\|%00", re.IGNORECASE)
-_DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d{1,6})(?:$|[,;\s])", re.IGNORECASE)
 _TOKEN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 class Interceptor:
-    def __init__(self, routes: RouteTable, max_body_bytes: int) -> None:
+    def __init__(self, routes: RouteTable, max_body_bytes: int, body_timeout_seconds: float = 30.0) -> None:
         self.routes = routes
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_seconds = body_timeout_seconds
 
     async def intercept(self, request: web.BaseRequest) -> InterceptedCall:
-        mode, match = self._locate(request)
+        mode, target, match = self._locate(request)
         route = match.route
-        forward_headers = hdr.forwardable(request.headers, route.credential_headers)
-        body = await self._read_body(request)
+        method = request.method.upper()
+        if method not in route.methods:
+            raise Refusal("method_not_allowed", f"{method[:20]} is not allowed on route {route.name}",
+                          headers={"Allow": ", ".join(sorted(route.methods))})
+        hdr.refuse_meaning_changers(request.headers)
+        codings = content_codings(request.headers.getall("content-encoding", ()))
+        forward_headers = hdr.forwardable(request.headers, route.credential_headers,
+                                          also_drop=("content-encoding",) if codings else ())
+        raw_body = await self._read_body(request)
+        body = decode_content(raw_body, codings, route.content_encodings, self.max_body_bytes)
         content_type = request.headers.get("content-type", "")
-        body_json = _parse_json(body, content_type)
-        calls = mcp.parse_calls(body_json) if mcp.looks_like_jsonrpc(body_json) else ()
+        view = read_body(body, content_type)
         upstream = _split_upstream(route.upstream)
-        query_string = request.rel_url.raw_query_string if mode != "forward_proxy" else urlsplit(request.raw_path).query
         return InterceptedCall(
             route=route,
             mode=mode,
-            method=request.method.upper(),
+            method=method,
             scheme=upstream.scheme,
             host=(upstream.hostname or "").lower(),
             port=upstream.port or (443 if upstream.scheme == "https" else 80),
             path=match.upstream_path,
-            query_string=query_string,
-            query=parse_qs(query_string, keep_blank_values=True) if query_string else {},
+            query_string=target.query,
+            query=canonical.query_mapping(target.query),
             headers=forward_headers,
             body=body,
-            body_json=body_json,
+            body_json=view.value,
+            body_readable=view.readable,
             body_sha256=hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256,
             content_type=content_type,
-            mcp_calls=calls,
+            mcp_calls=_mcp_calls(route, method, view),
             task_id=_token(request, "X-Agent-Task"),
             approval_id=_token(request, "X-Agent-Approval"),
             prefer_wait_seconds=_prefer_wait(request),
@@ -66,11 +76,10 @@ class Interceptor:
 
     def intercept_connect(self, request: web.BaseRequest) -> InterceptedCall:
         """CONNECT host:port: only host and port are known, so only they are decided on."""
-        authority = request.raw_path
-        host, _, port_text = authority.rpartition(":")
-        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        host, port = canonical.authority(request.raw_path, 0)
+        if port == 0:
             raise Refusal("bad_request", "CONNECT target must be host:port")
-        host, port = host.strip("[]").lower(), int(port_text)
+        host = host.strip("[]")
         route = self.routes.for_tunnel(host, port)
         if route is None:
             raise Refusal("no_route", f"no route for {host}:{port}")
@@ -84,37 +93,43 @@ class Interceptor:
             task_id=_token(request, "X-Agent-Task"),
         )
 
-    def _locate(self, request: web.BaseRequest) -> tuple[Mode, RouteMatchResult]:
+    def _locate(self, request: web.BaseRequest) -> tuple[Mode, canonical.Target, RouteMatchResult]:
         raw = request.raw_path
         if raw.lower().startswith(("http://", "https://")):
-            target = urlsplit(raw)
-            path = target.path or "/"
-            _check_path(path)
-            host, port = (target.hostname or ""), target.port or (443 if target.scheme == "https" else 80)
-            match = self.routes.by_host(host, port, path)
+            target = canonical.absolute_form(raw)
+            assert target.host is not None and target.port is not None
+            match = self.routes.by_host(target.host, target.port, target.path)
             if match is None:
-                raise Refusal("no_route", f"no route for {host}:{port}{path}")
-            return "forward_proxy", match
+                raise Refusal("no_route", f"no route for {target.host}:{target.port}{target.path}")
+            return "forward_proxy", target, match
         if not raw.startswith("/"):
             raise Refusal("bad_request", "request target must be origin-form or absolute-form")
-        path = raw.split("?", 1)[0]
-        _check_path(path)
-        match = self.routes.by_prefix(path)
+        target = canonical.origin_form(raw)
+        match = self.routes.by_prefix(target.path)
         if match is not None:
-            return "route_prefix", match
+            return "route_prefix", target, match
         # Transparent mode: egress redirected by iptables arrives in origin-form with its Host.
-        host, _, port_text = (request.headers.get("host") or "").partition(":")
-        port = int(port_text) if port_text.isdigit() else 80
-        match = self.routes.by_host(host, port, path) if host else None
+        host_header = hdr.single(request.headers, "host")
+        match = None
+        if host_header:
+            host, port = canonical.authority(host_header, 80)
+            match = self.routes.by_host(host, port, target.path)
         if match is None:
-            raise Refusal("no_route", f"no route for {path}")
-        return "transparent", match
+            raise Refusal("no_route", f"no route for {target.path}")
+        return "transparent", target, match
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         declared = request.content_length
         if declared is not None and declared > self.max_body_bytes:
             raise Refusal("body_too_large", f"body of {declared} bytes exceeds the limit of {self.max_body_bytes}",
                           extra={"limit_bytes": self.max_body_bytes})
+        try:
+            async with asyncio.timeout(self.body_timeout_seconds):
+                return await self._read_chunks(request)
+        except TimeoutError:
+            raise Refusal("request_timeout", f"the body was not received within {self.body_timeout_seconds:g}s") from None
+
+    async def _read_chunks(self, request: web.BaseRequest) -> bytes:
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_chunked(65536):
@@ -131,23 +146,13 @@ def _split_upstream(url: str) -> SplitResult:
     return urlsplit(url)
 
 
-def _check_path(path: str) -> None:
-    if _AMBIGUOUS_PATH.search(path) or _DOT_SEGMENT.search(path) or "//" in path:
-        raise Refusal("bad_request", "ambiguous path: encoded separators, dot segments or empty segments")
-
-
-def _is_json(content_type: str) -> bool:
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
-
-
-def _parse_json(body: bytes, content_type: str) -> Any:
-    if not body or not _is_json(content_type):
-        return None
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
-        raise Refusal("bad_request", "malformed JSON body") from None
+def _mcp_calls(route: Route, method: str, view: BodyView) -> tuple[McpCall, ...]:
+    """JSON-RPC on MCP routes only. A bodiless GET (the SSE stream) or DELETE (session end) carries no call."""
+    if not route.is_mcp or view.kind == "empty":
+        return ()
+    if view.kind != "json":
+        raise Refusal("bad_request", f"route {route.name} takes JSON-RPC 2.0 bodies only")
+    return mcp.parse_calls(view.value)
 
 
 def _token(request: web.BaseRequest, name: str) -> str | None:

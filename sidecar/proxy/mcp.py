@@ -1,4 +1,9 @@
-"""MCP over HTTP: JSON-RPC 2.0 requests, single or batched; tools/call parsed for the policy."""
+"""MCP over HTTP: JSON-RPC 2.0 requests, single or batched; tools/call parsed for the policy.
+
+Only on routes configured ``protocol: mcp``; there every message must be well-formed
+JSON-RPC 2.0, each element of a batch included, or it is refused: a body is never
+judged as REST on an MCP route, nor as MCP anywhere else.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +13,22 @@ from ..documents import McpCall
 from ..problems import Refusal
 
 
-def looks_like_jsonrpc(body: Any) -> bool:
-    if isinstance(body, dict):
-        return body.get("jsonrpc") == "2.0" and "method" in body
-    if isinstance(body, list) and body:
-        return all(isinstance(item, dict) and item.get("jsonrpc") == "2.0" for item in body)
-    return False
-
-
 def parse_calls(body: Any) -> tuple[McpCall, ...]:
-    """Every JSON-RPC request in the message; a malformed one refuses the message."""
+    """Every JSON-RPC message in the body; anything that is not well-formed JSON-RPC 2.0 refuses the body."""
     if isinstance(body, dict):
         return (_one(body, None, None),)
-    items = list(body)
-    return tuple(_one(item, index, len(items)) for index, item in enumerate(items))
+    if not isinstance(body, list) or not body:
+        raise Refusal("bad_request", "an MCP route takes a JSON-RPC 2.0 object or a non-empty batch of them")
+    return tuple(_one(item, index, len(body)) for index, item in enumerate(body))
 
 
-def _one(item: dict[str, Any], index: int | None, size: int | None) -> McpCall:
+def _one(item: Any, index: int | None, size: int | None) -> McpCall:
+    where = f"batch element {index}" if index is not None else "the message"
+    if not isinstance(item, dict) or item.get("jsonrpc") != "2.0":
+        raise Refusal("bad_request", f"{where} is not a JSON-RPC 2.0 object")
+    request_id = item.get("id")
+    if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, (str, int, float))):
+        raise Refusal("bad_request", f"{where}: a JSON-RPC id is a string or a number")
     method = item.get("method")
     if "method" not in item and ("result" in item or "error" in item):
         # A response the client sends back (e.g. to a sampling request): no tool is called.
