@@ -9,18 +9,23 @@ A tool owner adds a few lines (see docs/credentials.md)::
 
 It fetches and caches the JWKS, checks signature, iss, aud, exp and nbf, then
 checks that the request it guards is the one the token was minted for
-(method, target URI, body sha256) and, when configured, asks the sidecar's
-``/introspect`` whether the credential was revoked.
+(method, target URI, body sha256), when configured asks the sidecar's
+``/introspect`` whether the credential was revoked, and last refuses a ``jti``
+it has already accepted (a replay): in memory by default, in Redis when the
+tool runs replicas (``RedisReplayCache``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import heapq
 import json
+import math
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from aiohttp import web
@@ -58,6 +63,85 @@ class VerifiedCall:
     delegation: dict[str, Any] | None = field(default=None)
 
 
+class ReplayCache(Protocol):
+    """Remembers every accepted ``jti`` until its credential can no longer be valid."""
+
+    async def first_use(self, jti: str, forget_at: float) -> bool:
+        """Record ``jti`` until ``forget_at`` (epoch seconds): True the first time, False for a replay.
+
+        Raise CredentialRejected (503) when the answer cannot be known: the call is refused, never served twice.
+        """
+        ...
+
+
+class MemoryReplayCache:
+    """One process's accepted jtis, each kept until its credential's exp plus the leeway.
+
+    Bounded: when ``max_entries`` unexpired jtis are held, new credentials are refused
+    (``replay_cache_full``, 503) rather than an unexpired jti forgotten; only expired
+    entries are ever evicted. Size it for the calls one tool serves within a credential
+    lifetime (100,000 covers 1,500 calls/s at the sidecar's default 60 s TTL).
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._forget_at: dict[str, float] = {}
+        self._by_expiry: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._forget_at)
+
+    async def first_use(self, jti: str, forget_at: float) -> bool:
+        self._forget_expired(time.time())
+        if jti in self._forget_at:
+            return False
+        if len(self._forget_at) >= self.max_entries:
+            raise CredentialRejected("replay_cache_full", "the tool cannot track more credentials right now; retry later", 503)
+        self._forget_at[jti] = forget_at
+        heapq.heappush(self._by_expiry, (forget_at, jti))
+        return True
+
+    def _forget_expired(self, now: float) -> None:
+        while self._by_expiry and self._by_expiry[0][0] <= now:
+            _, jti = heapq.heappop(self._by_expiry)
+            self._forget_at.pop(jti, None)
+
+
+class RedisReplayCache:
+    """The accepted jtis of every replica of a tool, in one Redis: ``SET key 1 NX EXAT forget_at``.
+
+    Redis unreachable refuses the call (``replay_check_unavailable``, 503). A command whose
+    connection broke is sent once more; if the first attempt had been applied, the jti reads as
+    already used and that one call is refused: never served twice.
+    """
+
+    def __init__(self, url: str, *, prefix: str = "agent-tool:jti:", timeout_seconds: float = 2.0) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        self.prefix = prefix
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+
+    async def first_use(self, jti: str, forget_at: float) -> bool:
+        from redis.exceptions import RedisError
+
+        try:
+            stored = await self._redis.set(self.prefix + jti, b"1", nx=True, exat=math.ceil(forget_at))
+        except (RedisError, OSError):
+            raise CredentialRejected("replay_check_unavailable", "the tool cannot check credentials for reuse right now",
+                                     503) from None
+        return bool(stored)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
 @dataclass
 class ToolVerifier:
     issuer: str
@@ -71,6 +155,8 @@ class ToolVerifier:
     leeway_seconds: float = 5.0
     public_origin: str | None = None  # e.g. https://crm.example.com when a proxy in front rewrites Host/scheme
     max_body_bytes: int = 1024 * 1024
+    # Each jti is served once; None switches the check off (only for tools that are idempotent by design).
+    replay_cache: ReplayCache | None = field(default_factory=MemoryReplayCache)
 
     def __post_init__(self) -> None:
         if self.keys is None:
@@ -100,7 +186,18 @@ class ToolVerifier:
         check_binding(claims, method, target_uri, body)
         if self.introspect_url:
             await self._introspect(token)
+        await self._refuse_replay(claims)
         return _verified(claims)
+
+    async def _refuse_replay(self, claims: dict[str, Any]) -> None:
+        """Last, so that only a credential that passed every other check uses up its jti."""
+        if self.replay_cache is None:
+            return
+        jti, exp = claims.get("jti"), claims.get("exp")
+        if not isinstance(jti, str) or not jti or not isinstance(exp, (int, float)):
+            raise CredentialRejected("unbound", "the credential has no jti or exp to check for reuse")
+        if not await self.replay_cache.first_use(jti, float(exp) + self.leeway_seconds):
+            raise CredentialRejected("replayed", "this credential was already used; each one is good for one call")
 
     async def _introspect(self, token: str) -> None:
         assert self.introspect_url is not None

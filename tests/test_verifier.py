@@ -88,7 +88,7 @@ async def test_calls_through_the_sidecar_are_served_and_anything_else_is_refused
         other_path = await thief.get(f"{tool}/crm/customers/8")
         other_method = await thief.delete(f"{tool}/crm/customers/7")
         other_body = await thief.request("GET", f"{tool}/crm/customers/7", content=b"extra")
-    assert same.status_code == 200  # replaying the identical request: short TTLs and introspection cover that
+    assert same.status_code == 401 and same.json()["code"] == "replayed"  # each jti is served once
     for refused in (other_path, other_method, other_body):
         assert refused.status_code == 403 and refused.json()["code"] == "wrong_request"
     async with httpx.AsyncClient() as thief:
@@ -107,10 +107,10 @@ async def test_introspection_makes_a_completed_tasks_credentials_useless_at_the_
         captured = aiohttp_tool.served[-1]["token"]
         assert aiohttp_tool.served[-1]["task"] == task_id
         replay = await agent.get(f"{tool}/crm/a", headers={"Authorization": f"Bearer {captured}"})
-        assert replay.status_code == 200  # still active
+        assert replay.status_code == 401 and replay.json()["code"] == "replayed"  # still active, but used
         assert (await agent.post(f"{sc.admin}/v1/tasks/{task_id}/complete")).status_code == 200
         revoked = await agent.get(f"{tool}/crm/a", headers={"Authorization": f"Bearer {captured}"})
-    assert revoked.status_code == 401 and revoked.json()["code"] == "revoked"
+    assert revoked.status_code == 401 and revoked.json()["code"] == "revoked"  # introspection is asked first
 
 
 async def test_introspection_unreachable_fails_closed(make_sidecar: SidecarFactory, aiohttp_tool: AiohttpTool) -> None:
