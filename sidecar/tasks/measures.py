@@ -141,14 +141,28 @@ def _walk(node: Any, steps: tuple[Step, ...]) -> Iterator[Any]:
         return
     step, rest = steps[0], steps[1:]
     if isinstance(step, str):
-        if isinstance(node, dict) and step in node:
-            yield from _walk(node[step], rest)
+        if isinstance(node, dict):
+            found = _member(node, step)
+            if found is not _MISSING:
+                yield from _walk(found, rest)
     elif isinstance(node, list):
         if step is None:
             for element in node:
                 yield from _walk(element, rest)
         elif step < len(node):
             yield from _walk(node[step], rest)
+
+
+_MISSING = object()
+
+
+def _member(node: dict[str, Any], key: str) -> Any:
+    """``node[key]``, matching the key ignoring case as many upstreams do (the interceptor refuses
+    a body with two keys equal ignoring case, so at most one matches)."""
+    if key in node:
+        return node[key]
+    folded = key.casefold()
+    return next((value for name, value in node.items() if name.casefold() == folded), _MISSING)
 
 
 def _leaf_number(leaf: Any, count: bool) -> float | None:

@@ -32,6 +32,26 @@ task_records_matter if call_records > 0
 
 task_records_matter if sensitive_route
 
+# A write whose body the sidecar could not read, on a route whose blast radius
+# is read from the body (it has measures, it moves funds, or its data is
+# sensitive): amounts and records are unknown, so the call is not allowed.
+deny contains {
+	"rule": "unreadable_body",
+	"reason": sprintf("unreadable_body: %s sends a body that is neither JSON nor a form to a route measured from its body; send it as JSON", [action]),
+} if {
+	is_write
+	body_unreadable
+	measured_from_body
+}
+
+measured_from_body if count(arr(object.get(doc, ["tool", "measures"], []))) > 0
+
+measured_from_body if funds_movement
+
+measured_from_body if sensitive_route
+
+measured_from_body if production
+
 # Notes do not hold or deny; they raise the risk, which shortens the
 # credential's TTL and sizes any approval.
 notes contains {

@@ -57,11 +57,13 @@ test_mcp_read_hint_ignored_on_rest_route if {
 	class_of(mcp_call("rest", "search_customers", {}, {"readOnlyHint": true})) == "propose"
 }
 
+# The sidecar parses JSON-RPC on routes configured protocol: mcp only; the knob is
+# off by default so that an input naming MCP on another route never lowers a risk.
 test_mcp_read_hint_on_unlabelled_route_follows_knob if {
 	inp := mcp_call("mcp-open", "search_customers", {}, {"readOnlyHint": true})
-	class_of(inp) == "read"
-	c := authz.action_class with input as inp with data.sidecar.config.mcp.trust_unlabelled_routes as false
-	c == "propose"
+	class_of(inp) == "propose"
+	c := authz.action_class with input as inp with data.sidecar.config.mcp.trust_unlabelled_routes as true
+	c == "read"
 }
 
 test_mcp_session_close_is_read if {

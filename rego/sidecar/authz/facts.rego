@@ -92,6 +92,9 @@ headers := in_obj(["request", "headers"])
 
 body := object.get(doc, ["request", "body"], null)
 
+# The sidecar could not read the body (neither JSON nor a form): what it carries is unknown.
+body_unreadable if object.get(doc, ["request", "body_readable"], true) == false
+
 query := in_obj(["request", "query"])
 
 # -- MCP --------------------------------------------------------------------
@@ -205,16 +208,21 @@ as_objects(x) := [x] if {
 	is_array(x)
 } else := []
 
+# Field names match ignoring case: many upstreams bind "Amount" to amount. (The
+# sidecar refuses a body with two keys equal ignoring case, so at most one matches.)
+amount_field_names := lower_strings(cfg.amount_fields)
+
 amount_values := [abs(num(v)) |
 	some p in payloads
-	some f in strings(cfg.amount_fields)
-	v := p[f]
+	some k, v in p
+	lower(k) in amount_field_names
 	is_amount(v)
 ]
 
 query_amount_values := [abs(num(v)) |
-	some f in strings(cfg.amount_fields)
-	some v in arr(query[f])
+	some k, values in query
+	lower(k) in amount_field_names
+	some v in arr(values)
 	is_amount(v)
 ]
 
@@ -244,10 +252,13 @@ call_amount := measured("amount") if {
 	measured("amount")
 } else := sum(amount_values) + sum(query_amount_values)
 
+records_field_names := lower_strings(cfg.records_fields)
+
 record_counts contains n if {
 	some p in payloads
-	some f in strings(cfg.records_fields)
-	n := count_of(p[f])
+	some k, v in p
+	lower(k) in records_field_names
+	n := count_of(v)
 }
 
 record_counts contains count(body) if {
@@ -256,8 +267,9 @@ record_counts contains count(body) if {
 }
 
 record_counts contains num(v) if {
-	some f in strings(cfg.records_query_params)
-	some v in arr(query[f])
+	some k, values in query
+	lower(k) in lower_strings(cfg.records_query_params)
+	some v in arr(values)
 }
 
 count_of(x) := count(x) if {

@@ -125,3 +125,26 @@ test_fractional_amounts_are_printed_as_is if {
 	d := decide(call("POST", "payments", "/refunds", {"amount": 50.5}))
 	reason_for(d, "amount_over_call_limit") == "amount_over_call_limit: POST /refunds on payments moves 50.5 > per-call limit 50"
 }
+
+test_amount_field_matches_ignoring_case if {
+	d := decide(call("POST", "payments", "/refunds", {"Amount": 75}))
+	fired(d, "amount_over_call_limit")
+	fired(decide(with_query(call("POST", "payments", "/refunds", null), {"AMOUNT": ["70"]})), "amount_over_call_limit")
+}
+
+test_unreadable_body_on_funds_route_denied if {
+	inp := object.union(call("POST", "payments", "/refunds", null), {"request": {"body_readable": false, "body_size": 17}})
+	d := decide(inp)
+	outcome(d) == "deny"
+	fired(d, "unreadable_body")
+}
+
+test_unreadable_body_on_measured_route_denied if {
+	inp := object.union(call("POST", "crm", "/notes", null), {"request": {"body_readable": false}, "tool": {"measures": ["records"]}})
+	fired(decide(inp), "unreadable_body")
+}
+
+test_unreadable_body_read_not_refused if {
+	inp := object.union(call("GET", "payments", "/balance", null), {"request": {"body_readable": false}})
+	not fired(decide(inp), "unreadable_body")
+}
