@@ -191,7 +191,7 @@ def build_sidecar(config: Config) -> Sidecar:
                                 approval_desk=approvals.desk,
                                 credentials_api=CredentialsApi(credential_parts.introspector, credential_parts.callers, tasks,
                                                                lambda: identity.current().id,
-                                                               on_task_ended=task_ended(path)))
+                                                               on_task_ended=task_ended(path), audit=audit))
     metrics_app = build_metrics_app(metrics, {"policy": policy_ready, "audit": audit_parts.ready,
                                               "approval_store": approvals.store.ping,
                                               **credential_parts.checks})
@@ -200,15 +200,10 @@ def build_sidecar(config: Config) -> Sidecar:
 
 
 def task_ended(path: RequestPath) -> TaskEnded:
-    """A task completed through the admin API: its credentials are revoked; audit and count it."""
+    """A task completed through the admin API (audited before it ended): its credentials are revoked; count it."""
 
     async def record(task: Task, cause: str) -> None:
         path.metrics.revocations.labels(cause).inc()
-        try:
-            path.audit.append({"type": "task.completed" if cause == "completed" else "task.revoked", "task_id": task.id,
-                               "cause": cause, "agent": task.agent})
-        except AuditError:
-            path.metrics.audit_write_errors.inc()  # the revocation itself is already durable
 
     return record
 
