@@ -1,0 +1,168 @@
+"""Hostile requests as data: every line of corpus.jsonl is sent raw to a real sidecar (shipped policy, embedded
+OPA) in front of a raw-socket upstream, and must be refused with its code or forwarded as exactly its target.
+
+Corpus format (one JSON object per line; blank lines and lines starting with ``#`` are skipped):
+
+- ``name``: unique; the pytest id.
+- ``request``: the bytes the agent sends, as a JSON string (``\\r\\n`` escapes; encoded as UTF-8, so
+  ``\\u00e9`` is sent as C3 A9, or as latin-1 with ``"latin1": true``, so ``\\u008b`` is the byte 8B: binary
+  bodies such as gzip). Placeholders: ``{task}`` an open task's id, ``{proxy}`` the proxy's host:port,
+  ``{cl}`` the byte length of everything after the first blank line (the body), ``{pad:N}`` N letters ``a``.
+- ``task``: open a fresh task first (true/false).
+- ``expect``: ``{"refused": "<code>"}`` or ``{"forwarded": {"target": "...", "body": "...", "method": "..."}}``;
+  ``target`` is the exact request-target the upstream must receive (the route's base path, see
+  adversarial_kit.BASES, then the canonical path and query).
+- optional: ``policy`` (keys of ``input.request`` in the decision event that must have these values, checked
+  for forwarded calls and for refusals that name a decision), ``absent_headers`` (header names that must not
+  reach the upstream), ``mcp`` (true: needs ``protocol: mcp`` on the tools route), ``why`` (a note).
+
+A refusal whose request contains a word starting with ``canary`` must not echo that word back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from adversarial_kit import (
+    Stack,
+    assert_forwarded,
+    assert_refused,
+    canaries_in,
+    exchange,
+    send_raw,
+)
+
+CORPUS = Path(__file__).with_name("corpus.jsonl")
+EXPECT_KEYS = {"refused", "forwarded"}
+CASE_KEYS = {"name", "request", "task", "expect", "policy", "absent_headers", "mcp", "why", "latin1"}
+PAD = re.compile(r"\{pad:(\d{1,7})\}")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    request: str
+    task: bool
+    expect: dict[str, Any]
+    policy: dict[str, Any] | None = None
+    absent_headers: tuple[str, ...] = ()
+    mcp: bool = False
+    latin1: bool = False
+
+    def render(self, *, task: str | None, proxy: str) -> bytes:
+        text = self.request.replace("{proxy}", proxy)
+        if task is not None:
+            text = text.replace("{task}", task)
+        text = PAD.sub(lambda found: "a" * int(found.group(1)), text)
+        data = text.encode("latin-1" if self.latin1 else "utf-8")
+        head, separator, body = data.partition(b"\r\n\r\n")
+        if b"{cl}" in head:
+            head = head.replace(b"{cl}", str(len(body)).encode())
+        return head + separator + body
+
+
+def load_corpus(path: Path = CORPUS) -> list[Case]:
+    cases: list[Case] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            raise AssertionError(f"{path.name}:{number}: not JSON: {exc}") from None
+        unknown = set(entry) - CASE_KEYS
+        assert not unknown, f"{path.name}:{number}: unknown keys {sorted(unknown)}"
+        expect = entry.get("expect")
+        assert isinstance(expect, dict) and len(expect) == 1 and set(expect) <= EXPECT_KEYS, (
+            f"{path.name}:{number}: expect must be {{refused: code}} or {{forwarded: {{target, body}}}}")
+        if "forwarded" in expect:
+            forwarded = expect["forwarded"]
+            assert isinstance(forwarded, dict) and isinstance(forwarded.get("target"), str) and isinstance(
+                forwarded.get("body"), str), f"{path.name}:{number}: forwarded needs target and body"
+        else:
+            assert isinstance(expect["refused"], str), f"{path.name}:{number}: refused needs a code"
+        assert isinstance(entry.get("name"), str) and isinstance(entry.get("request"), str), f"{path.name}:{number}"
+        assert isinstance(entry.get("task"), bool), f"{path.name}:{number}: task must be true or false"
+        assert "{task}" not in entry["request"] or entry["task"], f"{path.name}:{number}: uses {{task}} without a task"
+        cases.append(Case(entry["name"], entry["request"], entry["task"], expect, entry.get("policy"),
+                          tuple(entry.get("absent_headers", ())), bool(entry.get("mcp", False)),
+                          bool(entry.get("latin1", False))))
+    names = [case.name for case in cases]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    assert not duplicates, f"duplicate case names: {duplicates}"
+    return cases
+
+
+CASES = load_corpus()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    running = Stack(tmp_path_factory.mktemp("adversarial-corpus")).start()
+    yield running
+    running.stop()
+
+
+def test_the_corpus_covers_every_class_of_issue_13() -> None:
+    prefixes = {case.name.split("-", 1)[0] for case in CASES}
+    assert {"pct", "fragment", "chars", "dots", "absolute", "method", "header", "override", "parser", "dupkey",
+            "unlabelled", "form", "encoding", "mcp", "sniff"} <= prefixes, sorted(prefixes)
+    assert len(CASES) >= 60
+
+
+def test_the_raw_upstream_records_exactly_what_an_ordinary_call_sends(stack: Stack) -> None:
+    data = b"GET /crm/customers/42?fields=name HTTP/1.1\r\nHost: x\r\nUser-Agent: raw\r\nConnection: close\r\n\r\n"
+    outcome = exchange(stack, data)
+    received = assert_forwarded(stack, outcome, target="/api/crm/customers/42?fields=name", body=b"", method="GET")
+    assert received.header("user-agent") == ["raw"]
+    assert stack.upstream.errors == []
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_corpus(stack: Stack, case: Case) -> None:
+    if case.mcp and not stack.mcp_protocol:
+        pytest.xfail("waiting for protocol: mcp")
+    task = stack.open_task() if case.task else None
+    data = case.render(task=task, proxy=stack.proxy_authority)
+    outcome = exchange(stack, data)
+    expect = case.expect
+    if "refused" in expect:
+        assert_refused(outcome, code=expect["refused"], mcp_route=case.mcp, canaries=canaries_in(data))
+        decision_id = _decision_id(outcome.answer.body)
+        if case.policy is not None:
+            assert decision_id, f"{case.name}: policy expectations need a decision: {outcome.describe()}"
+            event = stack.decision_event(decision_id)
+            assert event is not None, f"no decision event {decision_id}"
+            judged = event["input"]["request"]
+            for key, value in case.policy.items():
+                assert judged.get(key) == value, f"input.request.{key}: judged {judged.get(key)!r}, expected {value!r}"
+    else:
+        forwarded = expect["forwarded"]
+        assert_forwarded(stack, outcome, target=forwarded["target"], body=forwarded["body"].encode("latin-1" if case.latin1 else "utf-8"),
+                         method=forwarded.get("method"), policy=case.policy, absent_headers=case.absent_headers)
+    assert stack.upstream.errors == [], f"the sidecar sent the upstream bad HTTP: {stack.upstream.errors}"
+
+
+def _decision_id(body: bytes) -> str | None:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(document, list) and document:
+        document = document[0]
+    if isinstance(document, dict) and isinstance(document.get("error"), dict):
+        document = document["error"].get("data") or {}
+    value = document.get("decision_id") if isinstance(document, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def test_after_the_corpus_the_sidecar_still_serves(stack: Stack) -> None:
+    """No hostile case left the listener wedged."""
+    answer = send_raw(stack.proxy_port, b"GET /plain/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.status == 200, answer
