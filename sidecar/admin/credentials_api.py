@@ -1,8 +1,13 @@
-"""Admin routes for credentials and task ends: POST /introspect (RFC 7662), POST /v1/tasks/{id}/complete."""
+"""Admin routes for credentials and task ends: POST /introspect (RFC 7662), POST /v1/tasks/{id}/complete.
+
+A task ends only once its audit event is written: an audit log that cannot be written refuses the
+completion (``audit_unavailable``) and the task stays open.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -11,13 +16,16 @@ from urllib.parse import parse_qs
 
 from aiohttp import web
 
+from ..audit import AuditError, AuditSink
 from ..credentials.introspection import IntrospectionCallers, Introspector
 from ..problems import Refusal
 from ..tasks import Task, TaskStore
 
+log = logging.getLogger("sidecar.admin")
+
 MAX_INTROSPECTION_BODY = 32 * 1024
 
-# Called after a task ended (cause: completed | expired | obligation): audit and metrics live in the app.
+# Called after a task ended and its end was recorded (cause: completed | expired): metrics live in the app.
 TaskEnded = Callable[[Task, str], Awaitable[None]]
 
 
@@ -28,6 +36,7 @@ class CredentialsApi:
     tasks: TaskStore
     agent_id: Callable[[], str]
     on_task_ended: TaskEnded | None = None
+    audit: AuditSink | None = None
 
     def register(self, app: web.Application) -> None:
         app.router.add_post("/introspect", self.introspect)
@@ -46,12 +55,40 @@ class CredentialsApi:
         found = await self.tasks.get(task_id)
         if found is None or found[0].agent != self.agent_id():
             raise Refusal("unknown_task", "no such task for this agent")
-        expired = found[0].status == "open" and found[0].expires_at <= time.time()
-        task = await self.tasks.finish(task_id, "completed")
+        current = found[0]
+        ending = current.status == "open"
+        cause = "expired" if ending and current.expires_at <= time.time() else "completed"
+        event = {"type": "task.completed" if cause == "completed" else "task.revoked", "task_id": current.id,
+                 "cause": cause, "agent": current.agent}
+        if ending:
+            await self._audit_first(event)
+        try:
+            task = await self.tasks.finish(task_id, "completed")
+        except Refusal as refusal:
+            if ending:
+                self._audit_after({**event, "type": "task.end_not_applied", "code": refusal.code})
+            raise
         assert task is not None
-        if self.on_task_ended is not None:
-            await self.on_task_ended(task, "expired" if expired else "completed")
+        if ending and self.on_task_ended is not None:
+            await self.on_task_ended(task, cause)
         return web.json_response({**task.public(), "credentials_revoked": True})
+
+    async def _audit_first(self, event: dict[str, Any]) -> None:
+        if self.audit is None:
+            return
+        try:
+            await self.audit.record(event)
+        except AuditError:
+            log.error("audit log cannot be written: %s for %s refused", event["type"], event["task_id"])
+            raise Refusal("audit_unavailable", "the audit log cannot be written; the task was not ended") from None
+
+    def _audit_after(self, event: dict[str, Any]) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.append(event, receipt=False)
+        except AuditError:
+            log.error("audit log cannot be written: %s for %s not recorded", event["type"], event["task_id"])
 
 
 async def _token_parameter(request: web.Request) -> str:

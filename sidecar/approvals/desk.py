@@ -1,16 +1,22 @@
-"""The approver's side: identify the approver, record a verdict, audit it, count it."""
+"""The approver's side: identify the approver, audit a verdict, then record it, then count it.
+
+A verdict counts only once its audit event is written: it is worked out on a copy of the
+approval, audited (waiting for the writer's receipt), and only then applied by the store,
+which refuses it if the approval changed in between. An audit log that cannot be written
+refuses the verdict (``audit_unavailable``) and changes nothing.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..audit import AuditError, AuditSink
 from ..observability.metrics import Metrics
 from ..problems import Refusal
 from .approvers import Approver, ApproverVerifier, bearer_token
-from .store import Approval, ApprovalStore, Verdict
+from .store import Approval, ApprovalStore, Verdict, apply_verdict, copy_of, outcome
 from .webhook import WebhookNotifier
 
 log = logging.getLogger("sidecar.approvals")
@@ -42,17 +48,54 @@ class ApprovalDesk:
 
     async def decide(self, approval_id: str, approver: Approver, *, approve: bool, comment: str) -> Approval:
         verdict = Verdict(approver=approver.subject, groups=approver.groups, approve=approve, comment=comment)
-        approval = await self.store.decide(approval_id, verdict)
-        kind = {"approved": "approval.approved", "denied": "approval.denied"}.get(approval.status, "approval.approver_added")
-        self._audit({
-            "type": kind, "approval_id": approval.id, "decision_id": approval.decision_id,
-            "task_id": approval.binding.task_id, "agent": approval.binding.agent, "approver": approver.subject,
-            "comment": comment[:1000], "approvals": len(approval.approvals), "approvers_required": approval.approvers_required,
-        })
+        preview = await self._preview(approval_id, verdict)
+        event = self._verdict_event(preview, approver, comment)
+        await self._audit_first(event)
+        try:
+            approval = await self.store.decide(approval_id, replace(verdict, expected=outcome(preview)))
+        except Refusal as refusal:
+            self._audit_after({**event, "type": "approval.verdict_not_applied", "code": refusal.code})
+            raise
         if approval.status in ("approved", "denied") and self.metrics is not None:
             self.metrics.approvals_resolved.labels(approval.status).inc()
         await self.refresh_pending_gauge()
         return approval
+
+    async def _preview(self, approval_id: str, verdict: Verdict) -> Approval:
+        """The approval as this verdict would leave it; the refusal if it may not be given."""
+        current = await self.store.get(approval_id)
+        if current is None:
+            raise Refusal("approval_invalid", "no such approval")
+        preview = copy_of(current)
+        apply_verdict(preview, verdict, verdict.at)
+        return preview
+
+    @staticmethod
+    def _verdict_event(preview: Approval, approver: Approver, comment: str) -> dict[str, Any]:
+        kind = {"approved": "approval.approved", "denied": "approval.denied"}.get(preview.status, "approval.approver_added")
+        return {
+            "type": kind, "approval_id": preview.id, "decision_id": preview.decision_id,
+            "task_id": preview.binding.task_id, "agent": preview.binding.agent, "approver": approver.subject,
+            "comment": comment[:1000], "approvals": len(preview.approvals), "approvers_required": preview.approvers_required,
+        }
+
+    async def _audit_first(self, event: dict[str, Any]) -> None:
+        if self.audit is None:
+            return
+        try:
+            await self.audit.record(event)
+        except AuditError:
+            log.error("audit log cannot be written: %s for %s refused", event["type"], event["approval_id"])
+            raise Refusal("audit_unavailable", "the audit log cannot be written; the verdict was not recorded and "
+                          "nothing changed", approval_id=event["approval_id"]) from None
+
+    def _audit_after(self, event: dict[str, Any]) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.append(event, receipt=False)
+        except AuditError:
+            log.error("audit log cannot be written: %s for %s not recorded", event["type"], event["approval_id"])
 
     async def refresh_pending_gauge(self) -> None:
         if self.metrics is None:
@@ -61,16 +104,6 @@ class ApprovalDesk:
             self.metrics.approvals_pending.set(await self.store.count_pending())
         except Refusal:
             pass  # the store's own readiness check reports this
-
-    def _audit(self, event: dict[str, Any]) -> None:
-        if self.audit is None:
-            return
-        try:
-            self.audit.append(event)
-        except AuditError:
-            log.error("audit log cannot be written: %s for %s not recorded", event["type"], event["approval_id"])
-            if self.metrics is not None:
-                self.metrics.audit_write_errors.inc()
 
     async def close(self) -> None:
         if self.notifier is not None:

@@ -84,13 +84,27 @@ class Approval:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One approver's decision on one approval, from a verified token."""
+    """One approver's decision on one approval, from a verified token.
+
+    ``expected`` is the outcome, (status, approvals given), that was audited before the verdict is
+    applied: if the approval changed in between, the store refuses the verdict rather than let it
+    count for something the audit chain does not say.
+    """
 
     approver: str
     groups: tuple[str, ...]
     approve: bool
     comment: str = ""
     at: float = field(default_factory=time.time)
+    expected: tuple[str, int] | None = None
+
+
+def outcome(approval: Approval) -> tuple[str, int]:
+    return approval.status, len(approval.approvals)
+
+
+def copy_of(approval: Approval) -> Approval:
+    return Approval.from_json(approval.to_json())
 
 
 def apply_verdict(approval: Approval, verdict: Verdict, now: float) -> None:
@@ -112,10 +126,13 @@ def apply_verdict(approval: Approval, verdict: Verdict, now: float) -> None:
     if not verdict.approve:
         approval.denial = entry
         approval.status = "denied"
-        return
-    approval.approvals.append(entry)
-    if len(approval.approvals) >= approval.approvers_required:
-        approval.status = "approved"
+    else:
+        approval.approvals.append(entry)
+        if len(approval.approvals) >= approval.approvers_required:
+            approval.status = "approved"
+    if verdict.expected is not None and outcome(approval) != verdict.expected:
+        raise Refusal("approval_conflict", "the approval changed while this verdict was being recorded; look again",
+                      approval_id=approval.id)
 
 
 def mark_used(approval: Approval, now: float) -> bool:
@@ -238,10 +255,12 @@ class MemoryApprovalStore:
         return approval is not None and mark_used(approval, time.time())
 
     async def decide(self, approval_id: str, verdict: Verdict) -> Approval:
-        approval = self._records.get(approval_id)
-        if approval is None:
+        stored = self._records.get(approval_id)
+        if stored is None:
             raise Refusal("approval_invalid", "no such approval")
+        approval = copy_of(stored)  # a refused verdict leaves the stored record as it was
         apply_verdict(approval, verdict, time.time())
+        self._records[approval_id] = approval
         self._waiters.wake(approval_id)
         return approval
 

@@ -1,0 +1,100 @@
+"""Issue 15, items 4 and 5: can-decide is recorded before it counts; the audit writer under a failing disk.
+
+A real sidecar whose audit log cannot be written: its file is swapped, under the running sidecar, for a
+symlink to /dev/full, where every write fails with ENOSPC (root included), as on a full disk.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from approvals_support import APPROVAL_POLICY, ApproverIdP, approve, audit_events, eventually
+from conftest import SidecarFactory
+from harness import EchoTool, RunningSidecar, open_task
+
+ALICE = "alice@example.com"
+
+
+@pytest.fixture
+def idp(tmp_path: Path) -> ApproverIdP:
+    return ApproverIdP(tmp_path)
+
+
+def fill_the_disk(audit_path: Path) -> None:
+    audit_path.unlink()
+    audit_path.symlink_to("/dev/full")
+
+
+def free_the_disk(audit_path: Path) -> None:
+    audit_path.unlink()
+
+
+async def hold_a_call(sc: RunningSidecar, task: str) -> str:
+    async with httpx.AsyncClient() as agent:
+        response = await agent.delete(f"{sc.proxy}/crm/customers/42", headers={"X-Agent-Task": task})
+    assert response.json()["code"] == "approval_required", response.text
+    approval_id: str = response.json()["approval_id"]
+    return approval_id
+
+
+async def approval_status(sc: RunningSidecar, approval_id: str) -> str:
+    async with httpx.AsyncClient() as client:
+        status: str = (await client.get(f"{sc.admin}/v1/approvals/{approval_id}")).json()["status"]
+    return status
+
+
+async def test_an_approval_is_refused_and_changes_nothing_while_the_audit_log_cannot_be_written(
+        make_sidecar: SidecarFactory, idp: ApproverIdP, echo_tool: EchoTool) -> None:
+    sc = await make_sidecar(policy_dir=APPROVAL_POLICY, approvals=idp.config())
+    task = await open_task(sc.admin)
+    approval_id = await hold_a_call(sc, task)
+    fill_the_disk(sc.audit_path)
+
+    refused = await approve(sc.admin, approval_id, idp.token(ALICE, ["approvers"]))
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    assert refused.json()["code"] == "audit_unavailable" and refused.json()["approval_id"] == approval_id
+    assert await approval_status(sc, approval_id) == "pending"
+    async with httpx.AsyncClient() as agent:
+        retried = await agent.delete(f"{sc.proxy}/crm/customers/42",
+                                     headers={"X-Agent-Task": task, "X-Agent-Approval": approval_id})
+    assert retried.status_code >= 400 and echo_tool.seen == []
+
+    free_the_disk(sc.audit_path)
+
+    async def approved() -> httpx.Response | None:
+        response = await approve(sc.admin, approval_id, idp.token(ALICE, ["approvers"]))
+        return response if response.status_code == 200 else None
+
+    await eventually(approved, what="the approval once the audit log can be written again")
+    assert await approval_status(sc, approval_id) == "approved"
+    granted = [e for e in audit_events(sc.audit_path) if e["type"] == "approval.approved"]
+    assert [e["approval_id"] for e in granted] == [approval_id]
+
+
+async def test_a_task_is_not_ended_while_its_end_cannot_be_audited(make_sidecar: SidecarFactory) -> None:
+    sc = await make_sidecar()
+    task = await open_task(sc.admin)
+    fill_the_disk(sc.audit_path)
+    async with httpx.AsyncClient() as client:
+        refused = await client.post(f"{sc.admin}/v1/tasks/{task}/complete")
+        still = await client.get(f"{sc.admin}/v1/tasks/{task}")
+    assert refused.status_code == 503 and refused.json()["code"] == "audit_unavailable"
+    assert still.json()["status"] == "open"
+
+    free_the_disk(sc.audit_path)
+
+    async def completed() -> dict[str, Any] | None:
+        async with httpx.AsyncClient() as client:
+            response = await client.post(f"{sc.admin}/v1/tasks/{task}/complete")
+        return response.json() if response.status_code == 200 else None
+
+    assert (await eventually(completed, what="the completion once the audit log can be written"))["status"] == "completed"
+    ended = [e for e in audit_events(sc.audit_path) if e["type"] == "task.completed"]
+    assert [e["task_id"] for e in ended] == [task]
+    assert os.path.isfile(sc.audit_path)
