@@ -15,6 +15,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 
 from ..problems import Refusal
@@ -29,7 +32,12 @@ WATCH_RETRIES = 20
 class RedisTaskStore:
     def __init__(self, url: str, *, prefix: str = "agent-sidecar:") -> None:
         self.prefix = prefix
-        self._redis: redis.Redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        # One retry on a broken connection only: after a Redis restart the pool still holds sockets from
+        # before it, and the first command on each would fail although Redis answers again (issue 15).
+        # Timeouts are not retried: the command may have been applied.
+        self._redis: redis.Redis = redis.Redis.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=2.0,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
 
     def _task_key(self, task_id: str) -> str:
         return f"{self.prefix}task:{task_id}"
