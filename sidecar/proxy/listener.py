@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from ..config import ConnectionLimits
@@ -98,6 +98,8 @@ class GuardedRequestHandler(RequestHandler):
 def _parser_refusal(status: int, exc: BaseException | None) -> Refusal:
     if isinstance(exc, LineTooLong) or status == 431:
         return Refusal("headers_too_large", "the request line or a header is too long")
+    if isinstance(exc, BadHttpMethod):
+        return Refusal("method_not_allowed", "the parser does not know this method")
     if status == 413:
         return Refusal("body_too_large", "the request body is too large")
     if status >= 500:
