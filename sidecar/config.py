@@ -21,7 +21,20 @@ from .tasks.measures import (MAX_MEASURES_PER_ROUTE, MAX_PATHS_PER_MEASURE, MEAS
 
 T = TypeVar("T")
 
-DEFAULT_CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "cookie")
+# Never forwarded from the agent, on any route.
+FIXED_CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "cookie")
+# Headers that carry a credential by common convention: stripped on every route unless the route
+# lists one in credential.pass_headers. Each names a key or token that grants authority by itself:
+# generic API keys and tokens, AWS STS session tokens, Google and Azure API-management keys, Azure
+# Functions keys, GitLab, Vault, Consul and Shopify tokens. CSRF tokens are left out: they grant
+# nothing without the session cookie, which is always stripped.
+CONVENTIONAL_CREDENTIAL_HEADERS = (
+    "x-api-key", "api-key", "apikey", "x-api-token", "x-api-secret", "x-auth-token", "x-auth-key",
+    "x-access-token", "x-session-token", "x-amz-security-token", "x-goog-api-key",
+    "ocp-apim-subscription-key", "x-functions-key", "private-token", "job-token", "x-vault-token",
+    "x-consul-token", "x-shopify-access-token",
+)
+DEFAULT_CREDENTIAL_HEADERS = FIXED_CREDENTIAL_HEADERS + CONVENTIONAL_CREDENTIAL_HEADERS
 # Methods a route accepts unless it lists its own; TRACE, CONNECT and WebDAV methods never by default.
 DEFAULT_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 PROTOCOLS = ("http", "mcp")
@@ -55,6 +68,19 @@ class RouteCredential:
     scheme: str = "Bearer"
     static_key_file: Path | None = None
     strip_headers: tuple[str, ...] = ()
+    pass_headers: tuple[str, ...] = ()  # conventional credential headers this route forwards (lower-case)
+
+
+MCP_HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
+
+
+@dataclass(frozen=True)
+class McpOptions:
+    """How an MCP route answers refusals and which tool hints it believes."""
+
+    refusal: str = "tool_result"  # tool_result | jsonrpc_error: how a refused tools/call is answered
+    tools: dict[str, dict[str, bool]] = field(default_factory=dict)  # hints pinned by the operator, by tool name
+    trust_server_annotations: bool = False  # False: a server's hints may only make a call stricter
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,7 @@ class Route:
     methods: frozenset[str] = frozenset(DEFAULT_METHODS)
     protocol: str = "http"  # http | mcp: JSON-RPC is parsed on mcp routes only, never sniffed from a body
     content_encodings: tuple[str, ...] = ()  # request codings decoded (once) and judged; any other is refused
+    mcp: McpOptions = field(default_factory=McpOptions)
 
     @property
     def is_mcp(self) -> bool:
@@ -80,7 +107,7 @@ class Route:
     @property
     def credential_headers(self) -> frozenset[str]:
         """Every header name the agent must never be able to set for this route."""
-        names = set(DEFAULT_CREDENTIAL_HEADERS)
+        names = set(DEFAULT_CREDENTIAL_HEADERS) - set(self.credential.pass_headers)
         names.add(self.credential.header.lower())
         names.update(h.lower() for h in self.credential.strip_headers)
         return frozenset(names)
@@ -336,7 +363,7 @@ def _route(reader: _Reader, value: Any, index: int) -> Route:
     section = reader.mapping(
         value, key,
         {"name", "match", "upstream", "labels", "credential", "allow_tunnel", "tls", "timeout_seconds", "measures",
-         "methods", "protocol", "content_encodings"},
+         "methods", "protocol", "content_encodings", "mcp"},
     )
     name = section.get("name")
     if not isinstance(name, str) or not _ROUTE_NAME.match(name):
@@ -381,7 +408,28 @@ def _route(reader: _Reader, value: Any, index: int) -> Route:
         methods=_methods(reader, section.get("methods"), f"{key}.methods"),
         protocol=protocol,
         content_encodings=_codings(reader, section.get("content_encodings"), f"{key}.content_encodings"),
+        mcp=_mcp_options(reader, section.get("mcp"), f"{key}.mcp", protocol),
     )
+
+
+def _mcp_options(reader: _Reader, value: Any, key: str, protocol: str) -> McpOptions:
+    if value is None:
+        return McpOptions()
+    if protocol != "mcp":
+        raise reader.fail(key, "is only for routes with protocol: mcp")
+    section = reader.mapping(value, key, {"refusal", "tools", "trust_server_annotations"})
+    tools = section.get("tools") or {}
+    if not isinstance(tools, dict):
+        raise reader.fail(f"{key}.tools", "must be a mapping of tool names to hints")
+    pinned: dict[str, dict[str, bool]] = {}
+    for name, hints in tools.items():
+        hints_section = reader.mapping(hints, f"{key}.tools.{name}", set(MCP_HINTS))
+        if not all(isinstance(v, bool) for v in hints_section.values()):
+            raise reader.fail(f"{key}.tools.{name}", "hints are true or false")
+        pinned[str(name)] = dict(hints_section)
+    return McpOptions(refusal=reader.choice(section, key, "refusal", ("tool_result", "jsonrpc_error"), "tool_result"),
+                      tools=pinned,
+                      trust_server_annotations=reader.typed(section, key, "trust_server_annotations", bool, False))
 
 
 def _protocol(reader: _Reader, section: dict[str, Any], labels: dict[str, Any], key: str) -> str:
@@ -442,7 +490,8 @@ def _measure_path(reader: _Reader, value: Any, key: str) -> MeasurePath:
 
 
 def _route_credential(reader: _Reader, value: Any, key: str) -> RouteCredential:
-    section = reader.mapping(value, key, {"mode", "header", "scheme", "static_key_file", "strip_headers"})
+    section = reader.mapping(value, key, {"mode", "header", "scheme", "static_key_file", "strip_headers",
+                                          "pass_headers"})
     mode = reader.choice(section, key, "mode", ("jwt", "static", "none"), "jwt")
     header = reader.typed(section, key, "header", str, "Authorization")
     if not _HEADER_NAME.match(header):
@@ -450,6 +499,14 @@ def _route_credential(reader: _Reader, value: Any, key: str) -> RouteCredential:
     strip = section.get("strip_headers") or []
     if not isinstance(strip, list) or not all(isinstance(h, str) and _HEADER_NAME.match(h) for h in strip):
         raise reader.fail(f"{key}.strip_headers", "must be a list of header names")
+    passed = section.get("pass_headers") or []
+    if not isinstance(passed, list) or not all(isinstance(h, str) for h in passed):
+        raise reader.fail(f"{key}.pass_headers", "must be a list of header names")
+    for name in passed:
+        if name.lower() not in CONVENTIONAL_CREDENTIAL_HEADERS:
+            raise reader.fail(f"{key}.pass_headers", f"{name} is not one of the conventional credential headers")
+        if name.lower() == header.lower() or name.lower() in (h.lower() for h in strip):
+            raise reader.fail(f"{key}.pass_headers", f"{name} is also the route's credential header or in strip_headers")
     static_key_file = reader.path(section, key, "static_key_file", None)
     if mode == "static" and static_key_file is None:
         raise reader.fail(f"{key}.static_key_file", "is required when mode is static")
@@ -459,6 +516,7 @@ def _route_credential(reader: _Reader, value: Any, key: str) -> RouteCredential:
         scheme=reader.typed(section, key, "scheme", str, "Bearer" if header.lower() == "authorization" else ""),
         static_key_file=static_key_file,
         strip_headers=tuple(strip),
+        pass_headers=tuple(sorted({h.lower() for h in passed})),
     )
 
 

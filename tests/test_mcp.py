@@ -64,20 +64,35 @@ async def test_mcp_sdk_client_allowed_and_denied(make_sidecar: Any, mcp_server: 
             await session.initialize()
             result: Any = await session.call_tool("get_weather", {"city": "Oslo"})
             assert "sunny in Oslo" in json.dumps(result.model_dump(mode="json"))
-            with pytest.raises(Exception) as refused:
-                await session.call_tool("delete_record", {"record_id": 7})
-    message = str(refused.value)
-    assert "Denied by policy" in message and "delete_record is not allowed" in message
+            refused: Any = await session.call_tool("delete_record", {"record_id": 7})
+    # What the model sees: an error result it can read, the session still alive.
+    assert refused.is_error is True
+    assert refused.content[0].text == "denied: fixture: MCP tool delete_record is not allowed"
+    problem = refused.meta["dev.agent-sidecar/problem"]
+    assert problem["code"] == "denied" and problem["decision_id"]
     assert mcp_server.calls == ["get_weather"]
 
 
-async def test_refused_mcp_call_is_a_jsonrpc_error_with_code_reasons_and_decision_id(
-        make_sidecar: Any, echo_tool: EchoTool) -> None:
+async def test_refused_tools_call_is_an_error_result_at_200(make_sidecar: Any, echo_tool: EchoTool) -> None:
     sc = await mcp_sidecar(make_sidecar, echo_tool.base)
     call = {"jsonrpc": "2.0", "id": 42, "method": "tools/call", "params": {"name": "delete_all", "arguments": {}}}
     async with httpx.AsyncClient() as agent:
         response = await agent.post(f"{sc.proxy}/tools/mcp", json=call)
-    assert response.status_code == 403 and response.headers["content-type"].startswith("application/json")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"] == 42 and body["result"]["isError"] is True
+    assert body["result"]["content"] == [{"type": "text", "text": "denied: fixture: MCP tool delete_all is not allowed"}]
+    assert body["result"]["_meta"]["dev.agent-sidecar/problem"]["code"] == "denied"
+    assert echo_tool.seen == []
+
+
+async def test_refused_mcp_call_is_a_jsonrpc_error_when_the_route_asks(make_sidecar: Any, echo_tool: EchoTool) -> None:
+    sc = await make_sidecar(routes=[{"name": "tools", "match": {"path_prefix": "/tools"}, "upstream": echo_tool.base,
+                                     "protocol": "mcp", "mcp": {"refusal": "jsonrpc_error"}}])
+    call = {"jsonrpc": "2.0", "id": 42, "method": "tools/call", "params": {"name": "delete_all", "arguments": {}}}
+    async with httpx.AsyncClient() as agent:
+        response = await agent.post(f"{sc.proxy}/tools/mcp", json=call)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
     body = response.json()
     assert body["id"] == 42 and body["jsonrpc"] == "2.0"
     assert body["error"]["code"] == -32001
@@ -96,10 +111,11 @@ async def test_batch_with_one_refused_call_refuses_the_batch(make_sidecar: Any, 
     ]
     async with httpx.AsyncClient() as agent:
         response = await agent.post(f"{sc.proxy}/tools/mcp", json=batch)
-    assert response.status_code == 403
-    errors = response.json()
-    assert [e["id"] for e in errors] == [1, 2]
-    assert all(e["error"]["data"]["code"] == "denied" for e in errors)
+    assert response.status_code == 200
+    answers = response.json()
+    assert [a["id"] for a in answers] == [1, 2]
+    assert all(a["result"]["isError"] and a["result"]["_meta"]["dev.agent-sidecar/problem"]["code"] == "denied"
+               for a in answers)
     assert echo_tool.seen == []
 
 
@@ -168,9 +184,8 @@ async def test_tool_annotations_learned_from_tools_list_reach_the_policy(make_si
                 assert {t.name for t in listed.tools} == {"lookup", "tidy_up"}
                 looked_up: Any = await session.call_tool("lookup", {"key": "k"})
                 assert "value of k" in json.dumps(looked_up.model_dump(mode="json"))
-                with pytest.raises(Exception) as held:
-                    await session.call_tool("tidy_up", {"scope": "everything"})
-        assert "approval" in str(held.value).lower()
+                held: Any = await session.call_tool("tidy_up", {"scope": "everything"})
+        assert held.is_error and held.content[0].text.startswith("waiting for human approval ap-")
         assert calls == ["lookup"]
         assert await audited_annotations(sc.audit_path, want=2) == {
             "lookup": {"readOnlyHint": True}, "tidy_up": {"destructiveHint": True}}
