@@ -5,21 +5,29 @@ PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 OPA_BINDINGS = opa-golib-python-bindings==0.4.4
 
-.PHONY: venv run test test-python test-rego typecheck bench bench-smoke clean system-deps
+.PHONY: venv venv-test run test test-python test-rego typecheck bench bench-smoke clean system-deps
 
+# Two stamps: the runtime (`make run`) and the runtime plus the test extras (`make test`).
+# Each is redone when pyproject.toml changes; the test stamp builds on the runtime one.
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	@# Debian ships venv's ensurepip separately (python3.11-venv).
 	@$(PYTHON) -c "import ensurepip" 2>/dev/null || bash scripts/install-python-venv.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e .
 	# The embedded OPA engine: metadata says Python 3.14, the ctypes wrapper runs on 3.11.
 	# Wheels exist for Linux x86_64 only; elsewhere the sidecar runs with the OPA REST engine.
 	-$(PIP) install -q --ignore-requires-python --no-deps $(OPA_BINDINGS)
 	touch $@
 
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
 venv: $(VENV)/.installed
+
+venv-test: $(VENV)/.installed-test
 
 run: venv
 	GOGC=$${GOGC:-400} $(PY) -m sidecar.demo
@@ -27,7 +35,7 @@ run: venv
 system-deps:
 	bash scripts/install-system-deps.sh
 
-test: venv system-deps
+test: venv-test system-deps
 	$(VENV)/bin/agent-sidecar policy test rego/
 	$(PY) -m mypy
 	$(PY) -m pytest -q
