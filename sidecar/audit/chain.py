@@ -9,6 +9,12 @@ as one chain.
 
 ``HashChainLog`` is synchronous and is driven by one writer thread
 (:mod:`sidecar.audit.writer`); it never runs on the event loop.
+
+When the active file is removed or replaced under the running writer, the writer
+keeps the chain whole: what the open (possibly deleted) file holds is copied into
+the next rotated file unless that file is still part of the chain under another
+name, a foreign regular file at the path is moved aside, and the chain continues
+in a new active file whose first event links to the last hash written.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,6 +86,12 @@ def rotated_files(active: Path) -> list[Path]:
             if match:
                 found.append((int(match[1]), candidate))
     return [path for _, path in sorted(found)]
+
+
+def _next_rotated(active: Path) -> Path:
+    existing = rotated_files(active)
+    number = int(existing[-1].name[len(active.stem) + 1:].split(".")[0]) + 1 if existing else 1
+    return rotated_name(active, number)
 
 
 def chain_files(active: Path) -> list[Path]:
@@ -147,6 +161,10 @@ class HashChainLog:
         self._seq = int(last["seq"]) + 1 if last else 0
         self._fd = -1
         self._size = 0
+        self._identity: tuple[int, int] | None = None
+        self._notices: list[dict[str, Any]] = []  # events about the chain itself, written before the next events
+        self.notices_written: list[dict[str, Any]] = []  # those the last write_batch wrote, with their chain fields
+        self.on_displaced: Callable[[str, dict[str, Any]], None] = lambda what, notice: None
         self._open()
 
     @property
@@ -159,7 +177,9 @@ class HashChainLog:
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._size = os.fstat(self._fd).st_size
+        opened = os.fstat(self._fd)
+        self._size = opened.st_size
+        self._identity = (opened.st_dev, opened.st_ino)
 
     def _close_fd(self) -> None:
         if self._fd >= 0:
@@ -170,22 +190,86 @@ class HashChainLog:
         self._fd = -1
 
     def _ensure_open(self) -> None:
-        """Reopen after a failure, or when the file was deleted or moved away under us."""
-        if self._fd >= 0:
+        """Reopen after a failure (a displaced file is dealt with first: see continue_after_displacement)."""
+        if self._fd < 0:
+            self._open()
+
+    def displaced(self) -> str | None:
+        """``removed`` or ``replaced`` when the path no longer names the file being written; else None."""
+        if self._fd < 0 or self._identity is None:
+            return None
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            return "removed"
+        except OSError:
+            return "replaced"  # e.g. a parent directory replaced by a file
+        return None if (current.st_dev, current.st_ino) == self._identity else "replaced"
+
+    def _continue_if_displaced(self) -> None:
+        what = self.displaced()
+        if what is None:
+            return
+        try:
+            notice = self.continue_after_displacement(what)
+        except OSError as exc:
+            raise AuditError(f"audit file {what} and its events could not be kept: {exc.strerror or exc}") from None
+        self._notices.append(notice)
+        self.on_displaced(what, notice)
+
+    def continue_after_displacement(self, what: str) -> dict[str, Any]:
+        """Keep the displaced file's events in the chain and let the next write start a new active file.
+
+        Returns the event that opens the new segment. Raises OSError, with nothing changed, when the
+        events cannot be kept (the next write tries again).
+        """
+        recovered = self._recover_open_file()
+        moved_aside = self._move_foreign_file_aside() if what == "replaced" else None
+        self._close_fd()
+        self._identity = None
+        return {"type": "audit.segment_started", "reason": f"audit file {what} under the running sidecar",
+                "recovered_into": recovered, "moved_aside": moved_aside, "continues_after_seq": self._seq - 1}
+
+    def _recover_open_file(self) -> str | None:
+        """Copy the open file's content (readable through /proc even once deleted) into the next rotated file."""
+        opened = os.fstat(self._fd)
+        if not stat.S_ISREG(opened.st_mode) or opened.st_size == 0 or self._in_chain(opened):
+            return None
+        target = _next_rotated(self.path)
+        with open(f"/proc/self/fd/{self._fd}", "rb") as source, open(target, "xb") as copy:
+            shutil.copyfileobj(source, copy)
+            copy.flush()
+            os.fsync(copy.fileno())
+        return target.name
+
+    def _in_chain(self, opened: os.stat_result) -> bool:
+        """Renamed to a rotated name (by a log rotator): still part of the chain, nothing to copy."""
+        for path in rotated_files(self.path):
             try:
-                if os.fstat(self._fd).st_nlink > 0:
-                    return
+                found = os.stat(path)
             except OSError:
-                pass
-            self._close_fd()
-        self._open()
+                continue
+            if (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino):
+                return True
+        return False
+
+    def _move_foreign_file_aside(self) -> str | None:
+        """A regular file that is not ours took the path: keep it, out of the chain. Anything else stays for the operator."""
+        try:
+            found = os.lstat(self.path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(found.st_mode):
+            return None
+        aside = self.path.with_name(f"{self.path.name}.foreign-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        os.rename(self.path, aside)
+        return aside.name
 
     def _rotate(self) -> None:
         os.fsync(self._fd)
-        existing = rotated_files(self.path)
-        number = int(existing[-1].name[len(self.path.stem) + 1:].split(".")[0]) + 1 if existing else 1
+        target = _next_rotated(self.path)
         self._close_fd()
-        os.rename(self.path, rotated_name(self.path, number))
+        os.rename(self.path, target)
         self._open()
 
     def chain(self, events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bytes]:
@@ -207,8 +291,17 @@ class HashChainLog:
         return records, b"".join(lines)
 
     def write_batch(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Write events in order as one write; raise AuditError and write nothing on failure."""
-        records, data = self.chain(events)
+        """Write events in order as one write; raise AuditError and write nothing on failure.
+
+        A displaced file is dealt with first; the ``audit.segment_started`` event that says so goes
+        before the events, and is left in ``notices_written``.
+        """
+        self.notices_written = []
+        self._continue_if_displaced()
+        notices = self._notices
+        if not notices and not events:
+            return []
+        records, data = self.chain(notices + events)
         try:
             self._ensure_open()
             if self.rotate_bytes and self._size > 0 and self._size + len(data) > self.rotate_bytes:
@@ -219,7 +312,8 @@ class HashChainLog:
             raise AuditError(f"audit write failed: {exc.strerror or exc}") from None
         self._prev = records[-1]["hash"]
         self._seq += len(records)
-        return records
+        self._notices, self.notices_written = [], records[:len(notices)]
+        return records[len(notices):]
 
     def _write_all(self, data: bytes) -> None:
         before = self._size

@@ -21,9 +21,10 @@ class AuditParts:
     shipper: AuditShipper | None
 
     async def ready(self) -> tuple[bool, str]:
-        """Readiness: the last write succeeded and the queue has room."""
-        if not self.writer.healthy:
-            return False, self.writer.last_error or "audit writer stopped"
+        """Readiness: the writer runs, its last write (or its retry) succeeded, and the path still names its file."""
+        problem = self.writer.problem()
+        if problem is not None:
+            return False, problem
         return True, f"{self.writer.chain.path.name}: next seq {self.writer.chain.next_seq}"
 
     @property
@@ -42,6 +43,7 @@ def build_audit(config: Config, metrics: Metrics) -> AuditParts:
         queue_size=config.audit.queue_size,
         on_error=metrics.audit_write_errors.inc,
         on_written=_consumer(metrics, shipper),
+        on_displaced=lambda what: metrics.audit_file_displaced.labels(what).inc(),
     )
     metrics.audit_queue.set_function(lambda: writer.depth)
     if shipper is not None:

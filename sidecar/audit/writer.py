@@ -10,6 +10,14 @@ decision before it forwards the call (fail closed) and ignores the receipts of
 upstream results and refusals, which it queues with ``receipt=False``: then the
 writer has nothing to hand back, and the event loop is not woken for them. Every
 event that is not written is counted through ``on_error``.
+
+The writer does not wait for the next call to find out that things changed. Before
+every batch, and every PROBE_SECONDS while idle, it checks that the path still names
+the file it writes (a file removed or replaced is noticed, logged, counted through
+``on_displaced``, and the chain continues in a new segment: see HashChainLog); and
+after a failed write it tries again every PROBE_SECONDS with an ``audit.resumed``
+event that says what was lost, so readiness turns green within a second of the disk
+recovering.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from .chain import AuditError, HashChainLog, now_rfc3339
 log = logging.getLogger("sidecar.audit")
 
 MAX_BATCH = 512
+PROBE_SECONDS = 0.5
 
 
 # Resolves to the event as written (with seq, prev_hash, hash), or None when it was not written.
@@ -46,15 +55,19 @@ _STOP = _Item({})
 class AuditWriter:
     def __init__(self, chain: HashChainLog, *, queue_size: int = 10_000,
                  on_error: Callable[[int], None] | None = None,
-                 on_written: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+                 on_written: Callable[[list[dict[str, Any]]], None] | None = None,
+                 on_displaced: Callable[[str], None] | None = None) -> None:
         self.chain = chain
         # SimpleQueue: a put costs a C call, not a Condition round trip; the bound is checked in _put.
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._queue_size = queue_size
         self._on_error = on_error or (lambda count: None)
         self._on_written = on_written
+        self._on_displaced = on_displaced or (lambda what: None)
         self.last_error: str | None = None
         self.written = 0
+        self._not_written = 0  # events lost since the last successful write
+        chain.on_displaced = self._displaced
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -98,7 +111,18 @@ class AuditWriter:
 
     @property
     def healthy(self) -> bool:
-        return self.last_error is None and self._thread.is_alive()
+        return self.problem() is None
+
+    def problem(self) -> str | None:
+        """Why events cannot be written right now, or None. Looks at the file itself: a probe, not a memory."""
+        if not self._thread.is_alive():
+            return "audit writer stopped"
+        if self.last_error is not None:
+            return self.last_error
+        displaced = self.chain.displaced()
+        if displaced is not None:
+            return f"audit file {displaced}; the chain continues in a new segment at the next write"
+        return None
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued, then stop the thread and close the file."""
@@ -111,7 +135,11 @@ class AuditWriter:
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            try:
+                batch = [self._queue.get(timeout=PROBE_SECONDS)]
+            except queue.Empty:
+                self._probe()
+                continue
             while len(batch) < MAX_BATCH:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -122,26 +150,51 @@ class AuditWriter:
             if stop:
                 return
 
+    def _probe(self) -> None:
+        """Idle: notice a displaced file, or try again after a failure, without waiting for a call."""
+        if self.last_error is not None or self.chain.displaced() is not None:
+            self._write([])
+
     def _write(self, batch: list[_Item]) -> None:
-        if not batch:
+        notices = self._resumed()
+        if not batch and not notices and self.chain.displaced() is None:
             return
         try:
-            records = self.chain.write_batch([item.event for item in batch])
-        except AuditError as exc:
+            written = self.chain.write_batch(notices + [item.event for item in batch])
+        except Exception as exc:  # noqa: BLE001 - the thread must survive anything an event holds
+            self._failed(batch, exc)
+            return
+        self.last_error, self._not_written = None, 0
+        records = written[len(notices):]
+        everything = self.chain.notices_written + written
+        self.written += len(everything)
+        self._settle(batch, records)
+        self._consume(everything)
+
+    def _displaced(self, what: str, notice: dict[str, Any]) -> None:
+        log.error("audit file %s under the running sidecar: %s; the chain continues in a new segment after seq %s",
+                  what, f"its events were copied to {notice['recovered_into']}" if notice["recovered_into"]
+                  else "no events to copy", notice["continues_after_seq"])
+        self._on_displaced(what)
+
+    def _resumed(self) -> list[dict[str, Any]]:
+        if self.last_error is None:
+            return []
+        return [{"type": "audit.resumed", "after_error": self.last_error, "events_not_written": self._not_written}]
+
+    def _failed(self, batch: list[_Item], exc: Exception) -> None:
+        if isinstance(exc, AuditError):
             self.last_error = str(exc)
             log.error("%s (%d events not written)", exc, len(batch))
-            self._on_error(len(batch))
-            self._settle(batch, [None] * len(batch))
-            return
-        except Exception as exc:  # noqa: BLE001 - the thread must survive anything an event holds
+        else:
             self.last_error = f"audit write failed: {type(exc).__name__}"
             log.exception("audit write failed")
+        self._not_written += len(batch)
+        if batch:
             self._on_error(len(batch))
-            self._settle(batch, [None] * len(batch))
-            return
-        self.last_error = None
-        self.written += len(records)
-        self._settle(batch, records)
+        self._settle(batch, [None] * len(batch))
+
+    def _consume(self, records: list[dict[str, Any]]) -> None:
         if self._on_written is not None:
             try:
                 self._on_written(records)

@@ -79,6 +79,9 @@ class Metrics:
         self.audit_write_errors = Counter("agent_sidecar_audit_write_errors", "Audit events that could not be written.",
                                           registry=r)
         self.audit_events = Counter("agent_sidecar_audit_events", "Audit events written to the chain.", registry=r)
+        self.audit_file_displaced = Counter("agent_sidecar_audit_file_displaced",
+                                            "Audit files removed or replaced under the running sidecar.", ["what"],
+                                            registry=r)
         self.audit_queue = Gauge("agent_sidecar_audit_queue_events", "Audit events waiting for the writer thread.",
                                  registry=r)
         self.audit_shipped = Counter("agent_sidecar_audit_shipped_events", "Audit events accepted by the HTTP sink.",
@@ -125,3 +128,5 @@ class Metrics:
             self.revocations.labels(cause)
         for outcome in APPROVAL_OUTCOMES:
             self.approvals_resolved.labels(outcome)
+        for what in ("removed", "replaced"):
+            self.audit_file_displaced.labels(what)
