@@ -134,6 +134,7 @@ class Sidecar:
         for runner in reversed(self.runners):
             await runner.cleanup()
         self.runners.clear()
+        await self.path.drain()  # calls being forwarded and recorded finish (bounded) before the stores close
         for running in self._running:
             running.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
@@ -194,9 +195,10 @@ def build_sidecar(config: Config) -> Sidecar:
                                                                on_task_ended=task_ended(path), audit=audit))
     metrics_app = build_metrics_app(metrics, {"policy": policy_ready, "audit": audit_parts.ready,
                                               "approval_store": approvals.store.ping,
+                                              "task_history": path.backlog.ready,
                                               **credential_parts.checks})
     return Sidecar(config, path, admin_app, metrics_app, startup=credential_parts.startup,
-                   background=[*credential_parts.background, *audit_parts.background])
+                   background=[*credential_parts.background, *audit_parts.background, path.backlog.run])
 
 
 def task_ended(path: RequestPath) -> TaskEnded:

@@ -6,12 +6,13 @@ and turns every refusal into one answer and one audit event.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -27,13 +28,16 @@ from .documents import Decision, InterceptedCall, MintedCredential
 from .observability.metrics import Metrics
 from .policy import Decider
 from .problems import Refusal
+from .proxy import mcp_refusal
 from .proxy.forward import Forwarder
 from .proxy.intercept import Interceptor
-from .proxy.mcp_catalog import ResponseTap, ToolCatalog, jsonrpc_messages
+from .proxy.mcp_catalog import ResponseTap, ToolCatalog, jsonrpc_messages, policy_hints
 from .proxy.tunnel import run_tunnel
 from .tasks import CallRecord, TaskStore
+from .tasks.backlog import PendingWrite, RecordBacklog
 from .tasks.measures import destination_external, effective_measures, payload, summed_measures
-from .tasks.store import iso
+from .tasks.store import Reservation, iso, iso_ms
+from .tasks.turns import TaskTurns
 
 log = logging.getLogger("sidecar.pipeline")
 
@@ -42,6 +46,15 @@ MISMATCH_CODES = {"method": "approval_wrong_method", "target": "approval_wrong_t
                   "body_sha256": "approval_wrong_body", "agent": "approval_wrong_agent", "task_id": "approval_wrong_task"}
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+# Decide-and-reserve attempts for one call when other replicas keep changing its task's history.
+DECISION_ATTEMPTS = 8
+# A reservation outlives its route's upstream timeout by this much (connecting, recording), then expires.
+RESERVATION_MARGIN_SECONDS = 10.0
+# What follows the upstream's answer (audit, metrics, the task history) gets this long before it is queued.
+RECORD_DEADLINE_SECONDS = 5.0
+
+T = TypeVar("T")
 
 
 class IdentitySource(Protocol):
@@ -69,6 +82,7 @@ class Trace:
     decisions: list[tuple[Decision, dict[str, Any]]] = field(default_factory=list)
     delegation: list[dict[str, Any]] = field(default_factory=list)
     approval_id: str | None = None
+    reservation: Reservation | None = None  # held by the handler until forwarding takes it over
 
 
 @dataclass
@@ -88,6 +102,14 @@ class RequestPath:
     max_in_flight: int = 4096
     in_flight: int = 0
     tool_catalog: ToolCatalog = field(default_factory=ToolCatalog)
+    turns: TaskTurns = field(default_factory=TaskTurns)
+    backlog: RecordBacklog = field(default_factory=RecordBacklog)
+    finishing: set[asyncio.Task[Any]] = field(default_factory=set)  # after-call work no hang-up can cancel
+
+    def __post_init__(self) -> None:
+        self.backlog.on_size = self.metrics.record_backlog.set
+        self.backlog.on_dropped = self._record_dropped
+        self.backlog.on_written = self._record_recovered
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         trace = Trace()
@@ -99,9 +121,14 @@ class RequestPath:
         try:
             return await self._serve(request, trace)
         except Refusal as refusal:
+            self._release_reservation(trace, refusal.code)
             return await self._refuse(trace, refusal)
+        except asyncio.CancelledError:
+            self._release_reservation(trace, "agent_disconnected")
+            raise
         except Exception as exc:  # noqa: BLE001 - fail closed on anything unforeseen
             log.exception("unhandled error on the request path")
+            self._release_reservation(trace, "internal_error")
             return await self._refuse(trace, Refusal("internal_error", f"internal error ({type(exc).__name__})"))
         finally:
             self.in_flight -= 1
@@ -112,12 +139,12 @@ class RequestPath:
         call = trace.call = await self.interceptor.intercept(request)  # 1. intercept
         agent = trace.agent = self.identity.current()  # 2. context
         trace.delegation = await self.delegation.chain(call.delegation.reveal() if call.delegation else None)
-        trace.task = await self._task(call, agent)
         approval = await self._presented_approval(call, agent) if call.approval_id else None
-        decision = await self._decide(call, agent, trace, approval)  # 3. decide
+        decision = await self._decide_on_task(call, agent, trace, approval)  # 3. decide (task history read within)
         if approval is None and decision.outcome == "hold" and self._wait_seconds(call) > 0:
             approval = await self._hold_and_wait(call, agent, trace, decision)
-            decision = await self._decide(call, agent, trace, approval)  # the policy decides again, seeing the approval
+            # The policy decides again, seeing the approval and the history as it is now.
+            decision = await self._decide_on_task(call, agent, trace, approval)
         await self._enforce(call, agent, trace, decision, approval)  # 4. enforce
         credential = self._mint(call, agent, trace, decision)  # 5. mint
         # The allow event is queued first so that the audit writer and the task store work at once;
@@ -129,41 +156,81 @@ class RequestPath:
         await self._written(allowed)  # fail closed
         if approval is not None:
             self._record_approval_used(approval, decision, credential)
+        return await self._forward_and_record(request, trace, decision, credential)
+
+    async def _forward_and_record(self, request: web.BaseRequest, trace: Trace, decision: Decision,
+                                  credential: MintedCredential) -> web.StreamResponse:
+        """5-6. Forward, then record, in a task of its own: an agent hanging up cancels the handler, not the
+        record of a call that reached its upstream. The reservation goes with it."""
+        reservation, trace.reservation = trace.reservation, None
+        finishing = self._run_to_completion(self._forward_then_record(request, trace, decision, credential, reservation))
+        return await asyncio.shield(finishing)
+
+    async def _forward_then_record(self, request: web.BaseRequest, trace: Trace, decision: Decision,
+                                   credential: MintedCredential, reservation: Reservation | None) -> web.StreamResponse:
+        call = trace.call
+        assert call is not None
         upstream_started = time.perf_counter()
         tap = ResponseTap() if any(c.method == "tools/list" for c in call.mcp_calls) else None
-        response, result = await self.forwarder.forward(request, call, credential, decision.decision_id, tap)
+        try:
+            response, result = await self.forwarder.forward(request, call, credential, decision.decision_id, tap)
+        except Refusal as refusal:  # the upstream could not be reached or did not answer in time
+            await self._settle_released(call, reservation, refusal.code)
+            raise
+        except Exception as exc:
+            # Past the decision and the credential: the upstream may have acted, so the call counts.
+            log.warning("forwarding %s failed after it was sent: %s", decision.decision_id, type(exc).__name__)
+            self._record_upstream(trace, decision, None, 0, error=type(exc).__name__)
+            await self._settle_confirmed(call, reservation)
+            raise
         route_metrics = self.metrics.route(call.route.name)
         route_metrics.upstream_seconds.observe(time.perf_counter() - upstream_started)
-        if tap is not None:
-            self.tool_catalog.learn(call.route.name, jsonrpc_messages(tap.body(), result.content_type))
-        self._record_upstream(trace, decision, result.status, result.bytes_sent)  # 6. record
-        await self._remember(trace, "allow")
         route_metrics.allowed.inc()
+        if tap is not None:
+            self._learn_tools(call, jsonrpc_messages(tap.body(), result.content_type))
+        self._record_upstream(trace, decision, result.status, result.bytes_sent)  # 6. record
+        await self._settle_confirmed(call, reservation)
         return response
+
+    def _run_to_completion(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``work`` in a task of its own, kept until it ends (the sidecar's stop waits for these)."""
+        task = asyncio.ensure_future(work)
+        self.finishing.add(task)
+        task.add_done_callback(self.finishing.discard)
+        return task
+
+    async def drain(self, timeout_seconds: float = RECORD_DEADLINE_SECONDS) -> None:
+        """On stop: let the calls being forwarded and recorded finish, for a bounded time."""
+        if self.finishing:
+            await asyncio.wait(list(self.finishing), timeout=timeout_seconds)
 
     async def _serve_tunnel(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         """A blind tunnel: decided on host and port alone; no credential can be injected into it."""
         call = trace.call = self.interceptor.intercept_connect(request)
         agent = trace.agent = self.identity.current()
-        trace.task = await self._task(call, agent)
-        decision = await self._decide(call, agent, trace, None)
+        decision = await self._decide_on_task(call, agent, trace, None)
         await self._enforce(call, agent, trace, decision, None)
         await self._written(self._record_decision(trace, decision, "allow"))
         self.metrics.requests.labels(call.route.name, "allowed").inc()
+        # The tunnel is open from here: the call counts as completed (what flows through it is not seen).
+        reservation, trace.reservation = trace.reservation, None
+        await asyncio.shield(self._run_to_completion(self._settle_confirmed(call, reservation)))
         return await run_tunnel(request, call.host, call.port)
 
     # ---------------------------------------------------------------- 2. context
 
-    async def _task(self, call: InterceptedCall, agent: AgentIdentity) -> dict[str, Any] | None:
-        if call.task_id is None:
-            return None
+    async def _task(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace) -> int:
+        """Read the task and its history (calls in flight included) into ``trace.task``; return the history's version."""
+        assert call.task_id is not None
         found = await self.tasks.get(call.task_id)
         if found is None or not found[0].active(time.time()):
             raise Refusal("unknown_task", f"task {call.task_id} is unknown, expired or ended")
         task, summary = found
         if task.agent != agent.id:
             raise Refusal("unknown_task", f"task {call.task_id} belongs to another agent")
-        return task.as_input(summary)
+        version = summary.version  # read together with the history, before anything can change it
+        trace.task = task.as_input(summary)
+        return version
 
     async def _presented_approval(self, call: InterceptedCall, agent: AgentIdentity) -> Approval:
         assert call.approval_id is not None
@@ -184,15 +251,50 @@ class RequestPath:
 
     # ---------------------------------------------------------------- 3. decide
 
+    async def _decide_on_task(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace,
+                              approval: Approval | None) -> Decision:
+        """Read the task's history, decide, and reserve what an allowed call adds: one step for the task.
+
+        In one sidecar a task's calls take turns (a per-task lock); across replicas the reservation is a
+        compare-and-set on the history's version, and a decision that lost the race is made again on the
+        fresh history (the lost one is audited as ``superseded``), at most DECISION_ATTEMPTS times."""
+        if call.task_id is None:
+            trace.task = None
+            return await self._decide(call, agent, trace, approval)
+        for attempt in range(1, DECISION_ATTEMPTS + 1):
+            async with self.turns.turn(call.task_id):
+                version = await self._task(call, agent, trace)
+                decision = await self._decide(call, agent, trace, approval)
+                if decision.outcome != "allow" or await self._reserve(call, trace, decision, version):
+                    return decision
+            self.metrics.task_decision_conflicts.inc()
+            if attempt < DECISION_ATTEMPTS:
+                self._record_decision(trace, decision, "superseded", code="task_contended", receipt=False)
+                trace.decisions.clear()
+        raise Refusal("task_contended", f"task {call.task_id} changed under {DECISION_ATTEMPTS} decisions in a row",
+                      decision_id=decision.decision_id, headers={"Retry-After": "1"})
+
+    async def _reserve(self, call: InterceptedCall, trace: Trace, decision: Decision, version: int) -> bool:
+        """Reserve the allowed call's part of its task, if the history is still the one the decision read."""
+        assert call.task_id is not None
+        expires_at = time.time() + call.route.timeout_seconds + RESERVATION_MARGIN_SECONDS
+        reservation = Reservation(decision.decision_id, _call_record(call, "allow"), expires_at)
+        if not await self.tasks.reserve(call.task_id, reservation, version=version):
+            return False
+        trace.reservation = reservation
+        return True
+
     async def _decide(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace,
                       approval: Approval | None) -> Decision:
         """One decision per call; an MCP batch gets one per JSON-RPC request and the strictest wins."""
         approval_doc = {"id": approval.id, "status": approval.status, "approvals": approval.approvals} if approval else None
         targets = call.mcp_calls or (None,)
         for mcp_call in targets:
+            tool = mcp_call.tool if mcp_call else None
             document = build_input(call, agent, trace.task, mcp_call=mcp_call, approval=approval_doc,
                                    delegation=trace.delegation,
-                                   mcp_annotations=self.tool_catalog.annotations(call.route.name, mcp_call.tool) if mcp_call else None)
+                                   mcp_annotations=self._tool_hints(call, tool) if mcp_call else None,
+                                   mcp_tool_changed=self.tool_catalog.changed(call.route.name, tool, call.task_id))
             try:
                 decision = await self.decider.decide(document)
             except Refusal as refusal:
@@ -217,6 +319,16 @@ class RequestPath:
                           "decision_id": decision.decision_id, "reasons": list(decision.reasons)})
         reasons = [*decision.reasons, "the task was revoked by a policy obligation"]
         raise Refusal("denied", "; ".join(reasons), reasons=reasons, decision_id=decision.decision_id)
+
+    def _tool_hints(self, call: InterceptedCall, tool: str | None) -> dict[str, Any] | None:
+        server = self.tool_catalog.annotations(call.route.name, tool, call.task_id)
+        return policy_hints(server, call.route.mcp, tool)
+
+    def _learn_tools(self, call: InterceptedCall, messages: list[Any]) -> None:
+        """A tools/list answer passed through: pin its definitions for the task, audit any that changed."""
+        for change in self.tool_catalog.learn(call.route.name, messages, call.task_id):
+            self._append_quietly({"type": "mcp.tool_changed", "route": call.route.name, "task_id": call.task_id,
+                                  "tool": change.tool[:120], "fields": list(change.fields)})
 
     # ---------------------------------------------------------------- 4. enforce
 
@@ -362,19 +474,77 @@ class RequestPath:
             }, receipt))
         return receipts
 
-    def _record_upstream(self, trace: Trace, decision: Decision, status: int, size: int) -> None:
+    def _record_upstream(self, trace: Trace, decision: Decision, status: int | None, size: int,
+                         error: str | None = None) -> None:
         call = trace.call
         assert call is not None
+        event: dict[str, Any] = {"type": "upstream", "decision_id": decision.decision_id, "task_id": call.task_id,
+                                 "route": call.route.name, "status": status, "bytes": size}
+        if error is not None:
+            event["error"] = error
         try:
-            self.audit.append({"type": "upstream", "decision_id": decision.decision_id, "task_id": call.task_id,
-                               "route": call.route.name, "status": status, "bytes": size}, receipt=False)
+            self.audit.append(event, receipt=False)
         except AuditError:
             pass  # counted by the sink; the call already went out, so do not lie to the agent
 
     async def _remember(self, trace: Trace, outcome: str) -> None:
+        """A held or denied call joins its task's history as it is."""
         call = trace.call
-        if call is not None and call.task_id is not None:
-            await self.tasks.record(call.task_id, _call_record(call, outcome))
+        if call is None or call.task_id is None:
+            return
+        task_id, record = call.task_id, _call_record(call, outcome)
+        await self._write_record(call, None, "task_history", lambda: self.tasks.record(task_id, record))
+
+    # ---------------------------------------------------------------- 6. record: reservations
+
+    async def _settle_confirmed(self, call: InterceptedCall, reservation: Reservation | None) -> None:
+        """The upstream answered: the reserved call becomes completed history."""
+        if reservation is None or call.task_id is None:
+            return
+        task_id = call.task_id
+        await self._write_record(call, reservation.id, "task_history", lambda: self.tasks.confirm(task_id, reservation))
+
+    async def _settle_released(self, call: InterceptedCall, reservation: Reservation | None, cause: str) -> None:
+        """The call did not reach the upstream (refused after its decision, failed, timed out): the reservation goes."""
+        if reservation is None or call.task_id is None:
+            return
+        task_id = call.task_id
+        self._append_quietly({"type": "reservation.released", "decision_id": reservation.id, "task_id": task_id,
+                              "cause": cause})
+        await self._write_record(call, reservation.id, "reservation", lambda: self.tasks.release(task_id, reservation.id))
+
+    def _release_reservation(self, trace: Trace, cause: str) -> None:
+        """The handler is refusing (or was cancelled) after its call was reserved: release, whatever happens next."""
+        reservation, trace.reservation = trace.reservation, None
+        if reservation is not None and trace.call is not None:
+            self._run_to_completion(self._settle_released(trace.call, reservation, cause))
+
+    async def _write_record(self, call: InterceptedCall, decision_id: str | None, record: str,
+                            write: Callable[[], Awaitable[None]]) -> None:
+        """A history write after the decision: within a deadline, or audited as ``record.failed`` and retried
+        in the background. Never a refusal: the call's outcome is already decided (and may be forwarded)."""
+        try:
+            await asyncio.wait_for(write(), RECORD_DEADLINE_SECONDS)
+            return
+        except (Refusal, asyncio.TimeoutError) as exc:
+            error = exc.detail if isinstance(exc, Refusal) else f"no answer within {RECORD_DEADLINE_SECONDS:g}s"
+        what = {"decision_id": decision_id, "task_id": call.task_id, "record": record}
+        self.metrics.record_failures.labels(record).inc()
+        self._append_quietly({"type": "record.failed", **what, "error": error, "retry": "background"})
+        self.backlog.add(what, write)
+
+    def _record_recovered(self, pending: PendingWrite) -> None:
+        self._append_quietly({"type": "record.recovered", **pending.what})
+
+    def _record_dropped(self, pending: PendingWrite) -> None:
+        self.metrics.record_dropped.inc()
+        self._append_quietly({"type": "record.dropped", **pending.what})
+
+    def _append_quietly(self, event: dict[str, Any]) -> None:
+        try:
+            self.audit.append(event, receipt=False)
+        except AuditError:
+            pass  # counted by the sink: a record of what already happened never turns into a refusal
 
     async def _refuse(self, trace: Trace, refusal: Refusal) -> web.StreamResponse:
         call = trace.call
@@ -412,13 +582,14 @@ def _outcome_label(code: str) -> str:
 
 
 def _call_record(call: InterceptedCall, outcome: str) -> CallRecord:
+    """What a call adds to its task's history (its reservation, when it is allowed)."""
     payloads = [payload(call.body_json, c) for c in call.mcp_calls] if call.mcp_calls else [call.body_json]
     measures = summed_measures(effective_measures(call.route.measures), payloads)
     labels = call.route.labels
     tool = next((c.tool for c in call.mcp_calls if c.method == "tools/call" and c.tool), None)
     return CallRecord(
         route=call.route.name, method=call.method, path=call.path, host=call.host, outcome=outcome,
-        at=iso(time.time()), amount=measures.get("amount", 0.0), records=measures.get("records", 0.0),
+        at=iso_ms(time.time()), amount=measures.get("amount", 0.0), records=measures.get("records", 0.0),
         classification=str(labels["data_classification"]) if "data_classification" in labels else None,
         external=destination_external(labels, call.host), write=call.method not in READ_METHODS,
         measures=measures, tool=tool[:120] if tool else None,
@@ -426,14 +597,8 @@ def _call_record(call: InterceptedCall, outcome: str) -> CallRecord:
 
 
 def render_refusal(refusal: Refusal, call: InterceptedCall | None) -> web.Response:
-    """problem+json; for MCP a JSON-RPC error per request id, at the same non-2xx status."""
-    headers = dict(refusal.headers)
+    """problem+json; for an MCP message, JSON-RPC answers the client can read (sidecar/proxy/mcp_refusal.py)."""
     if call is not None and call.is_mcp:
-        errors = [refusal.jsonrpc_error(c.id) for c in call.mcp_calls if c.id is not None]
-        if not errors:
-            errors = [refusal.jsonrpc_error(None)]
-        payload: Any = errors if call.mcp_calls[0].batch_index is not None else errors[0]
-        return web.Response(status=refusal.status, body=json.dumps(payload).encode(),
-                            content_type="application/json", headers=headers)
+        return mcp_refusal.answer(refusal, call)
     return web.Response(status=refusal.status, body=refusal.problem_json(),
-                        content_type="application/problem+json", headers=headers)
+                        content_type="application/problem+json", headers=dict(refusal.headers))

@@ -17,6 +17,7 @@ OUTCOMES = ("allowed", "denied", "approval_required", "refused", "error")
 POLICY_ERROR_KINDS = ("timeout", "unreachable", "error", "undefined", "malformed")
 REVOCATION_CAUSES = ("completed", "revoked", "expired", "obligation")
 APPROVAL_OUTCOMES = ("approved", "denied", "used", "expired")
+RECORDS = ("task_history", "reservation")  # what a record.failed names
 UPSTREAM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -92,6 +93,16 @@ class Metrics:
                                           "Audit events dropped from the full shipping queue.", registry=r)
         self.audit_ship_queue = Gauge("agent_sidecar_audit_ship_queue_events", "Audit events waiting to be shipped.",
                                       registry=r)
+        self.record_failures = Counter("agent_sidecar_record_failures",
+                                       "Records of decided or forwarded calls that the store could not take at once "
+                                       "(queued and retried), by record.", ["record"], registry=r)
+        self.record_backlog = Gauge("agent_sidecar_record_backlog", "Records of forwarded calls waiting for the store.",
+                                    registry=r)
+        self.record_dropped = Counter("agent_sidecar_record_dropped",
+                                      "Records dropped from the full background retry queue.", registry=r)
+        self.task_decision_conflicts = Counter("agent_sidecar_task_decision_conflicts",
+                                               "Decisions made again because the task's history changed meanwhile.",
+                                               registry=r)
 
     def watch_spares(self, engine: SparingEngine) -> None:
         self.registry.register(_EngineSpares(engine))
@@ -130,3 +141,5 @@ class Metrics:
             self.approvals_resolved.labels(outcome)
         for what in ("removed", "replaced"):
             self.audit_file_displaced.labels(what)
+        for record in RECORDS:
+            self.record_failures.labels(record)

@@ -1,7 +1,8 @@
 """JSON round trips for Task and TaskSummary, shared by the SQLite and Redis stores.
 
 Generic over the dataclass fields so a field added to TaskSummary (JSON-native
-types) is persisted without touching this file; only ``recent`` needs help.
+types) is persisted without touching this file; only ``recent`` and ``in_flight``
+(the reservations) need help.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections import deque
 from dataclasses import asdict, fields
 from typing import Any
 
-from .store import RECENT_CALLS, CallRecord, Task, TaskSummary
+from .store import RECENT_CALLS, CallRecord, Reservation, Task, TaskSummary
 
 
 def task_to_json(task: Task) -> str:
@@ -30,22 +31,48 @@ _SUMMARY_FIELDS = tuple(f.name for f in fields(TaskSummary))
 _RECORD_FIELDS = frozenset(f.name for f in fields(CallRecord))
 
 
-def summary_to_json(summary: TaskSummary) -> str:
+def summary_to_json(summary: TaskSummary, *, in_flight: bool = True) -> str:
+    """``in_flight=False`` leaves the reservations (and the version) to a store that keeps them apart (Redis)."""
     doc: dict[str, Any] = {name: getattr(summary, name) for name in _SUMMARY_FIELDS}
     doc["recent"] = [vars(record) for record in summary.recent]
+    if in_flight:
+        doc["in_flight"] = [reservation_doc(r) for r in summary.in_flight.values()]
+    else:
+        del doc["in_flight"], doc["version"]
     return json.dumps(doc, separators=(",", ":"))
 
 
 def summary_from_json(text: str | bytes) -> TaskSummary:
     doc: dict[str, Any] = json.loads(text)
     summary = TaskSummary()
-    record_fields = _RECORD_FIELDS
     for field in fields(TaskSummary):
         if field.name not in doc:
             continue  # a field added after this summary was stored keeps its default
         if field.name == "recent":
-            records = (CallRecord(**{k: v for k, v in r.items() if k in record_fields}) for r in doc["recent"])
-            summary.recent = deque(records, maxlen=RECENT_CALLS)
+            summary.recent = deque((_record(r) for r in doc["recent"]), maxlen=RECENT_CALLS)
+        elif field.name == "in_flight":
+            reservations = (reservation_from_doc(r) for r in doc["in_flight"])
+            summary.in_flight = {r.id: r for r in reservations}
         else:
             setattr(summary, field.name, doc[field.name])
     return summary
+
+
+def _record(doc: dict[str, Any]) -> CallRecord:
+    return CallRecord(**{k: v for k, v in doc.items() if k in _RECORD_FIELDS})
+
+
+def reservation_doc(reservation: Reservation) -> dict[str, Any]:
+    return {"id": reservation.id, "expires_at": reservation.expires_at, "record": vars(reservation.record)}
+
+
+def reservation_to_json(reservation: Reservation) -> str:
+    return json.dumps(reservation_doc(reservation), separators=(",", ":"))
+
+
+def reservation_from_doc(doc: dict[str, Any]) -> Reservation:
+    return Reservation(id=str(doc["id"]), record=_record(doc["record"]), expires_at=float(doc["expires_at"]))
+
+
+def reservation_from_json(text: str | bytes) -> Reservation:
+    return reservation_from_doc(json.loads(text))

@@ -1,10 +1,16 @@
 """Tasks and the revocation list in Redis, so that replicas share them.
 
 Keys (under ``prefix``): ``task:{id}`` the task document, ``task:{id}:summary``
-its history summary, ``task:{id}:jtis`` the jtis minted for it,
-``jti:{jti}`` one credential's state. Every key expires on its own: tasks a
-retention period after their expiry, credentials an hour after theirs.
-Read-modify-write (summary, status) uses WATCH/MULTI, retried on conflict.
+its completed history, ``task:{id}:in_flight`` a hash of its reservations (decision
+id -> reservation), ``task:{id}:version`` the history's version, ``task:{id}:jtis``
+the jtis minted for it, ``jti:{jti}`` one credential's state. Every key expires on
+its own: tasks a retention period after their expiry, credentials an hour after theirs.
+
+A reservation is a compare-and-set executed in Redis (one Lua script: the version
+still the one the decision read, then HSET and INCR), so the read-decide-reserve
+sequence of one task is atomic across replicas without a lock a crashed replica could
+leave behind. The other read-modify-writes (completed history, status) use
+WATCH/MULTI, retried on conflict. A read takes every key of the task in one MULTI.
 """
 
 from __future__ import annotations
@@ -23,10 +29,26 @@ from redis.exceptions import RedisError, WatchError
 from ..problems import Refusal
 from .codec import summary_from_json, summary_to_json, task_from_json, task_to_json
 from .sqlite import CREDENTIAL_GRACE_SECONDS, TASK_RETENTION_SECONDS
-from .store import CallRecord, CredentialState, Task, TaskSummary, check_end_status, new_task
+from .codec import reservation_from_json, reservation_to_json
+from .store import (MAX_IN_FLIGHT_PER_TASK, CallRecord, CredentialState, Reservation, Task, TaskSummary,
+                    check_end_status, check_room_in_flight, new_task)
 
 T = TypeVar("T")
 WATCH_RETRIES = 20
+# The in-flight hash outlives its newest reservation by this much (readers drop expired entries anyway).
+IN_FLIGHT_KEEP_SECONDS = 3600
+
+# KEYS: version, in_flight. ARGV: expected version, reservation id, reservation JSON, in-flight cap,
+# keep-until (epoch seconds). Returns 1 reserved, 0 the version moved (decide again), -1 too many in flight.
+RESERVE_SCRIPT = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 0 end
+if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[4]) then return -1 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIREAT', KEYS[2], ARGV[5])
+redis.call('INCR', KEYS[1])
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIREAT', KEYS[1], ARGV[5]) end
+return 1
+"""
 
 
 class RedisTaskStore:
@@ -38,6 +60,7 @@ class RedisTaskStore:
         self._redis: redis.Redis = redis.Redis.from_url(
             url, socket_timeout=2.0, socket_connect_timeout=2.0,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+        self._reserve_script = self._redis.register_script(RESERVE_SCRIPT)
 
     def _task_key(self, task_id: str) -> str:
         return f"{self.prefix}task:{task_id}"
@@ -60,7 +83,8 @@ class RedisTaskStore:
         async def write() -> None:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(key, task_to_json(task), exat=keep_until)
-                pipe.set(f"{key}:summary", summary_to_json(TaskSummary()), exat=keep_until)
+                pipe.set(f"{key}:summary", summary_to_json(TaskSummary(), in_flight=False), exat=keep_until)
+                pipe.set(f"{key}:version", 0, exat=keep_until)
                 await pipe.execute()
 
         await self._guarded(write)
@@ -69,17 +93,36 @@ class RedisTaskStore:
     async def get(self, task_id: str) -> tuple[Task, TaskSummary] | None:
         key = self._task_key(task_id)
 
-        async def read() -> tuple[Any, Any]:
-            doc, summary = await self._redis.mget([key, f"{key}:summary"])
-            return doc, summary
+        async def read() -> list[Any]:
+            async with self._redis.pipeline(transaction=True) as pipe:  # one consistent snapshot of the task
+                pipe.mget([key, f"{key}:summary", f"{key}:version"])
+                pipe.hgetall(f"{key}:in_flight")
+                found: list[Any] = await pipe.execute()
+                return found
 
-        doc, summary = await self._guarded(read)
+        (doc, summary_json, version), in_flight = await self._guarded(read)
         if doc is None:
             return None
-        return task_from_json(doc), summary_from_json(summary) if summary else TaskSummary()
+        summary = summary_from_json(summary_json) if summary_json else TaskSummary()
+        summary.version = int(version or 0)
+        summary.in_flight = _reservations(in_flight)
+        expired = summary.drop_expired(time.time())
+        if expired:
+            await self._forget(key, [r.id for r in expired])
+        return task_from_json(doc), summary
 
-    async def _update(self, key: str, change: Callable[[bytes], str | None]) -> bool:
-        """WATCH key, compute its new value from the old one, write it back unless someone else did first."""
+    async def _forget(self, key: str, reservation_ids: list[str]) -> None:
+        """Expired reservations (their sidecar died, or their call outlived its bound): gone for every reader."""
+        try:
+            await self._redis.hdel(f"{key}:in_flight", *reservation_ids)
+        except RedisError:
+            pass  # readers ignore them anyway; the next reader tries again
+
+    async def _update(self, key: str, change: Callable[[bytes], str | None],
+                      also: Callable[[Any], None] | None = None) -> bool:
+        """WATCH key, compute its new value from the old one, write it back unless someone else did first.
+
+        ``also`` queues further commands into the same MULTI (they happen only with the write)."""
         for _ in range(WATCH_RETRIES):
             async with self._redis.pipeline(transaction=True) as pipe:
                 try:
@@ -92,6 +135,8 @@ class RedisTaskStore:
                         return True
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(key, new, keepttl=True)
+                    if also is not None:
+                        also(pipe)
                     await pipe.execute()
                     return True
                 except WatchError:
@@ -99,12 +144,40 @@ class RedisTaskStore:
         raise Refusal("store_unavailable", "task store (redis): too much contention on one task")
 
     async def record(self, task_id: str, record: CallRecord) -> None:
+        key = self._task_key(task_id)
+
         def add(current: bytes) -> str:
             summary = summary_from_json(current)
             summary.add(record)
-            return summary_to_json(summary)
+            return summary_to_json(summary, in_flight=False)
 
-        await self._guarded(lambda: self._update(f"{self._task_key(task_id)}:summary", add))
+        await self._guarded(lambda: self._update(f"{key}:summary", add, also=lambda pipe: pipe.incr(f"{key}:version")))
+
+    async def reserve(self, task_id: str, reservation: Reservation, *, version: int) -> bool:
+        key = self._task_key(task_id)
+        keep_until = int(reservation.expires_at + IN_FLIGHT_KEEP_SECONDS)
+        arguments: list[str | int] = [version, reservation.id, reservation_to_json(reservation), MAX_IN_FLIGHT_PER_TASK,
+                                      keep_until]
+        outcome = await self._guarded(
+            lambda: self._reserve_script(keys=[f"{key}:version", f"{key}:in_flight"], args=arguments))
+        if outcome == -1:
+            check_room_in_flight(MAX_IN_FLIGHT_PER_TASK)  # raises task_contended
+        return bool(outcome == 1)
+
+    async def confirm(self, task_id: str, reservation: Reservation) -> None:
+        key = self._task_key(task_id)
+
+        def add(current: bytes) -> str:
+            summary = summary_from_json(current)
+            summary.confirm(reservation)
+            return summary_to_json(summary, in_flight=False)
+
+        # The completed record and the end of the reservation in one MULTI: no reader sees both or neither.
+        await self._guarded(lambda: self._update(f"{key}:summary", add,
+                                                 also=lambda pipe: pipe.hdel(f"{key}:in_flight", reservation.id)))
+
+    async def release(self, task_id: str, reservation_id: str) -> None:
+        await self._guarded(lambda: self._redis.hdel(f"{self._task_key(task_id)}:in_flight", reservation_id))
 
     async def finish(self, task_id: str, status: str) -> Task | None:
         check_end_status(status)
@@ -119,7 +192,8 @@ class RedisTaskStore:
             task.status = status
             return task_to_json(task)
 
-        if not await self._guarded(lambda: self._update(key, end)):
+        # The version moves with the status: a decision that read the task open cannot reserve on it any more.
+        if not await self._guarded(lambda: self._update(key, end, also=lambda pipe: pipe.incr(f"{key}:version"))):
             return None
         await self._guarded(lambda: self._revoke_credentials(task_id, status))
         return ended[0]
@@ -161,3 +235,14 @@ class RedisTaskStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _reservations(fields: dict[Any, Any]) -> dict[str, Reservation]:
+    found: dict[str, Reservation] = {}
+    for raw in fields.values():
+        try:
+            reservation = reservation_from_json(raw)
+        except (ValueError, KeyError, TypeError):
+            continue  # unreadable: ignored (it expires with the hash)
+        found[reservation.id] = reservation
+    return found

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from ..lane import WorkerLane
 from ..problems import Refusal
 from .codec import summary_from_json, summary_to_json, task_from_json, task_to_json
-from .store import CallRecord, CredentialState, Task, TaskSummary, check_end_status, new_task
+from .store import CallRecord, CredentialState, Reservation, Task, TaskSummary, check_end_status, new_task, reserve_in
 
 T = TypeVar("T")
 
@@ -154,8 +154,34 @@ class SqliteTaskStore:
         found = await self.get(task_id)
         if found is None:
             return
-        summary = found[1]
-        summary.add(record)
+        found[1].add(record)
+        await self._save_summary(task_id, found[1])
+
+    async def reserve(self, task_id: str, reservation: Reservation, *, version: int) -> bool:
+        """Compare-and-set in memory (this process owns the store), then persisted: a restart after a
+        kill -9 still counts the reservation until it expires."""
+        found = await self.get(task_id)
+        if found is None or not reserve_in(found[1], reservation, version):
+            return False
+        try:
+            await self._save_summary(task_id, found[1])
+        except Refusal:
+            found[1].release(reservation.id)
+            raise
+        return True
+
+    async def confirm(self, task_id: str, reservation: Reservation) -> None:
+        found = await self.get(task_id)
+        if found is not None:
+            found[1].confirm(reservation)
+            await self._save_summary(task_id, found[1])
+
+    async def release(self, task_id: str, reservation_id: str) -> None:
+        found = await self.get(task_id)
+        if found is not None and found[1].release(reservation_id):
+            await self._save_summary(task_id, found[1])
+
+    async def _save_summary(self, task_id: str, summary: TaskSummary) -> None:
         snapshot = summary_to_json(summary)  # taken now, written in submission order by the one writer thread
 
         def update(db: sqlite3.Connection) -> None:
@@ -165,16 +191,21 @@ class SqliteTaskStore:
 
     async def finish(self, task_id: str, status: str) -> Task | None:
         check_end_status(status)
-        self._cached.pop(task_id, None)  # re-read from the database, as ended, on the next get
+        cached = self._cached.pop(task_id, None)  # re-read from the database, as ended, on the next get
+        if cached is not None:
+            cached[1].version += 1  # a decision that read the task open must not reserve on it now
 
         def end(db: sqlite3.Connection) -> Task | None:
-            row = db.execute("SELECT doc FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            row = db.execute("SELECT doc, summary FROM tasks WHERE id = ?", (task_id,)).fetchone()
             if row is None:
                 return None
             task = task_from_json(row[0])
             if task.status == "open":
                 task.status = status
-                db.execute("UPDATE tasks SET doc = ?, status = ? WHERE id = ?", (task_to_json(task), status, task_id))
+                summary = summary_from_json(row[1])
+                summary.version += 1
+                db.execute("UPDATE tasks SET doc = ?, status = ?, summary = ? WHERE id = ?",
+                           (task_to_json(task), status, summary_to_json(summary), task_id))
             db.execute("UPDATE task_credentials SET revoked_at = ?, cause = ? WHERE task_id = ? AND revoked_at IS NULL",
                        (time.time(), status, task_id))
             return task

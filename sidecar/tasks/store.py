@@ -9,13 +9,22 @@ from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
+from ..problems import Refusal
+
 RECENT_CALLS = 20
 # Agent-chosen keys (methods, MCP tool names, measure names) past this many are counted under "other".
 MAX_KEYS = 32
+# Calls of one task allowed and not yet answered; past this many a call of the task is refused (task_contended).
+MAX_IN_FLIGHT_PER_TASK = 256
 
 
 def iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def iso_ms(epoch: float) -> str:
+    """RFC 3339 with milliseconds: the rate window must not see a call up to a second older than it is."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch * 1000) % 1000:03d}Z"
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,23 @@ class CallRecord:
         return {"amount": self.amount, "records": self.records, **self.measures}
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """What an allowed call adds to its task, counted from its decision until the upstream answers.
+
+    Confirmed (the record joins the completed history) when the upstream answers; released when
+    the call is refused after its decision or the upstream fails; ignored once expired, so a
+    sidecar killed mid-call leaves no task stuck.
+    """
+
+    id: str  # the decision id
+    record: CallRecord
+    expires_at: float  # epoch seconds
+
+    def live(self, now: float) -> bool:
+        return now < self.expires_at
+
+
 def _count(counts: dict[str, Any], key: str, value: float) -> None:
     key = key if key in counts or len(counts) < MAX_KEYS else "other"
     counts[key] = counts.get(key, 0) + value
@@ -47,6 +73,14 @@ def _count(counts: dict[str, Any], key: str, value: float) -> None:
 
 @dataclass
 class TaskSummary:
+    """A task's history: the completed calls (counts, totals, the last calls) and the calls in flight.
+
+    ``version`` grows with every change that can make a decision stricter: a call added (reserved,
+    or recorded as held or denied) or the task ended. A reservation is accepted only on the version
+    its decision read (compare-and-set). Confirming or releasing a reservation does not change the
+    version: neither adds anything a decision did not already count.
+    """
+
     calls: int = 0
     by_route: dict[str, int] = field(default_factory=dict)
     by_method: dict[str, int] = field(default_factory=dict)
@@ -55,8 +89,36 @@ class TaskSummary:
     external_hosts_written: list[str] = field(default_factory=list)
     classifications_read: list[str] = field(default_factory=list)
     recent: deque[CallRecord] = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))
+    version: int = 0
+    in_flight: dict[str, Reservation] = field(default_factory=dict)
 
     def add(self, record: CallRecord) -> None:
+        """A new call that is complete as recorded (held, denied, or allowed and answered)."""
+        self._count_call(record)
+        self.version += 1
+
+    def reserve(self, reservation: Reservation) -> None:
+        self.in_flight[reservation.id] = reservation
+        self.version += 1
+
+    def confirm(self, reservation: Reservation) -> None:
+        """The upstream answered: the reserved call joins the completed history (even if its reservation expired)."""
+        self.in_flight.pop(reservation.id, None)
+        self._count_call(reservation.record)
+
+    def release(self, reservation_id: str) -> bool:
+        return self.in_flight.pop(reservation_id, None) is not None
+
+    def drop_expired(self, now: float) -> list[Reservation]:
+        expired = [r for r in self.in_flight.values() if not r.live(now)]
+        for reservation in expired:
+            del self.in_flight[reservation.id]
+        return expired
+
+    def live_reservations(self, now: float) -> list[Reservation]:
+        return sorted((r for r in self.in_flight.values() if r.live(now)), key=lambda r: r.record.at)
+
+    def _count_call(self, record: CallRecord) -> None:
         self.calls += 1
         self.by_route[record.route] = self.by_route.get(record.route, 0) + 1
         _count(self.by_method, record.method, 1)
@@ -73,20 +135,43 @@ class TaskSummary:
             self.classifications_read.append(record.classification)
         self.recent.append(record)
 
-    def as_input(self) -> dict[str, Any]:
+    def as_input(self, now: float | None = None) -> dict[str, Any]:
+        """The history a decision sees: completed calls and live reservations counted alike, the
+        reservations also apart under ``in_flight`` and marked ``state: reserved`` in ``recent``."""
+        live = self.live_reservations(time.time() if now is None else now)
+        view = self._with_reserved(live) if live else self
+        reserved_in_recent = min(len(live), len(view.recent))
+        completed_in_recent = len(view.recent) - reserved_in_recent
+        in_flight_totals: dict[str, float] = {}
+        for reservation in live:
+            for name, value in reservation.record.measure_values().items():
+                _count(in_flight_totals, name, value)
         return {
-            "calls": self.calls,
-            "by_route": dict(self.by_route),
-            "by_method": dict(self.by_method),
-            "by_tool": dict(self.by_tool),
-            "totals": dict(self.totals),
-            "external_hosts_written": list(self.external_hosts_written),
-            "classifications_read": list(self.classifications_read),
+            "calls": view.calls,
+            "by_route": dict(view.by_route),
+            "by_method": dict(view.by_method),
+            "by_tool": dict(view.by_tool),
+            "totals": dict(view.totals),
+            "external_hosts_written": list(view.external_hosts_written),
+            "classifications_read": list(view.classifications_read),
             "recent": [
-                {"route": r.route, "method": r.method, "path": r.path, "host": r.host, "outcome": r.outcome, "at": r.at}
-                for r in self.recent
+                {"route": r.route, "method": r.method, "path": r.path, "host": r.host, "outcome": r.outcome, "at": r.at,
+                 "state": "completed" if n < completed_in_recent else "reserved"}
+                for n, r in enumerate(view.recent)
             ],
+            "in_flight": {"calls": len(live), "totals": in_flight_totals},
         }
+
+    def _with_reserved(self, live: list[Reservation]) -> TaskSummary:
+        """A copy with the live reservations counted as calls (oldest first, after the completed ones)."""
+        view = TaskSummary(calls=self.calls, by_route=dict(self.by_route), by_method=dict(self.by_method),
+                           by_tool=dict(self.by_tool), totals=dict(self.totals),
+                           external_hosts_written=list(self.external_hosts_written),
+                           classifications_read=list(self.classifications_read),
+                           recent=deque(self.recent, maxlen=RECENT_CALLS))
+        for reservation in live:
+            view._count_call(reservation.record)
+        return view
 
 
 @dataclass
@@ -140,9 +225,26 @@ class TaskStore(Protocol):
     async def create(self, *, agent: str, intent: str, labels: dict[str, Any], ttl_seconds: int,
                      allowed_tools: list[str]) -> Task: ...
 
-    async def get(self, task_id: str) -> tuple[Task, TaskSummary] | None: ...
+    async def get(self, task_id: str) -> tuple[Task, TaskSummary] | None:
+        """The task and its history, reservations in flight included (with the history's version)."""
+        ...
 
-    async def record(self, task_id: str, record: CallRecord) -> None: ...
+    async def record(self, task_id: str, record: CallRecord) -> None:
+        """Add a call complete as it is (held or denied): it counts at once."""
+        ...
+
+    async def reserve(self, task_id: str, reservation: Reservation, *, version: int) -> bool:
+        """Add an allowed call's reservation if the history is still at ``version`` (the one its decision read);
+        False if it changed meanwhile (decide again). Refuse ``task_contended`` past MAX_IN_FLIGHT_PER_TASK."""
+        ...
+
+    async def confirm(self, task_id: str, reservation: Reservation) -> None:
+        """The upstream answered: the reserved call becomes completed history."""
+        ...
+
+    async def release(self, task_id: str, reservation_id: str) -> None:
+        """The call never reached the upstream (or failed there): its reservation goes."""
+        ...
 
     async def finish(self, task_id: str, status: str) -> Task | None:
         """End an open task (status completed or revoked) and revoke every credential issued for it."""
@@ -161,6 +263,22 @@ def new_task(*, agent: str, intent: str, labels: dict[str, Any], ttl_seconds: in
     now = time.time()
     return Task(id="t-" + secrets.token_hex(8), agent=agent, intent=intent, labels=labels,
                 created_at=now, expires_at=now + ttl_seconds, allowed_tools=allowed_tools)
+
+
+def reserve_in(summary: TaskSummary, reservation: Reservation, version: int) -> bool:
+    """Compare-and-set for the stores that hold the summary in this process (memory, SQLite)."""
+    if summary.version != version:
+        return False
+    summary.drop_expired(time.time())
+    check_room_in_flight(len(summary.in_flight))
+    summary.reserve(reservation)
+    return True
+
+
+def check_room_in_flight(count: int) -> None:
+    if count >= MAX_IN_FLIGHT_PER_TASK:
+        raise Refusal("task_contended", f"{count} calls of this task are in flight (limit {MAX_IN_FLIGHT_PER_TASK})",
+                      headers={"Retry-After": "1"})
 
 
 def check_end_status(status: str) -> None:
@@ -206,6 +324,22 @@ class MemoryTaskStore:
         if entry is not None:
             entry[1].add(record)
 
+    async def reserve(self, task_id: str, reservation: Reservation, *, version: int) -> bool:
+        entry = self._tasks.get(task_id)
+        if entry is None:
+            return False
+        return reserve_in(entry[1], reservation, version)
+
+    async def confirm(self, task_id: str, reservation: Reservation) -> None:
+        entry = self._tasks.get(task_id)
+        if entry is not None:
+            entry[1].confirm(reservation)
+
+    async def release(self, task_id: str, reservation_id: str) -> None:
+        entry = self._tasks.get(task_id)
+        if entry is not None:
+            entry[1].release(reservation_id)
+
     async def finish(self, task_id: str, status: str) -> Task | None:
         check_end_status(status)
         entry = self._tasks.get(task_id)
@@ -213,6 +347,7 @@ class MemoryTaskStore:
             return None
         if entry[0].status == "open":
             entry[0].status = status
+            entry[1].version += 1  # a decision that read the task open must not reserve on it now
         for jti, state in self._credentials.items():
             if state.task_id == task_id and not state.revoked:
                 self._credentials[jti] = replace(state, revoked=True, cause=status)
