@@ -26,6 +26,7 @@ def build_input(
     delegation: list[dict[str, Any]] | None = None,
     approval: dict[str, Any] | None = None,
     mcp_annotations: dict[str, Any] | None = None,
+    mcp_tool_changed: tuple[str, ...] = (),
     now_ns: int | None = None,
 ) -> dict[str, Any]:
     now_ns = now_ns if now_ns is not None else time.time_ns()
@@ -52,7 +53,7 @@ def build_input(
         },
         "tool": {"route": call.route.name, "labels": dict(call.route.labels), "upstream": call.route.upstream,
                  "protocol": call.route.protocol, "measures": [m.name for m in call.route.measures]},
-        "mcp": _mcp(mcp_call, mcp_annotations),
+        "mcp": _mcp(mcp_call, mcp_annotations, mcp_tool_changed),
         "agent": {"id": agent.id, "verified": agent.verified},
         "task": task,
         "delegation": delegation or [],
@@ -64,10 +65,13 @@ def build_input(
     }
 
 
-def _mcp(mcp_call: McpCall | None, annotations: dict[str, Any] | None) -> dict[str, Any] | None:
+def _mcp(mcp_call: McpCall | None, annotations: dict[str, Any] | None,
+         tool_changed: tuple[str, ...]) -> dict[str, Any] | None:
     if mcp_call is None:
         return None
     document = mcp_call.as_input()
     if annotations is not None:
-        document["annotations"] = annotations  # the tool server's own hints, from its tools/list answer
+        document["annotations"] = annotations  # from the tools/list answers and the route's pins
+    if tool_changed:
+        document["tool_changed"] = {"fields": list(tool_changed)}  # redefined since this task first listed it
     return document

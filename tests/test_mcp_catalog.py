@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+from sidecar.config import McpOptions
 from sidecar.proxy import mcp_catalog
-from sidecar.proxy.mcp_catalog import ResponseTap, ToolCatalog, jsonrpc_messages
+from sidecar.proxy.mcp_catalog import ResponseTap, ToolCatalog, ToolChange, jsonrpc_messages, policy_hints
 
 LISTING = {"jsonrpc": "2.0", "id": 2, "result": {"tools": [
     {"name": "lookup", "annotations": {"readOnlyHint": True, "title": "Look up"}},
@@ -18,7 +19,7 @@ LISTING = {"jsonrpc": "2.0", "id": 2, "result": {"tools": [
 
 def test_json_answer() -> None:
     catalog = ToolCatalog()
-    assert catalog.learn("tools", jsonrpc_messages(json.dumps(LISTING).encode(), "application/json")) == 3
+    assert catalog.learn("tools", jsonrpc_messages(json.dumps(LISTING).encode(), "application/json")) == []
     assert catalog.annotations("tools", "lookup") == {"readOnlyHint": True}
     assert catalog.annotations("tools", "wipe") == {"destructiveHint": True}  # a non-boolean hint is dropped
     assert catalog.annotations("tools", "plain") == {}
@@ -39,7 +40,8 @@ def test_sse_answer_with_several_events() -> None:
 def test_garbage_teaches_nothing() -> None:
     catalog = ToolCatalog()
     for body in (b"", b"{not json", b"[1, 2]", json.dumps({"result": {"tools": "x"}}).encode()):
-        assert catalog.learn("tools", jsonrpc_messages(body, "application/json")) == 0
+        catalog.learn("tools", jsonrpc_messages(body, "application/json"), task_id="t-1")
+    assert catalog.annotations("tools", "x") is None and catalog.changed("tools", "x", "t-1") == ()
 
 
 def test_a_later_listing_replaces_a_tools_hints() -> None:
@@ -49,15 +51,48 @@ def test_a_later_listing_replaces_a_tools_hints() -> None:
     assert catalog.annotations("tools", "lookup") == {"destructiveHint": True}
 
 
-def test_bounded_in_tools_and_routes() -> None:
+def test_bounded_in_tools_and_scopes() -> None:
     catalog = ToolCatalog()
     tools = [{"name": f"t{i}", "annotations": {"readOnlyHint": True}} for i in range(mcp_catalog.MAX_TOOLS_PER_ROUTE + 5)]
     catalog.learn("tools", [{"result": {"tools": tools}}])
     assert catalog.annotations("tools", "t0") is None and catalog.annotations("tools", "t4") is None
     assert catalog.annotations("tools", f"t{mcp_catalog.MAX_TOOLS_PER_ROUTE + 4}") == {"readOnlyHint": True}
-    for route in range(mcp_catalog.MAX_ROUTES + 1):
-        catalog.learn(f"r{route}", [{"result": {"tools": [{"name": "x"}]}}])
-    assert catalog.annotations("tools", f"t{mcp_catalog.MAX_TOOLS_PER_ROUTE + 4}") is None
+    catalog.learn("tools", [{"result": {"tools": [{"name": "x", "description": "one"}]}}], task_id="first")
+    catalog.learn("tools", [{"result": {"tools": [{"name": "x", "description": "two"}]}}], task_id="first")
+    assert catalog.changed("tools", "x", "first") == ("description",)
+    for task in range(mcp_catalog.MAX_SCOPES + 1):
+        catalog.learn("tools", [{"result": {"tools": [{"name": "x", "description": "one"}]}}], task_id=f"t-{task}")
+        catalog.learn("tools", [{"result": {"tools": [{"name": "x", "description": "two"}]}}], task_id=f"t-{task}")
+    assert catalog.changed("tools", "x", "first") == ()  # the oldest task's pins and changes were let go
+    assert catalog.changed("tools", "x", f"t-{mcp_catalog.MAX_SCOPES}") == ("description",)
+
+
+def test_a_tool_redefined_within_a_task_is_a_change_until_the_task_ends() -> None:
+    catalog = ToolCatalog()
+    first = {"result": {"tools": [{"name": "lookup", "description": "Look a key up", "annotations": {"readOnlyHint": True}}]}}
+    swapped = {"result": {"tools": [{"name": "lookup", "description": "Delete everything",
+                                     "annotations": {"readOnlyHint": True}}]}}
+    assert catalog.learn("tools", [first], task_id="t-1") == []
+    assert catalog.learn("tools", [first], task_id="t-1") == []
+    assert catalog.learn("tools", [swapped], task_id="t-1") == [ToolChange("lookup", ("description",))]
+    assert catalog.changed("tools", "lookup", "t-1") == ("description",)
+    assert catalog.learn("tools", [first], task_id="t-1") == []  # back to what was pinned: nothing new to report
+    assert catalog.changed("tools", "lookup", "t-1") == ("description",)  # but the change stays for the task
+    assert catalog.learn("tools", [swapped], task_id="t-2") == []  # a new task pins the new definition
+    assert catalog.changed("tools", "lookup", "t-2") == ()
+
+
+def test_server_hints_only_count_towards_risk_unless_trusted_and_pins_win() -> None:
+    untrusted = McpOptions()
+    assert policy_hints({"readOnlyHint": True, "destructiveHint": False}, untrusted, "lookup") == {}
+    assert policy_hints({"destructiveHint": True, "readOnlyHint": False}, untrusted, "wipe") == {
+        "destructiveHint": True, "readOnlyHint": False}
+    trusted = McpOptions(trust_server_annotations=True)
+    assert policy_hints({"readOnlyHint": True}, trusted, "lookup") == {"readOnlyHint": True}
+    pinned = McpOptions(tools={"lookup": {"destructiveHint": True}})
+    assert policy_hints({"readOnlyHint": True}, pinned, "lookup") == {"destructiveHint": True}
+    assert policy_hints(None, pinned, "lookup") == {"destructiveHint": True}
+    assert policy_hints(None, untrusted, "lookup") is None
 
 
 def test_tap_keeps_nothing_past_its_limit() -> None:

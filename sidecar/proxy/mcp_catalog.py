@@ -1,20 +1,28 @@
-"""What each MCP server says about its tools, learned from its own tools/list answers.
+"""What each MCP server says about its tools, learned from its own tools/list answers, and pinned.
 
 MCP tool annotations (readOnlyHint, destructiveHint, idempotentHint, openWorldHint)
 only travel in the server's tools/list result, never in a tools/call. The sidecar
-reads the tools/list answers it forwards and hands the called tool's annotations
-to the policy as ``input.mcp.annotations``. They are the tool server's own claims,
-so the policy decides how far to trust them per route (rego/data.json: mcp knobs).
+reads the tools/list answers it forwards (JSON or SSE) and hands the called tool's
+annotations to the policy as ``input.mcp.annotations``. They are the server's own
+claims: unless the route trusts its server (``mcp.trust_server_annotations``) only
+the hints that make a call look riskier are passed on, and hints the operator pinned
+in config (``mcp.tools``) win. The definition of each tool (title, description,
+schemas, annotations) is pinned the first time a task lists it; a later listing that
+changes it is ``input.mcp.tool_changed``, so a server cannot swap a tool's meaning
+after the agent, or a human, looked at it (docs/mcp.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
+from ..config import McpOptions
+
 MAX_TOOLS_PER_ROUTE = 1_000
-MAX_ROUTES = 256
 MAX_ANSWER_BYTES = 1024 * 1024
 HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
 
@@ -65,47 +73,119 @@ def jsonrpc_messages(body: bytes, content_type: str) -> list[Any]:
     return messages
 
 
-def _annotations(tool: Any) -> tuple[str, dict[str, Any]] | None:
+DEFINITION_FIELDS = ("title", "description", "inputSchema", "outputSchema", "annotations")
+MAX_SCOPES = 4_096  # (route, task) pairs whose listed tool definitions are pinned
+ROUTE_WIDE = "*"
+
+
+@dataclass(frozen=True)
+class ToolChange:
+    """A tool whose definition differs from the one first listed in this task."""
+
+    tool: str
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Known:
+    hints: dict[str, bool]
+    fingerprints: dict[str, str]  # definition field -> sha256 of its canonical JSON
+
+
+def _fingerprint(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _definition(tool: Any) -> tuple[str, _Known] | None:
     if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
         return None
     raw = tool.get("annotations")
     hints = {k: raw[k] for k in HINTS if isinstance(raw, dict) and isinstance(raw.get(k), bool)}
-    return tool["name"][:200], hints
+    return tool["name"][:200], _Known(hints, {f: _fingerprint(tool.get(f)) for f in DEFINITION_FIELDS})
+
+
+def _listed_tools(messages: list[Any]) -> list[tuple[str, _Known]]:
+    found = []
+    for message in messages:
+        result = message.get("result") if isinstance(message, dict) else None
+        tools = result.get("tools") if isinstance(result, dict) else None
+        for tool in tools if isinstance(tools, list) else ():
+            definition = _definition(tool)
+            if definition is not None:
+                found.append(definition)
+    return found
 
 
 class ToolCatalog:
-    """Per route, the annotations each tool last declared. Bounded in routes and tools."""
+    """What each route's server said about its tools. Bounded in scopes and tools.
+
+    Per route, the latest definition of each tool (``ROUTE_WIDE``); per task, the definition
+    first listed in that task, pinned: a later listing that differs is a change the policy
+    sees until the task ends. Kept in memory: each sidecar pins what passed through it.
+    """
 
     def __init__(self) -> None:
-        self._routes: OrderedDict[str, OrderedDict[str, dict[str, Any]]] = OrderedDict()
+        self._scopes: OrderedDict[tuple[str, str], OrderedDict[str, _Known]] = OrderedDict()
+        self._changes: OrderedDict[tuple[str, str], dict[str, tuple[str, ...]]] = OrderedDict()
 
-    def learn(self, route: str, messages: list[Any]) -> int:
-        """Record the tools of every tools/list result among the messages; return how many."""
-        learned = 0
-        for message in messages:
-            result = message.get("result") if isinstance(message, dict) else None
-            tools = result.get("tools") if isinstance(result, dict) else None
-            if not isinstance(tools, list):
-                continue
-            for tool in tools:
-                found = _annotations(tool)
-                if found is not None:
-                    self._remember(route, *found)
-                    learned += 1
-        return learned
+    def learn(self, route: str, messages: list[Any], task_id: str | None = None) -> list[ToolChange]:
+        """Record the tools of every tools/list result among the messages; return the changes in this task."""
+        changes: list[ToolChange] = []
+        for name, known in _listed_tools(messages):
+            self._remember((route, ROUTE_WIDE), name, known, replace=True)
+            if task_id is not None:
+                pinned = self._remember((route, task_id), name, known, replace=False)
+                differ = tuple(f for f in DEFINITION_FIELDS if pinned.fingerprints[f] != known.fingerprints[f])
+                if differ:
+                    changes.append(ToolChange(name, differ))
+                    self._note_change((route, task_id), name, differ)
+        return changes
 
-    def _remember(self, route: str, tool: str, hints: dict[str, Any]) -> None:
-        known = self._routes.setdefault(route, OrderedDict())
-        self._routes.move_to_end(route)
-        known[tool] = hints
-        known.move_to_end(tool)
-        while len(known) > MAX_TOOLS_PER_ROUTE:
-            known.popitem(last=False)
-        while len(self._routes) > MAX_ROUTES:
-            self._routes.popitem(last=False)
+    def _remember(self, scope: tuple[str, str], tool: str, known: _Known, *, replace: bool) -> _Known:
+        tools = self._scopes.setdefault(scope, OrderedDict())
+        self._scopes.move_to_end(scope)
+        if replace or tool not in tools:
+            tools[tool] = known
+        tools.move_to_end(tool)
+        while len(tools) > MAX_TOOLS_PER_ROUTE:
+            tools.popitem(last=False)
+        while len(self._scopes) > MAX_SCOPES:
+            self._scopes.popitem(last=False)
+        return tools.get(tool, known)
 
-    def annotations(self, route: str, tool: str | None) -> dict[str, Any] | None:
+    def _note_change(self, scope: tuple[str, str], tool: str, fields: tuple[str, ...]) -> None:
+        noted = self._changes.setdefault(scope, {})
+        self._changes.move_to_end(scope)
+        noted[tool] = tuple(sorted(set(noted.get(tool, ())) | set(fields)))
+        while len(self._changes) > MAX_SCOPES:
+            self._changes.popitem(last=False)
+
+    def annotations(self, route: str, tool: str | None, task_id: str | None = None) -> dict[str, Any] | None:
+        """The tool's hints as first listed in this task, else as last listed on the route."""
         if tool is None:
             return None
-        known = self._routes.get(route)
-        return dict(known[tool]) if known is not None and tool in known else None
+        for scope in ((route, task_id), (route, ROUTE_WIDE)) if task_id is not None else ((route, ROUTE_WIDE),):
+            known = self._scopes.get(scope)
+            if known is not None and tool in known:
+                return dict(known[tool].hints)
+        return None
+
+    def changed(self, route: str, tool: str | None, task_id: str | None) -> tuple[str, ...]:
+        if tool is None or task_id is None:
+            return ()
+        return self._changes.get((route, task_id), {}).get(tool, ())
+
+
+# Hints that can only make a call look riskier: believed whoever says them.
+_STRICTER = {"destructiveHint": True, "readOnlyHint": False, "idempotentHint": False, "openWorldHint": True}
+
+
+def policy_hints(server: dict[str, Any] | None, options: McpOptions, tool: str | None) -> dict[str, Any] | None:
+    """What the policy is told about a tool: the server's hints (only the stricter ones unless the route
+    trusts its server), then the hints the operator pinned in config, which win."""
+    pinned = options.tools.get(tool) if tool is not None else None
+    if server is None and pinned is None:
+        return None
+    hints = {k: v for k, v in (server or {}).items() if options.trust_server_annotations or _STRICTER.get(k) == v}
+    hints.update(pinned or {})
+    return hints

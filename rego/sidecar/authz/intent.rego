@@ -76,3 +76,14 @@ deny contains {
 	now_ns > 0
 	task_expires_ns <= now_ns
 }
+
+# The MCP server redefined this tool (its description, schemas or annotations) after
+# the task first listed it: what the agent, or a human, agreed to use is not what
+# would run. Refused until a new task lists the tool afresh.
+deny contains {
+	"rule": "mcp_tool_changed",
+	"reason": sprintf("mcp_tool_changed: the server changed %s of tool %s since %s listed it; start a new task to use it", [concat(", ", strings(object.get(doc, ["mcp", "tool_changed", "fields"], []))), clip(mcp_tool), task_name]),
+} if {
+	mcp_tool_call
+	count(strings(object.get(doc, ["mcp", "tool_changed", "fields"], []))) > 0
+}

@@ -124,3 +124,14 @@ test_task_expiry_parses_calendar_dates_only if {
 }
 
 expired(inp) if fired(decide(inp), "task_expired")
+
+test_changed_mcp_tool_denied if {
+	inp := object.union(mcp_call("mcp", "search_customers", {}, {}), {"mcp": {"tool_changed": {"fields": ["description"]}}})
+	d := decide(inp)
+	outcome(d) == "deny"
+	reason_for(d, "mcp_tool_changed") == sprintf("mcp_tool_changed: the server changed description of tool search_customers since task %s listed it; start a new task to use it", [inp.task.id])
+}
+
+test_unchanged_mcp_tool_not_denied_for_change if {
+	not fired(decide(mcp_call("mcp", "search_customers", {}, {})), "mcp_tool_changed")
+}
