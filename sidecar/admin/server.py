@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from aiohttp import web
 
 from ..approvals import ApprovalStore
+from ..audit import AuditError
 from ..approvals.desk import ApprovalDesk
 from ..credentials import KeyRing
 from .credentials_api import CredentialsApi
@@ -16,6 +18,8 @@ from ..problems import Refusal
 from ..tasks import TaskStore
 
 MAX_TASK_TTL = 24 * 3600
+
+log = logging.getLogger("sidecar.admin")
 
 
 def problem(refusal: Refusal) -> web.Response:
@@ -78,6 +82,14 @@ def build_admin_app(*, keys: KeyRing | None, tasks: TaskStore, approvals: Approv
             raise Refusal("bad_request", "allowed_tools: must be a list of route names")
         task = await tasks.create(agent=identity.current().id, intent=intent.strip()[:1000], labels=labels,
                                   ttl_seconds=ttl, allowed_tools=allowed)
+        audit = credentials_api.audit if credentials_api is not None else None
+        if audit is not None:  # the chain opens with the declared intent and who declared it
+            try:
+                audit.append({"type": "task.opened", "task_id": task.id, "agent": task.agent, "intent": task.intent,
+                              "ttl_seconds": ttl, "expires_at": task.expires_at, "labels": labels,
+                              "allowed_tools": allowed}, receipt=False)
+            except AuditError:
+                log.error("audit log cannot be written: task.opened for %s not recorded", task.id)
         return web.json_response(task.public(), status=201, headers={"Location": f"/v1/tasks/{task.id}"})
 
     async def show_task(request: web.Request) -> web.Response:

@@ -9,13 +9,14 @@ its state is printed at the top, so a reader knows whether to trust the story.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .chain import VerifyResult, read_events, verify_files
 
-INDENT = " " * 34
+GAP = "  "  # between the stamp column and the event, whatever the width of either
 
 
 @dataclass
@@ -25,7 +26,18 @@ class Timeline:
     verified: VerifyResult | None = None
 
     @property
+    def opened(self) -> dict[str, Any] | None:
+        """The ``task.opened`` event: the declared intent as the task was opened, and who opened it."""
+        for event in self.events:
+            if event.get("type") == "task.opened":
+                return event
+        return None
+
+    @property
     def intent(self) -> str | None:
+        opened = self.opened
+        if opened is not None and isinstance(opened.get("intent"), str):
+            return str(opened["intent"])
         for event in self.events:
             intent = event.get("intent") or _dig(event, "input", "task", "intent")
             if isinstance(intent, str):
@@ -67,9 +79,15 @@ def _collect_links(event: dict[str, Any], decisions: set[str], approvals: set[st
 
 def render(timeline: Timeline, files: list[Path]) -> str:
     lines = [f"Task {timeline.task_id}"]
-    lines.append(f"  agent     {timeline.agent or '(unknown)'}")
     intent = timeline.intent
     lines.append(f"  intent    {_quote(intent) if intent else '(no declared intent recorded)'}")
+    opened = timeline.opened
+    if opened is not None:
+        lines.append(f"  opened    {opened.get('timestamp', '?')} by {opened.get('agent') or '(unknown)'}"
+                     + (f", ttl {opened['ttl_seconds']} s" if opened.get("ttl_seconds") else ""))
+    else:
+        lines.append("  opened    (no task.opened event in these files)")
+    lines.append(f"  agent     {timeline.agent or '(unknown)'}")
     lines.append(f"  chain     {_chain_state(timeline.verified, files)}")
     if not timeline.events:
         lines.append("")
@@ -77,9 +95,15 @@ def render(timeline: Timeline, files: list[Path]) -> str:
         return "\n".join(lines) + "\n"
     lines.append(f"  events    {len(timeline.events)} (seq {timeline.events[0].get('seq')}..{timeline.events[-1].get('seq')})")
     lines.append("")
-    for event in timeline.events:
-        lines.extend(_render_event(event))
+    stamps = [_stamp(event) for event in timeline.events]
+    width = max(len(stamp) for stamp in stamps)
+    for stamp, event in zip(stamps, timeline.events):
+        lines.extend(_render_event(event, stamp, width))
     return "\n".join(lines) + "\n"
+
+
+def _stamp(event: dict[str, Any]) -> str:
+    return f"{event.get('timestamp', '?')}  #{event.get('seq', '?')}"
 
 
 def _chain_state(result: VerifyResult | None, files: list[Path]) -> str:
@@ -90,18 +114,30 @@ def _chain_state(result: VerifyResult | None, files: list[Path]) -> str:
     return f"BROKEN after {result.events} events: {result.problem}"
 
 
-def _render_event(event: dict[str, Any]) -> list[str]:
+def _render_event(event: dict[str, Any], stamp: str, width: int) -> list[str]:
+    """The stamp column is ``width`` wide for every event of the timeline, so heads line up at any event number."""
     kind = str(event.get("type", "event"))
     renderer = _RENDERERS.get(kind) or _RENDERERS.get(kind.split(".")[0], _render_other)
     head, details = renderer(event)
-    stamp = f"{event.get('timestamp', '?')}  #{event.get('seq', '?')}"
-    return [f"{stamp:<{len(INDENT)}}{head}"] + [INDENT + detail for detail in details if detail]
+    indent = " " * (width + len(GAP))
+    return [f"{stamp:<{width}}{GAP}{head}"] + [indent + detail for detail in details if detail]
+
+
+def _target(request: dict[str, Any]) -> str:
+    """The request target as forwarded upstream: scheme, host, port, path and query."""
+    host = str(request.get("host", ""))
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{request['port']}" if request.get("port") not in (None, "") else ""
+    scheme = f"{request['scheme']}://" if request.get("scheme") else "//"
+    query = request.get("raw_query")
+    return f"{scheme}{host}{port}{request.get('path', '')}" + (f"?{query}" if query else "")
 
 
 def _render_decision(event: dict[str, Any]) -> tuple[str, list[str]]:
     outcome = str(event.get("outcome", "?"))
     request = _dig(event, "input", "request") or {}
-    call = f"{request.get('method', '?')} {request.get('host', '')}{request.get('path', '')}" if request else ""
+    call = f"{request.get('method', '?')} {_target(request)}" if isinstance(request, dict) and request else ""
     mcp = _dig(event, "input", "mcp")
     if isinstance(mcp, dict) and mcp.get("tool"):
         call += f"  mcp tool {mcp['tool']}"
@@ -160,6 +196,12 @@ def _render_task(event: dict[str, Any]) -> tuple[str, list[str]]:
     details = []
     if event.get("intent"):
         details.append(f"intent {_quote(str(event['intent']))}")
+    if action == "opened":
+        details.append(f"by {event.get('agent') or '(unknown)'}"
+                       + (f", ttl {event['ttl_seconds']} s" if event.get("ttl_seconds") else "")
+                       + (f", expires {_when(event['expires_at'])}" if event.get("expires_at") else ""))
+        if event.get("allowed_tools"):
+            details.append("allowed tools " + ", ".join(str(t) for t in event["allowed_tools"]))
     if event.get("cause"):
         details.append(f"cause {event['cause']}")
     if action in ("completed", "revoked"):
@@ -186,6 +228,12 @@ def _approver(entry: Any) -> str:
     if isinstance(entry, dict):
         return str(entry.get("approver") or entry.get("sub") or "?")
     return str(entry)
+
+
+def _when(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    return str(value)
 
 
 def _quote(text: str) -> str:
