@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 
 from ..problems import Refusal
-from .store import PENDING_LIST_LIMIT, Approval, Verdict, Waiters, apply_verdict, mark_used, wait_for_decision
+from .store import PENDING_LIST_LIMIT, Approval, RequestBinding, Verdict, Waiters, apply_verdict, mark_used, wait_for_decision
 
 log = logging.getLogger("sidecar.approvals.redis")
 
@@ -75,8 +75,17 @@ class RedisApprovalStore:
         async with self._guard():
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(self._key(approval.id), approval.to_json(), pxat=self._expire_at_ms(approval))
+                pipe.set(self._binding_key(approval.binding), approval.id, pxat=self._expire_at_ms(approval))
                 pipe.zadd(self._pending_key, {approval.id: approval.expires_at})
                 await pipe.execute()
+
+    def _binding_key(self, binding: RequestBinding) -> str:
+        return f"{self.prefix}approval-binding:{binding.key}"
+
+    async def for_binding(self, binding: RequestBinding) -> Approval | None:
+        async with self._guard():
+            approval_id = await self._redis.get(self._binding_key(binding))
+        return await self.get(_text(approval_id)) if approval_id is not None else None
 
     async def get(self, approval_id: str) -> Approval | None:
         async with self._guard():

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..problems import Refusal
-from .store import PENDING_LIST_LIMIT, Approval, Verdict, Waiters, apply_verdict, mark_used, wait_for_decision
+from .store import PENDING_LIST_LIMIT, Approval, RequestBinding, Verdict, Waiters, apply_verdict, mark_used, wait_for_decision
 
 T = TypeVar("T")
 
@@ -30,6 +30,11 @@ CREATE TABLE IF NOT EXISTS approvals (
 );
 CREATE INDEX IF NOT EXISTS approvals_status ON approvals (status, created_at);
 """
+# Added after the first release: an existing database gains the column and its index at start-up.
+BINDING_KEY_MIGRATION = (
+    "ALTER TABLE approvals ADD COLUMN binding_key TEXT",
+    "CREATE INDEX IF NOT EXISTS approvals_binding ON approvals (binding_key, created_at)",
+)
 
 
 class SqliteApprovalStore:
@@ -45,8 +50,15 @@ class SqliteApprovalStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            self._migrate()
         except sqlite3.Error as exc:
             raise OSError(f"cannot open approval store {path}: {exc}") from None
+
+    def _migrate(self) -> None:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(approvals)")}
+        if "binding_key" not in columns:
+            self._db.execute(BINDING_KEY_MIGRATION[0])
+        self._db.execute(BINDING_KEY_MIGRATION[1])
 
     async def _run(self, work: Callable[[], T]) -> T:
         try:
@@ -62,8 +74,9 @@ class SqliteApprovalStore:
 
     def _save(self, approval: Approval) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO approvals (id, status, created_at, expires_at, doc) VALUES (?, ?, ?, ?, ?)",
-            (approval.id, approval.status, approval.created_at, approval.expires_at, approval.to_json()))
+            "INSERT OR REPLACE INTO approvals (id, status, created_at, expires_at, doc, binding_key) VALUES (?, ?, ?, ?, ?, ?)",
+            (approval.id, approval.status, approval.created_at, approval.expires_at, approval.to_json(),
+             approval.binding.key))
 
     def _transaction(self, work: Callable[[], T]) -> T:
         self._db.execute("BEGIN IMMEDIATE")
@@ -127,6 +140,17 @@ class SqliteApprovalStore:
         if approval is None:
             raise Refusal("approval_invalid", "no such approval")
         self._waiters.wake(approval_id)
+        return approval
+
+    async def for_binding(self, binding: RequestBinding) -> Approval | None:
+        def newest() -> Approval | None:
+            row = self._db.execute("SELECT doc FROM approvals WHERE binding_key = ? ORDER BY created_at DESC LIMIT 1",
+                                   (binding.key,)).fetchone()
+            return Approval.from_json(row[0]) if row else None
+
+        approval = await self._run(newest)
+        if approval is not None:
+            approval.status = approval.effective_status(time.time())
         return approval
 
     async def list_pending(self, limit: int = PENDING_LIST_LIMIT) -> list[Approval]:

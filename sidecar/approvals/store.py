@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import secrets
 import time
@@ -33,6 +34,12 @@ class RequestBinding:
     body_sha256: str
     agent: str
     task_id: str | None
+
+    @property
+    def key(self) -> str:
+        """One string for the whole binding: approvals are looked up by it when a client cannot send their id."""
+        fields = "\n".join((self.method, self.target, self.body_sha256, self.agent, self.task_id or ""))
+        return hashlib.sha256(fields.encode()).hexdigest()
 
     def mismatch(self, other: RequestBinding) -> str | None:
         for name in ("method", "target", "body_sha256", "agent", "task_id"):
@@ -159,6 +166,10 @@ class ApprovalStore(Protocol):
         """Apply one verdict atomically; raise Refusal when it is not allowed."""
         ...
 
+    async def for_binding(self, binding: RequestBinding) -> Approval | None:
+        """The newest approval made for exactly this binding (any status), or None."""
+        ...
+
     async def list_pending(self, limit: int = PENDING_LIST_LIMIT) -> list[Approval]: ...
 
     async def count_pending(self) -> int: ...
@@ -236,13 +247,21 @@ class MemoryApprovalStore:
     def __init__(self, max_records: int = 10_000) -> None:
         self.max_records = max_records
         self._records: dict[str, Approval] = {}
+        self._by_binding: dict[str, str] = {}  # binding key -> the newest approval made for it
         self._waiters = Waiters()
 
     async def create(self, approval: Approval) -> None:
         if len(self._records) >= self.max_records:
             oldest = min(self._records.values(), key=lambda a: a.created_at)
             del self._records[oldest.id]
+            if self._by_binding.get(oldest.binding.key) == oldest.id:
+                del self._by_binding[oldest.binding.key]
         self._records[approval.id] = approval
+        self._by_binding[approval.binding.key] = approval.id
+
+    async def for_binding(self, binding: RequestBinding) -> Approval | None:
+        approval_id = self._by_binding.get(binding.key)
+        return await self.get(approval_id) if approval_id is not None else None
 
     async def get(self, approval_id: str) -> Approval | None:
         approval = self._records.get(approval_id)

@@ -7,9 +7,11 @@ judged as REST on an MCP route, nor as MCP anywhere else.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
-from ..documents import McpCall
+from ..documents import InterceptedCall, McpCall
 from ..problems import Refusal
 
 
@@ -49,3 +51,19 @@ def _one(item: Any, index: int | None, size: int | None) -> McpCall:
             raise Refusal("bad_request", "tools/call arguments must be an object")
         arguments = raw_arguments or {}
     return McpCall(method, item.get("id"), tool, arguments, index, size)
+
+
+def call_binding(call: InterceptedCall) -> str | None:
+    """What an approval binds on an MCP route: the tool and its arguments, not the message bytes.
+
+    MCP clients give every request a new JSON-RPC id, so a retry of a held tools/call never
+    has the bytes of the first; the approval binds JSON-RPC method, tool name and the
+    canonical form of the arguments instead (with route, agent and task beside it). A changed
+    argument is a new call. A batch keeps the byte binding.
+    """
+    if not call.route.is_mcp or len(call.mcp_calls) != 1 or call.mcp_calls[0].method != "tools/call":
+        return None
+    only = call.mcp_calls[0]
+    canonical = json.dumps({"method": only.method, "tool": only.tool, "arguments": only.arguments},
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "mcp-call:" + hashlib.sha256(canonical.encode()).hexdigest()
