@@ -177,12 +177,14 @@ class RequestPath:
         except Refusal as refusal:  # the upstream could not be reached or did not answer in time
             await self._settle_released(call, reservation, refusal.code)
             raise
-        except Exception as exc:
-            # Past the decision and the credential: the upstream may have acted, so the call counts.
+        except Exception as exc:  # noqa: BLE001 - recorded as forwarded, never as a refusal
+            # Past the decision and the credential: the upstream may have acted, so the call counts as forwarded.
             log.warning("forwarding %s failed after it was sent: %s", decision.decision_id, type(exc).__name__)
             self._record_upstream(trace, decision, None, 0, error=type(exc).__name__)
+            self.metrics.route(call.route.name).allowed.inc()
             await self._settle_confirmed(call, reservation)
-            raise
+            return render_refusal(Refusal("upstream_error", "the upstream's answer could not be relayed",
+                                          decision_id=decision.decision_id), call)
         route_metrics = self.metrics.route(call.route.name)
         route_metrics.upstream_seconds.observe(time.perf_counter() - upstream_started)
         route_metrics.allowed.inc()
@@ -196,8 +198,13 @@ class RequestPath:
         """Run ``work`` in a task of its own, kept until it ends (the sidecar's stop waits for these)."""
         task = asyncio.ensure_future(work)
         self.finishing.add(task)
-        task.add_done_callback(self.finishing.discard)
+        task.add_done_callback(self._finished)
         return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self.finishing.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a handler that is gone cannot, and its handler logged or answered it
 
     async def drain(self, timeout_seconds: float = RECORD_DEADLINE_SECONDS) -> None:
         """On stop: let the calls being forwarded and recorded finish, for a bounded time."""

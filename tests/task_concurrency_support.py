@@ -106,10 +106,11 @@ def policy_section(rego_dir: Path) -> dict[str, Any]:
     return {"engine": "embedded", "rego_dir": str(rego_dir), "timeout_ms": 5000}
 
 
-def deployment_config(directory: Path, upstream: str, rego_dir: Path, redis_url: str | None,
-                      **overrides: Any) -> dict[str, Any]:
+def deployment_config(directory: Path, upstream: str, rego_dir: Path, redis_url: str | None, *,
+                      gate_timeout_seconds: float = 30.0, **overrides: Any) -> dict[str, Any]:
     directory.mkdir(parents=True, exist_ok=True)
-    config = sidecar_config(directory, upstream, policy=policy_section(rego_dir), routes=routes(upstream), **overrides)
+    config = sidecar_config(directory, upstream, policy=policy_section(rego_dir),
+                            routes=routes(upstream, gate_timeout_seconds=gate_timeout_seconds), **overrides)
     if redis_url is not None:
         config["store"] = {"backend": "redis", "redis_url": redis_url}
     return config

@@ -106,7 +106,10 @@ class HttpForwarder:
                 response.headers["Content-Encoding"] = upstream.headers["Content-Encoding"]
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
-            await response.prepare(request)
+            try:
+                await response.prepare(request)
+            except ConnectionResetError:  # the agent hung up before the answer: still the upstream's answer to record
+                return response, UpstreamResult(upstream.status, 0, upstream.content_type)
             sent = 0
             try:
                 async for chunk in upstream.content.iter_any():
