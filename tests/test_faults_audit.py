@@ -120,7 +120,7 @@ async def not_ready(sc: RunningSidecar) -> dict[str, Any] | None:
 async def displaced_count(sc: RunningSidecar, what: str) -> float:
     async with httpx.AsyncClient() as client:
         text = (await client.get(f"{sc.metrics}/metrics")).text
-    prefix = f'agent_sidecar_audit_file_displaced_total{{what="{what}"}} '
+    prefix = f'agent_sidecar_audit_file_displaced_total{{kind="{what}"}} '
     return next(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from collections.abc import Callable, Coroutine
@@ -22,7 +23,7 @@ class AuditParts:
 
     async def ready(self) -> tuple[bool, str]:
         """Readiness: the writer runs, its last write (or its retry) succeeded, and the path still names its file."""
-        problem = self.writer.problem()
+        problem = await asyncio.to_thread(self.writer.problem)  # a stat of the audit path: never on the loop
         if problem is not None:
             return False, problem
         return True, f"{self.writer.chain.path.name}: next seq {self.writer.chain.next_seq}"

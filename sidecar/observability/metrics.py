@@ -81,7 +81,7 @@ class Metrics:
                                           registry=r)
         self.audit_events = Counter("agent_sidecar_audit_events", "Audit events written to the chain.", registry=r)
         self.audit_file_displaced = Counter("agent_sidecar_audit_file_displaced",
-                                            "Audit files removed or replaced under the running sidecar.", ["what"],
+                                            "Audit files removed or replaced under the running sidecar.", ["kind"],
                                             registry=r)
         self.audit_queue = Gauge("agent_sidecar_audit_queue_events", "Audit events waiting for the writer thread.",
                                  registry=r)
