@@ -83,6 +83,7 @@ class Trace:
     delegation: list[dict[str, Any]] = field(default_factory=list)
     approval_id: str | None = None
     reservation: Reservation | None = None  # held by the handler until forwarding takes it over
+    remembered: bool = False  # a held or denied call already in its task's history
 
 
 @dataclass
@@ -260,7 +261,7 @@ class RequestPath:
 
     async def _decide_on_task(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace,
                               approval: Approval | None) -> Decision:
-        """Read the task's history, decide, and reserve what an allowed call adds: one step for the task.
+        """Read the task's history, decide, and count the call in the history: one step for the task.
 
         In one sidecar a task's calls take turns (a per-task lock); across replicas the reservation is a
         compare-and-set on the history's version, and a decision that lost the race is made again on the
@@ -271,15 +272,33 @@ class RequestPath:
         for attempt in range(1, DECISION_ATTEMPTS + 1):
             async with self.turns.turn(call.task_id):
                 version = await self._task(call, agent, trace)
-                decision = await self._decide(call, agent, trace, approval)
-                if decision.outcome != "allow" or await self._reserve(call, trace, decision, version):
-                    return decision
+                decision = await self._decide_and_count(call, agent, trace, approval, version)
+            if decision is not None:
+                return decision
             self.metrics.task_decision_conflicts.inc()
             if attempt < DECISION_ATTEMPTS:
-                self._record_decision(trace, decision, "superseded", code="task_contended", receipt=False)
+                self._record_decision(trace, trace.decisions[-1][0], "superseded", code="task_contended", receipt=False)
                 trace.decisions.clear()
         raise Refusal("task_contended", f"task {call.task_id} changed under {DECISION_ATTEMPTS} decisions in a row",
-                      decision_id=decision.decision_id, headers={"Retry-After": "1"})
+                      decision_id=trace.decisions[-1][0].decision_id, headers={"Retry-After": "1"})
+
+    async def _decide_and_count(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace,
+                                approval: Approval | None, version: int) -> Decision | None:
+        """Within the task's turn: decide, then count the call before the next decision reads the history.
+
+        A call that will be forwarded is reserved (None if the history moved past ``version``: decide again);
+        a denied call, or a held one that will not wait for its approval, is recorded as it is."""
+        try:
+            decision = await self._decide(call, agent, trace, approval)
+        except Refusal as refusal:
+            if refusal.code == "denied":  # a policy obligation revoked the task
+                await self._remember(trace, "deny")
+            raise
+        if decision.outcome == "allow" or (decision.outcome == "hold" and approval is not None):
+            return decision if await self._reserve(call, trace, decision, version) else None
+        if decision.outcome == "deny" or self._wait_seconds(call) <= 0:
+            await self._remember(trace, decision.outcome)
+        return decision
 
     async def _reserve(self, call: InterceptedCall, trace: Trace, decision: Decision, version: int) -> bool:
         """Reserve the allowed call's part of its task, if the history is still the one the decision read."""
@@ -495,10 +514,11 @@ class RequestPath:
             pass  # counted by the sink; the call already went out, so do not lie to the agent
 
     async def _remember(self, trace: Trace, outcome: str) -> None:
-        """A held or denied call joins its task's history as it is."""
+        """A held or denied call joins its task's history as it is (once)."""
         call = trace.call
-        if call is None or call.task_id is None:
+        if call is None or call.task_id is None or trace.remembered:
             return
+        trace.remembered = True
         task_id, record = call.task_id, _call_record(call, outcome)
         await self._write_record(call, None, "task_history", lambda: self.tasks.record(task_id, record))
 
