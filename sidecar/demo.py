@@ -1,8 +1,12 @@
-"""`make run`: the sidecar on its embedded defaults, a demo tool, and a short demo a newcomer can follow.
+"""`make run`: the sidecar on its embedded defaults, a demo tool, and the whole story a newcomer can follow.
 
-Starts a demo upstream tool on 127.0.0.1:18080, the sidecar from examples/sidecar.yaml
-(embedded OPA, rego/, state in .state/, a generated development key), plays one allowed,
-one denied and one held call, then keeps serving so you can try curl yourself.
+Starts a demo upstream tool on 127.0.0.1:18080 and the sidecar from examples/demo.yaml (embedded
+OPA, rego/, state in .state/, a generated development signing key, a development approver key),
+then plays: an allowed call, a denied call, a held call; a human approver (a second identity,
+not the agent) approves it with `agent-sidecar approvals approve`; the retried call goes through
+exactly once; the task is completed, which revokes its credentials; and `agent-sidecar audit
+show` tells the task's story. It prints each command so a person can do every step by hand,
+then keeps serving.
 """
 
 from __future__ import annotations
@@ -10,37 +14,142 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import secrets
+import shlex
 import signal
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
+import yaml
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from .app import build_sidecar
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
+from .credentials.keys import public_jwk, thumbprint
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_CONFIG = ROOT / "examples" / "sidecar.yaml"
+DEMO_CONFIG = ROOT / "examples" / "demo.yaml"
 TOOL_PORT = 18080
+APPROVER = "dev-approver@example.com"  # the human; the agent is the config's identity.static
+APPROVER_GROUPS = ["approvers"]
+APPROVER_TOKEN_HOURS = 12
 
 
-def demo_tool() -> web.Application:
+# ---------------------------------------------------------------- development files (never for production)
+
+
+@dataclass(frozen=True)
+class DevApprover:
+    """A development identity provider for approvers: a P-256 key, its JWKS, a token signed with it."""
+
+    key_path: Path
+    jwks_path: Path
+    token_path: Path
+    issuer: str
+    audience: str
+    group_claim: str
+
+    def mint_token(self, subject: str = APPROVER, hours: int = APPROVER_TOKEN_HOURS) -> Path:
+        key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        now = int(time.time())
+        claims = {"iss": self.issuer, "aud": self.audience, "sub": subject, self.group_claim: APPROVER_GROUPS,
+                  "preferred_username": subject.split("@")[0], "iat": now, "exp": now + hours * 3600}
+        token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": thumbprint(public_jwk(key))})
+        _write_private(self.token_path, token + "\n")
+        return self.token_path
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".new")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def _resolve(config_path: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else Path(os.path.normpath(config_path.parent / path))
+
+
+def prepare_dev_files(config_path: Path) -> DevApprover | None:
+    """Generate what the demo config names but nobody has made yet: the approver key and JWKS, a fresh
+    approver token, and the introspection token file. Runs before the config is loaded (it checks them)."""
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None  # load_config reports it properly
+    if not isinstance(raw, dict):
+        return None
+    introspection = raw.get("introspection") or {}
+    if isinstance(introspection, dict) and isinstance(introspection.get("tokens_file"), str):
+        tokens_file = _resolve(config_path, introspection["tokens_file"])
+        if not tokens_file.exists():
+            _write_private(tokens_file, secrets.token_urlsafe(32) + "\n")
+    approvers = (raw.get("approvals") or {}).get("approvers") if isinstance(raw.get("approvals"), dict) else None
+    if not isinstance(approvers, dict) or not isinstance(approvers.get("jwks"), str) \
+            or approvers["jwks"].startswith(("http://", "https://")):
+        return None
+    jwks_path = _resolve(config_path, approvers["jwks"])
+    approver = DevApprover(key_path=jwks_path.parent / "approver-key.pem", jwks_path=jwks_path,
+                           token_path=jwks_path.parent / "approver.token", issuer=str(approvers.get("issuer", "")),
+                           audience=str(approvers.get("audience", "")),
+                           group_claim=str(approvers.get("group_claim") or "groups"))
+    if not approver.key_path.exists():
+        _write_private(approver.key_path, ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode())
+    key = serialization.load_pem_private_key(approver.key_path.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    jwk = public_jwk(key)
+    jwks = {"keys": [{**jwk, "kid": thumbprint(jwk), "alg": "ES256", "use": "sig"}]}
+    if not jwks_path.exists() or json.loads(jwks_path.read_text(encoding="utf-8")) != jwks:
+        jwks_path.parent.mkdir(parents=True, exist_ok=True)
+        jwks_path.write_text(json.dumps(jwks, indent=2) + "\n", encoding="utf-8")
+    approver.mint_token()
+    return approver
+
+
+# ---------------------------------------------------------------- the demo tool
+
+
+@dataclass
+class DemoTool:
     """An upstream tool that shows what reached it: the credential's claims, never the token itself."""
 
-    async def handle(request: web.Request) -> web.Response:
+    received: dict[str, int] = field(default_factory=dict)  # "METHOD path" -> times received
+    tokens: dict[str, str] = field(default_factory=dict)  # "METHOD path" -> the last credential (for introspection)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
         authorization = request.headers.get("Authorization", "")
         claims: dict[str, Any] | None = None
         if authorization.startswith("Bearer "):
             try:
                 claims = jwt.decode(authorization[7:], options={"verify_signature": False})
+                self.tokens[f"{request.method} {request.path}"] = authorization[7:]
             except jwt.PyJWTError:
                 claims = None
         body = await request.read()
+        call = f"{request.method} {request.path_qs}"
+        self.received[call] = self.received.get(call, 0) + 1
         return web.json_response({
-            "tool saw": f"{request.method} {request.path_qs}",
+            "tool saw": call,
+            "times the tool received this call": self.received[call],
             "credential": "a sidecar-minted JWT" if claims else ("something else" if authorization else "none"),
             "claims": claims,
             "x-agent-decision": request.headers.get("X-Agent-Decision"),
@@ -48,9 +157,12 @@ def demo_tool() -> web.Application:
             "body_bytes": len(body),
         })
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
+
+def demo_tool() -> web.Application:
+    return DemoTool().app()
+
+
+# ---------------------------------------------------------------- the story
 
 
 def show(title: str, response: httpx.Response) -> None:
@@ -62,10 +174,49 @@ def show(title: str, response: httpx.Response) -> None:
         print(response.text[:500])
 
 
-async def play(proxy: str, admin: str) -> None:
-    async with httpx.AsyncClient(timeout=10) as agent:
+def _shown(path: Path) -> str:
+    """A path as a person at the repository root would type it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _cli() -> str:
+    script = Path(sys.executable).parent / "agent-sidecar"
+    return _shown(script) if script.exists() else "agent-sidecar"
+
+
+async def _run_cli(title: str, argv: list[str], admin: str) -> tuple[int, str]:
+    """Run an ``agent-sidecar`` command as its own process (as a person would), print it and its output."""
+    print(f"\n=== {title}")
+    print(f"$ {_cli()} {shlex.join(argv)}")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "AGENT_SIDECAR_ADMIN": admin}, cwd=Path.cwd())
+    output, _ = await process.communicate()
+    text = output.decode("utf-8", "replace")
+    print(text.rstrip())
+    return process.returncode or 0, text
+
+
+@dataclass
+class Story:
+    config: Config
+    approver: DevApprover | None
+    tool: DemoTool
+    proxy: str
+    admin: str
+    task_id: str = ""
+    approval_id: str = ""
+
+
+async def play(story: Story) -> None:
+    proxy, admin = story.proxy, story.admin
+    async with httpx.AsyncClient(timeout=30) as agent:
         task = (await agent.post(f"{admin}/v1/tasks", json={
             "intent": "look up customer 42 and tidy their record", "ttl_seconds": 3600})).json()
+        story.task_id = task["id"]
         print(f"\nOpened task {task['id']}: {task['intent']!r}")
 
         print(f"\n--> GET {proxy}/crm/customers/42  (X-Agent-Task, and the agent's own 'Authorization: Bearer agent-own-secret')")
@@ -78,37 +229,148 @@ async def play(proxy: str, admin: str) -> None:
              await agent.post(f"{proxy}/crm/customers", json={"name": "Ada"}))
 
         print(f"\n--> DELETE {proxy}/crm/customers/42  (X-Agent-Task)")
-        show("3. held for human approval: not forwarded; an approval id to retry with",
-             await agent.delete(f"{proxy}/crm/customers/42", headers={"X-Agent-Task": task["id"]}))
+        held = await agent.delete(f"{proxy}/crm/customers/42", headers={"X-Agent-Task": task["id"]})
+        show("3. held for human approval: not forwarded; an approval id to retry with", held)
+        story.approval_id = str(held.json().get("approval_id", ""))
+        if story.approver is None or not story.approval_id:
+            print("\n(no approvers configured: the held call stays held)")
+            return
+        await _finish(story, agent)
+
+
+async def _finish(story: Story, agent: httpx.AsyncClient) -> None:
+    proxy, admin, task_id, approval_id = story.proxy, story.admin, story.task_id, story.approval_id
+    assert story.approver is not None
+    token_file = _shown(story.approver.token_path)
+    code, _ = await _run_cli(
+        f"4. approved by a human, {APPROVER} (a second identity: the agent can never approve its own call)",
+        ["approvals", "approve", approval_id, "--token-file", token_file, "-m", "customer 42 is a duplicate"], admin)
+    if code != 0:
+        print("(the approval was refused; the held call stays held)")
+        return
+
+    retry = {"X-Agent-Task": task_id, "X-Agent-Approval": approval_id}
+    print(f"\n--> DELETE {proxy}/crm/customers/42  (X-Agent-Task, X-Agent-Approval: {approval_id})")
+    show("5. the retried call went through, with a credential minted for it; the tool received it once",
+         await agent.delete(f"{proxy}/crm/customers/42", headers=retry))
+    print(f"\n--> DELETE {proxy}/crm/customers/42  (the same approval again)")
+    show("6. exactly once: the approval is spent, the second retry is refused and never forwarded",
+         await agent.delete(f"{proxy}/crm/customers/42", headers=retry))
+    print(f"\nthe tool received DELETE /crm/customers/42 {story.tool.received.get('DELETE /crm/customers/42', 0)} time(s)")
+
+    credential = story.tool.tokens.get("DELETE /crm/customers/42")
+    introspection = _introspection_token(story.config)
+    before = await _introspect(agent, admin, introspection, credential)
+    print(f"\n--> POST {admin}/v1/tasks/{task_id}/complete")
+    show("7. the task is complete: every credential issued for it is revoked",
+         await agent.post(f"{admin}/v1/tasks/{task_id}/complete"))
+    after = await _introspect(agent, admin, introspection, credential)
+    if before is not None and after is not None:
+        print(f"\nthe tool asks POST {admin}/introspect about the DELETE's credential: "
+              f"before completion active={before}, after completion active={after}")
+
+    audit_argv = ["audit", "show", "--task", task_id, "--config", _shown(story.config.source)]
+    await _run_cli("8. the task's whole story, from the hash-chained audit log", audit_argv, admin)
+
+
+def _introspection_token(config: Config) -> str | None:
+    if config.introspection.tokens:
+        return config.introspection.tokens[0].reveal()
+    path = config.introspection.tokens_file
+    if path is None:
+        return None
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return lines[0] if lines else None
+
+
+async def _introspect(agent: httpx.AsyncClient, admin: str, bearer: str | None, token: str | None) -> bool | None:
+    if bearer is None or token is None:
+        return None
+    answer = await agent.post(f"{admin}/introspect", data={"token": token},
+                              headers={"Authorization": f"Bearer {bearer}"})
+    return bool(answer.json().get("active")) if answer.status_code == 200 else None
+
+
+def by_hand(story: Story) -> str:
+    """The commands a person types to do each step of the story themselves."""
+    proxy, admin, config = story.proxy, story.admin, story.config
+    cli = _cli()
+    audit = f"{cli} audit show --task \"$TASK\" --config {_shown(config.source)}"
+    lines = [
+        "",
+        "The sidecar keeps serving (Ctrl-C to stop). Do each step by hand:",
+        "",
+        "  # an agent opens a task (declared intent) and makes calls through the proxy",
+        f"  TASK=$(curl -s -X POST {admin}/v1/tasks -H 'content-type: application/json' \\",
+        "      -d '{\"intent\": \"tidy customer 7\", \"ttl_seconds\": 900}' | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"id\"])')",
+        f"  curl -s {proxy}/crm/customers/7 -H \"X-Agent-Task: $TASK\"                    # allowed",
+        f"  curl -s -x {proxy} http://crm.example.com/customers/7 -H \"X-Agent-Task: $TASK\"   # forward-proxy mode",
+        f"  curl -s -X POST {proxy}/crm/customers -H 'content-type: application/json' -d '{{}}'   # denied: no task",
+        f"  curl -s -X DELETE {proxy}/crm/customers/7 -H \"X-Agent-Task: $TASK\"         # held: note approval_id",
+    ]
+    if story.approver is not None:
+        token = _shown(story.approver.token_path)
+        lines += [
+            "",
+            f"  # a human approves it: the CLI, with the development approver token ({APPROVER})",
+            f"  export AGENT_SIDECAR_ADMIN={admin}",
+            f"  {cli} approvals list --token-file {token}",
+            f"  {cli} approvals approve ap-... --token-file {token} -m 'checked with the owner'",
+            f"  # or the approver page: open {config.approvals.page_url or f'{admin}/ui/'} and paste the token printed by",
+            f"  cat {token}",
+            f"  # a new token when it expires ({APPROVER_TOKEN_HOURS} h): {_shown(Path(sys.executable))} -m sidecar.demo --approver-token",
+            "",
+            "  # the agent retries with the approval: forwarded once; again: approval_used",
+            f"  curl -s -X DELETE {proxy}/crm/customers/7 -H \"X-Agent-Task: $TASK\" -H 'X-Agent-Approval: ap-...'",
+        ]
+    lines += [
+        "",
+        "  # the task ends: its credentials are revoked; then its story",
+        f"  curl -s -X POST {admin}/v1/tasks/$TASK/complete",
+        f"  {audit}",
+        f"  {cli} audit verify {_shown(config.audit_path)}",
+        "",
+        f"  curl -s {admin}/.well-known/jwks.json",
+        f"  curl -s http://{config.metrics}/readyz",
+        f"  curl -s http://{config.metrics}/metrics | grep agent_sidecar_requests_total",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 async def main(argv: list[str] | None = None) -> int:
     options = arguments().parse_args(argv)
+    config_path = Path(options.config)
+    approver = prepare_dev_files(config_path)
+    if options.approver_token:
+        if approver is None:
+            print(f"{config_path}: configures no approvers JWKS file", file=sys.stderr)
+            return 2
+        print(f"wrote a new approver token for {APPROVER} to {_shown(approver.token_path)} "
+              f"(valid {APPROVER_TOKEN_HOURS} h)")
+        return 0
     try:
-        config = load_config(Path(options.config))
+        config = load_config(config_path)
         sidecar = build_sidecar(config)
     except ConfigError as exc:
         print(f"agent-sidecar: config error: {exc}", file=sys.stderr)
         return 2
-    tool = web.AppRunner(demo_tool(), access_log=None)
-    await tool.setup()
-    await web.TCPSite(tool, "127.0.0.1", options.tool_port).start()
+    tool = DemoTool()
+    runner = web.AppRunner(tool.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", options.tool_port).start()
     await sidecar.start()
-    proxy, admin = f"http://{config.proxy}", f"http://{config.admin}"
-    print(f"demo tool on http://127.0.0.1:{options.tool_port}; sidecar proxy {proxy}, admin {admin}, metrics http://{config.metrics}")
+    story = Story(config=config, approver=approver, tool=tool, proxy=f"http://{config.proxy}",
+                  admin=f"http://{config.admin}")
+    print(f"demo tool on http://127.0.0.1:{options.tool_port}; sidecar proxy {story.proxy}, admin {story.admin}, "
+          f"metrics http://{config.metrics}; config {_shown(config.source)}")
+    if approver is not None:
+        print(f"development approver {APPROVER}: key and JWKS in {_shown(approver.key_path.parent)}/ (never use in production)")
     try:
-        await play(proxy, admin)
+        await play(story)
+        print(by_hand(story), flush=True)
         if options.once:
             return 0
-        print(f"""
-The sidecar keeps serving (Ctrl-C to stop). Try:
-  curl -s {proxy}/crm/customers/7 | python3 -m json.tool
-  curl -s -x {proxy} http://crm.example.com/customers/7
-  curl -s -X POST {proxy}/crm/customers -H 'content-type: application/json' -d '{{}}'
-  curl -s {admin}/.well-known/jwks.json
-  curl -s http://{config.metrics}/readyz
-  .venv/bin/agent-sidecar audit verify {config.audit_path}
-""", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -116,15 +378,18 @@ The sidecar keeps serving (Ctrl-C to stop). Try:
         await stop.wait()
     finally:
         await sidecar.stop()
-        await tool.cleanup()
+        await runner.cleanup()
     return 0
 
 
 def arguments() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sidecar.demo", description=__doc__)
-    parser.add_argument("--config", default=str(EXAMPLE_CONFIG), help="sidecar config (default: examples/sidecar.yaml)")
+    parser = argparse.ArgumentParser(prog="python -m sidecar.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEMO_CONFIG), help="sidecar config (default: examples/demo.yaml)")
     parser.add_argument("--tool-port", type=int, default=TOOL_PORT, help="port of the demo tool the routes point at")
     parser.add_argument("--once", action="store_true", help="play the demo and exit instead of serving on")
+    parser.add_argument("--approver-token", action="store_true",
+                        help="write a fresh development approver token (and the key, if missing) and exit")
     return parser
 
 
