@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 OPA_BINDINGS = opa-golib-python-bindings==0.4.4
 
-.PHONY: venv venv-test run test test-python test-rego typecheck bench bench-smoke clean system-deps
+.PHONY: venv venv-test run test test-python test-rego typecheck bench bench-smoke clean system-deps fuzz
 
 # Two stamps: the runtime (`make run`) and the runtime plus the test extras (`make test`).
 # Each is redone when pyproject.toml changes; the test stamp builds on the runtime one.
@@ -39,6 +39,11 @@ test: venv-test system-deps
 	$(VENV)/bin/agent-sidecar policy test rego/
 	$(PY) -m mypy
 	$(PY) -m pytest -q
+
+# The property-based differential tests of request parsing (tests/adversarial), far longer than in `make test`:
+# random examples (FUZZ_EXAMPLES, default 5000), printing what each outcome was.
+fuzz: venv-test
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/adversarial/test_differential.py --hypothesis-show-statistics
 
 bench: venv
 	$(PY) -m bench.run

@@ -27,6 +27,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 import httpx
 from jwcrypto import jwk as jose_jwk
@@ -179,7 +180,8 @@ class Stack:
 
     @property
     def proxy_port(self) -> int:
-        return self.sidecar.sidecar.config.proxy.port
+        port: int = self.sidecar.sidecar.config.proxy.port
+        return port
 
     @property
     def proxy_authority(self) -> str:
@@ -361,8 +363,17 @@ def canonical_path(path: str) -> str:
     return canonical
 
 
+def query_fields(canonical_query: str) -> list[tuple[str, str]]:
+    """The query as the policy and most servers read it (``+`` as space, escapes decoded); escapes that do not
+    decode to UTF-8 would be read differently by different servers: refused."""
+    try:
+        return parse_qsl(canonical_query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise Refuse("bad_request", "a query escape is not UTF-8") from None
+
+
 def query_has_method_field(canonical_query: str) -> bool:
-    return any(part.split("=", 1)[0] == "_method" for part in canonical_query.split("&"))
+    return any(name == "_method" for name, _ in query_fields(canonical_query))
 
 
 def canonical_origin_target(target: str) -> tuple[str, str | None]:
@@ -387,7 +398,7 @@ def expected_upstream_target(target: str) -> tuple[str, str] | None:
     for route, prefix in PREFIXES.items():
         if path == prefix or path.startswith(prefix + "/"):
             rest = path[len(prefix):] or "/"
-            return route, BASES[route] + rest + (f"?{query}" if query is not None else "")
+            return route, BASES[route] + rest + (f"?{query}" if query else "")  # an empty query: no "?"
     return None
 
 
@@ -420,29 +431,65 @@ def exchange(stack: Stack, data: bytes) -> Outcome:
     return Outcome(answer, list(forwarded), stack.logs.since(mark))
 
 
-def refusal_code(answer: Answer, *, mcp_route: bool) -> str | None:
-    """The problem's ``code``; on an MCP route a JSON-RPC error carries the problem in ``error.data``."""
+MCP_PROBLEM_KEY = "dev.agent-sidecar/problem"
+
+
+def mcp_problems(document: Any) -> list[dict[str, Any]] | None:
+    """The problem document of every JSON-RPC response in an MCP answer, or None when one has none.
+
+    A refused MCP message is answered in-band (sidecar/proxy/mcp_refusal.py): a tools/call as an error result
+    with the problem in ``result._meta``, anything else as a JSON-RPC error with the problem in ``error.data``."""
+    responses = document if isinstance(document, list) else [document]
+    problems: list[dict[str, Any]] = []
+    for response in responses:
+        if not isinstance(response, dict):
+            return None
+        problem: Any = None
+        if isinstance(response.get("error"), dict):
+            problem = response["error"].get("data")
+        elif isinstance(response.get("result"), dict) and response["result"].get("isError") is True:
+            problem = (response["result"].get("_meta") or {}).get(MCP_PROBLEM_KEY)
+        if not isinstance(problem, dict) or not isinstance(problem.get("code"), str):
+            return None
+        problems.append(problem)
+    return problems or None
+
+
+def refused_problem(answer: Answer, *, mcp_route: bool) -> dict[str, Any] | None:
+    """The refusal's problem document: problem+json, or on an MCP route the in-band JSON-RPC answer."""
     try:
         document = answer.json()
     except ValueError:
         return None
     if answer.media_type == "application/problem+json" and isinstance(document, dict):
-        code = document.get("code")
-        return code if isinstance(code, str) else None
+        return document if isinstance(document.get("code"), str) else None
     if mcp_route and answer.media_type == "application/json":
-        first = document[0] if isinstance(document, list) and document else document
-        if isinstance(first, dict) and isinstance(first.get("error"), dict):
-            data = first["error"].get("data")
-            if isinstance(data, dict) and isinstance(data.get("code"), str):
-                return str(data["code"])
+        problems = mcp_problems(document)
+        return problems[0] if problems else None
     return None
 
 
-def assert_refused(outcome: Outcome, *, code: str | None, mcp_route: bool = False, canaries: tuple[bytes, ...] = ()) -> str:
-    """Refused: >= 400, problem+json with a code (the given one when not None), nothing upstream, no traceback."""
+def refusal_code(answer: Answer, *, mcp_route: bool) -> str | None:
+    problem = refused_problem(answer, mcp_route=mcp_route)
+    return str(problem["code"]) if problem else None
+
+
+def assert_refused(outcome: Outcome, *, code: str | None, mcp_route: bool = False, canaries: tuple[bytes, ...] = (),
+                   head: bool = False) -> str | None:
+    """Refused: >= 400, problem+json with a code (the given one when not None), nothing upstream, no traceback.
+
+    On an MCP route a policy refusal may be answered in-band at 200 (every JSON-RPC response carrying the problem).
+
+    Returns the code (None for an answer to HEAD, which has no body)."""
     answer = outcome.answer
-    assert answer.status >= 400, f"expected a refusal{f' ({code})' if code else ''}, got {outcome.describe()}"
     assert not outcome.forwarded, f"refused but the upstream received something: {outcome.describe()}"
+    if not (mcp_route and answer.status == 200 and answer.media_type == "application/json"):
+        assert answer.status >= 400, f"expected a refusal{f' ({code})' if code else ''}, got {outcome.describe()}"
+    if head:
+        # The answer to HEAD has no body (RFC 9110 9.3.2): only its status and Content-Type can be checked.
+        assert answer.media_type in ("application/problem+json", "application/json"), outcome.describe()
+        assert not tracebacks(outcome.logs), f"traceback logged: {tracebacks(outcome.logs)}"
+        return None
     found = refusal_code(answer, mcp_route=mcp_route)
     assert found is not None, f"a refusal must be application/problem+json with a code: {outcome.describe()}"
     if code is not None:

@@ -7,7 +7,8 @@ Corpus format (one JSON object per line; blank lines and lines starting with ``#
 - ``request``: the bytes the agent sends, as a JSON string (``\\r\\n`` escapes; encoded as UTF-8, so
   ``\\u00e9`` is sent as C3 A9, or as latin-1 with ``"latin1": true``, so ``\\u008b`` is the byte 8B: binary
   bodies such as gzip). Placeholders: ``{task}`` an open task's id, ``{proxy}`` the proxy's host:port,
-  ``{cl}`` the byte length of everything after the first blank line (the body), ``{pad:N}`` N letters ``a``.
+  ``{cl}`` the byte length of everything after the first blank line (the body), ``{pad:N}`` N letters ``a``,
+  ``{repeat:N:TEXT}`` TEXT N times.
 - ``task``: open a fresh task first (true/false).
 - ``expect``: ``{"refused": "<code>"}`` or ``{"forwarded": {"target": "...", "body": "...", "method": "..."}}``;
   ``target`` is the exact request-target the upstream must receive (the route's base path, see
@@ -30,11 +31,13 @@ from typing import Any
 
 import pytest
 from adversarial_kit import (
+    Answer,
     Stack,
     assert_forwarded,
     assert_refused,
     canaries_in,
     exchange,
+    refused_problem,
     send_raw,
 )
 
@@ -42,6 +45,7 @@ CORPUS = Path(__file__).with_name("corpus.jsonl")
 EXPECT_KEYS = {"refused", "forwarded"}
 CASE_KEYS = {"name", "request", "task", "expect", "policy", "absent_headers", "mcp", "why", "latin1"}
 PAD = re.compile(r"\{pad:(\d{1,7})\}")
+REPEAT = re.compile(r"\{repeat:(\d{1,7}):([^}]{1,16})\}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Case:
         if task is not None:
             text = text.replace("{task}", task)
         text = PAD.sub(lambda found: "a" * int(found.group(1)), text)
+        text = REPEAT.sub(lambda found: found.group(2) * int(found.group(1)), text)
         data = text.encode("latin-1" if self.latin1 else "utf-8")
         head, separator, body = data.partition(b"\r\n\r\n")
         if b"{cl}" in head:
@@ -134,7 +139,7 @@ def test_corpus(stack: Stack, case: Case) -> None:
     expect = case.expect
     if "refused" in expect:
         assert_refused(outcome, code=expect["refused"], mcp_route=case.mcp, canaries=canaries_in(data))
-        decision_id = _decision_id(outcome.answer.body)
+        decision_id = _decision_id(outcome.answer, case.mcp)
         if case.policy is not None:
             assert decision_id, f"{case.name}: policy expectations need a decision: {outcome.describe()}"
             event = stack.decision_event(decision_id)
@@ -149,16 +154,9 @@ def test_corpus(stack: Stack, case: Case) -> None:
     assert stack.upstream.errors == [], f"the sidecar sent the upstream bad HTTP: {stack.upstream.errors}"
 
 
-def _decision_id(body: bytes) -> str | None:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return None
-    if isinstance(document, list) and document:
-        document = document[0]
-    if isinstance(document, dict) and isinstance(document.get("error"), dict):
-        document = document["error"].get("data") or {}
-    value = document.get("decision_id") if isinstance(document, dict) else None
+def _decision_id(answer: Answer, mcp_route: bool) -> str | None:
+    problem = refused_problem(answer, mcp_route=mcp_route)
+    value = problem.get("decision_id") if problem else None
     return value if isinstance(value, str) else None
 
 
