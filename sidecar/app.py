@@ -33,8 +33,10 @@ from .problems import Refusal
 from .proxy.forward import HttpForwarder
 from .proxy.intercept import Interceptor
 from .proxy.listener import GuardedServer
+from .proxy.tls import LeafIssuer, ca_pem_handler, host_of
 from .proxy.routing import RouteTable
 from .tasks import Task
+from .tls_ca import CaError, development_ca, load_ca
 
 log = logging.getLogger("sidecar")
 
@@ -101,13 +103,17 @@ class Sidecar:
     startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     _running: list[asyncio.Task[None]] = field(default_factory=list)
+    tls: LeafIssuer | None = None  # TLS interception (issue 18): None when no route intercepts
 
     async def start(self) -> None:
         for prepare in self.startup:
             await prepare()
         self._running = [asyncio.create_task(run()) for run in self.background]
         # No access log: every call is in the audit chain already, and a log line per call costs ~6% CPU.
+        if self.tls is not None:
+            self.tls.on_refusal = self._listener_refusal  # refused TLS server names are counted and audited
         proxy = GuardedServer(self.path.handle, limits=self.config.connections, on_refusal=self._listener_refusal,
+                              tls=self.tls, tls_handshake_timeout=self.config.tls_interception.handshake_timeout_seconds,
                               handler_cancellation=True, access_log=None)
         targets: list[tuple[web.BaseRunner, Any]] = [
             (web.ServerRunner(proxy, access_log=None), self.config.proxy),
@@ -153,6 +159,7 @@ def build_sidecar(config: Config) -> Sidecar:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     engine = build_engine(config)
     keys = load_keys(config)
+    tls = build_tls(config)
     metrics = Metrics()
     credential_parts = build_credential_parts(config, keys)
     tasks = credential_parts.tasks
@@ -197,8 +204,26 @@ def build_sidecar(config: Config) -> Sidecar:
                                               "approval_store": approvals.store.ping,
                                               "task_history": path.backlog.ready,
                                               **credential_parts.checks})
+    if tls is not None:
+        admin_app.router.add_get("/ca.pem", ca_pem_handler(tls.ca.cert_pem))  # the certificate only, never the key
     return Sidecar(config, path, admin_app, metrics_app, startup=credential_parts.startup,
-                   background=[*credential_parts.background, *audit_parts.background, path.backlog.run])
+                   background=[*credential_parts.background, *audit_parts.background, path.backlog.run], tls=tls)
+
+
+def build_tls(config: Config) -> LeafIssuer | None:
+    """The pod-local CA and its leaf issuer, when a route intercepts TLS or a CA is configured."""
+    routes = [route for route in config.routes if route.intercept_tls]
+    settings = config.tls_interception
+    if not routes and settings.ca_cert is None:
+        return None
+    try:
+        if settings.ca_cert is not None and settings.ca_key is not None:
+            ca = load_ca(settings.ca_cert, settings.ca_key)
+        else:
+            ca = development_ca(config.state_dir)
+    except CaError as exc:
+        raise ConfigError(f"{config.source.name}: tls_interception: {exc}") from None
+    return LeafIssuer(ca, frozenset(host_of(route) for route in routes), max_entries=settings.leaf_cache_size)
 
 
 def task_ended(path: RequestPath) -> TaskEnded:

@@ -119,6 +119,18 @@ def _keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ca_generate(args: argparse.Namespace) -> int:
+    from .tls_ca import CaError, generate_ca
+
+    try:
+        cert, key = generate_ca(Path(args.dir), days=args.days)
+    except CaError as exc:
+        print(f"agent-sidecar: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {cert} (give it to the agent to trust) and {key} (the sidecar's only, mode 0600)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="agent-sidecar", description="Authorization sidecar for AI agents.")
     root.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -162,6 +174,11 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("dir")
     generate.add_argument("--algorithm", choices=("ES256", "EdDSA"), default="ES256")
     generate.set_defaults(func=_keys_generate)
+    ca = sub.add_parser("ca", help="the pod-local CA for TLS interception").add_subparsers(dest="ca_command", required=True)
+    ca_generate = ca.add_parser("generate", help="write a new CA (ca.pem, ca-key.pem) into DIR")
+    ca_generate.add_argument("dir")
+    ca_generate.add_argument("--days", type=int, default=365, help="validity of the CA certificate (default 365)")
+    ca_generate.set_defaults(func=_ca_generate)
     from .approvals.cli import add_approvals_parser
 
     add_approvals_parser(sub)

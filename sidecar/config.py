@@ -91,6 +91,7 @@ class Route:
     labels: dict[str, Any] = field(default_factory=dict)
     credential: RouteCredential = field(default_factory=RouteCredential)
     allow_tunnel: bool = False
+    intercept_tls: bool = False  # CONNECT and redirected TLS to match.host are terminated with a pod-CA leaf (issue 18)
     tls_verify: bool = True
     ca_bundle: Path | None = None
     timeout_seconds: float = 30.0
@@ -232,8 +233,19 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class TlsInterceptionConfig:
+    """The pod-local CA for routes with intercept_tls (issue 18). No files: a development CA in state_dir."""
+
+    ca_cert: Path | None = None
+    ca_key: Path | None = None
+    leaf_cache_size: int = 1024  # leaf certificates kept in memory (LRU); never written to disk
+    handshake_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
+
     proxy: Listen = Listen("127.0.0.1", 15001)
     admin: Listen = Listen("127.0.0.1", 15000)
     metrics: Listen = Listen("127.0.0.1", 15090)
@@ -249,6 +261,7 @@ class Config:
     approvals: ApprovalsConfig = field(default_factory=ApprovalsConfig)
     introspection: IntrospectionConfig = field(default_factory=IntrospectionConfig)
     delegation: DelegationConfig = field(default_factory=DelegationConfig)
+    tls_interception: TlsInterceptionConfig = field(default_factory=TlsInterceptionConfig)
     routes: tuple[Route, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -362,7 +375,7 @@ def _route(reader: _Reader, value: Any, index: int) -> Route:
     key = f"routes[{index}]"
     section = reader.mapping(
         value, key,
-        {"name", "match", "upstream", "labels", "credential", "allow_tunnel", "tls", "timeout_seconds", "measures",
+        {"name", "match", "upstream", "labels", "credential", "allow_tunnel", "intercept_tls", "tls", "timeout_seconds", "measures",
          "methods", "protocol", "content_encodings", "mcp"},
     )
     name = section.get("name")
@@ -401,6 +414,7 @@ def _route(reader: _Reader, value: Any, index: int) -> Route:
         labels=dict(labels),
         credential=_route_credential(reader, section.get("credential"), f"{key}.credential"),
         allow_tunnel=reader.typed(section, key, "allow_tunnel", bool, False),
+        intercept_tls=_intercept_tls(reader, section, key, match),
         tls_verify=reader.typed(tls, f"{key}.tls", "verify", bool, True),
         ca_bundle=ca_bundle,
         timeout_seconds=reader.typed(section, key, "timeout_seconds", float, 30.0),
@@ -410,6 +424,13 @@ def _route(reader: _Reader, value: Any, index: int) -> Route:
         content_encodings=_codings(reader, section.get("content_encodings"), f"{key}.content_encodings"),
         mcp=_mcp_options(reader, section.get("mcp"), f"{key}.mcp", protocol),
     )
+
+
+def _intercept_tls(reader: _Reader, section: dict[str, Any], key: str, match: RouteMatch) -> bool:
+    intercept = reader.typed(section, key, "intercept_tls", bool, False)
+    if intercept and match.host is None:
+        raise reader.fail(f"{key}.intercept_tls", "needs match.host (the host whose TLS is intercepted)")
+    return intercept
 
 
 def _mcp_options(reader: _Reader, value: Any, key: str, protocol: str) -> McpOptions:
@@ -698,7 +719,8 @@ def parse_config(data: Any, source: Path) -> Config:
     top = reader.mapping(
         data, "",
         {"listeners", "state_dir", "limits", "policy", "credentials", "identity", "audit", "routes",
-         "approvals", "tasks", "metrics", "webhook", "store", "introspection", "approvers", "delegation"},
+         "approvals", "tasks", "metrics", "webhook", "store", "introspection", "approvers", "delegation",
+         "tls_interception"},
     )
     listeners = reader.mapping(top.get("listeners"), "listeners", {"proxy", "admin", "metrics"})
     limits = reader.mapping(top.get("limits"), "limits", {"max_body_bytes", "max_in_flight", "header_timeout_seconds",
@@ -773,10 +795,30 @@ def parse_config(data: Any, source: Path) -> Config:
         approvals=_approvals(reader, top.get("approvals")),
         introspection=_introspection(reader, top.get("introspection")),
         delegation=_delegation(reader, top.get("delegation")),
+        tls_interception=_tls_interception(reader, top.get("tls_interception")),
         audit=_audit(reader, top.get("audit")),
         routes=tuple(routes),
         raw=top,
     )
+
+
+def _tls_interception(reader: _Reader, value: Any) -> TlsInterceptionConfig:
+    key = "tls_interception"
+    section = reader.mapping(value, key, {"ca_cert", "ca_key", "leaf_cache_size", "handshake_timeout_seconds"})
+    ca_cert = reader.path(section, key, "ca_cert", None)
+    ca_key = reader.path(section, key, "ca_key", None)
+    if (ca_cert is None) != (ca_key is None):
+        raise reader.fail(f"{key}.{'ca_key' if ca_key is None else 'ca_cert'}", "is required with the other (both or neither)")
+    for name, path in (("ca_cert", ca_cert), ("ca_key", ca_key)):
+        if path is not None and not path.is_file():
+            raise reader.fail(f"{key}.{name}", f"no such file: {path}")
+    cache = reader.positive(section, key, "leaf_cache_size", 1024)
+    if cache > 100_000:
+        raise reader.fail(f"{key}.leaf_cache_size", "at most 100000")
+    timeout = reader.typed(section, key, "handshake_timeout_seconds", float, 10.0)
+    if not 0.1 <= timeout <= 120:
+        raise reader.fail(f"{key}.handshake_timeout_seconds", "must be between 0.1 and 120")
+    return TlsInterceptionConfig(ca_cert=ca_cert, ca_key=ca_key, leaf_cache_size=cache, handshake_timeout_seconds=timeout)
 
 
 def _connection_limits(reader: _Reader, limits: dict[str, Any]) -> ConnectionLimits:

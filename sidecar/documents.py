@@ -12,7 +12,8 @@ from typing import Any, Literal
 from .config import Route
 from .secret import Secret
 
-Mode = Literal["route_prefix", "forward_proxy", "connect", "transparent"]
+# tls_intercept: decrypted after a CONNECT; transparent_tls: decrypted from a redirected TLS connection (issue 18).
+Mode = Literal["route_prefix", "forward_proxy", "connect", "transparent", "tls_intercept", "transparent_tls"]
 Outcome = Literal["allow", "deny", "hold"]
 
 

@@ -32,7 +32,7 @@ from .proxy import mcp_refusal
 from .proxy.forward import Forwarder
 from .proxy.intercept import Interceptor
 from .proxy.mcp_catalog import ResponseTap, ToolCatalog, jsonrpc_messages, policy_hints
-from .proxy.tunnel import run_tunnel
+from .proxy.tunnel import intercept_tunnel, run_tunnel
 from .tasks import CallRecord, TaskStore
 from .tasks.backlog import PendingWrite, RecordBacklog
 from .tasks.measures import destination_external, effective_measures, payload, summed_measures
@@ -213,7 +213,13 @@ class RequestPath:
             await asyncio.wait(list(self.finishing), timeout=timeout_seconds)
 
     async def _serve_tunnel(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
-        """A blind tunnel: decided on host and port alone; no credential can be injected into it."""
+        """A blind tunnel: decided on host and port alone; no credential can be injected into it.
+
+        On a route with ``intercept_tls`` nothing is decided here: TLS is terminated with a pod-CA leaf and
+        each request inside is decided on its own, as on plain HTTP (sidecar/proxy/tls.py)."""
+        host, port, route = self.interceptor.connect_target(request)
+        if route.intercept_tls:
+            return intercept_tunnel(request, host, port)
         call = trace.call = self.interceptor.intercept_connect(request)
         agent = trace.agent = self.identity.current()
         decision = await self._decide_on_task(call, agent, trace, None)

@@ -65,9 +65,15 @@ def register_approval_routes(app: web.Application, desk: ApprovalDesk, tasks: Ta
         return web.json_response(approval.public())
 
     async def decide(request: web.Request, approve: bool) -> web.Response:
-        approver = await desk.identify(request.headers.get("Authorization"))
-        comment = await _comment(request)
-        approval = await desk.decide(request.match_info["approval_id"], approver, approve=approve, comment=comment)
+        approver = None
+        try:
+            approver = await desk.identify(request.headers.get("Authorization"))
+            comment = await _comment(request)
+            approval = await desk.decide(request.match_info["approval_id"], approver, approve=approve, comment=comment)
+        except Refusal as refusal:  # a refused approver action is audited and counted (issue 20)
+            desk.refused(request.match_info["approval_id"], "approve" if approve else "deny", refusal,
+                         request.headers.get("Authorization"), approver)
+            raise
         return web.json_response(approval.public())
 
     async def approve(request: web.Request) -> web.Response:

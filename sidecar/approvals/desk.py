@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
+import jwt
+
 from ..audit import AuditError, AuditSink
 from ..observability.metrics import Metrics
 from ..problems import Refusal
@@ -61,6 +63,22 @@ class ApprovalDesk:
         await self.refresh_pending_gauge()
         return approval
 
+    def refused(self, approval_id: str, action: str, refusal: Refusal, authorization: str | None,
+                approver: Approver | None) -> None:
+        """A refused approver action is evidence: audited with who the approver claimed to be, counted by code.
+
+        The identity is the verified ``sub`` when the token was verified, else the ``sub`` the token claims
+        (read without trusting it, and marked so); the token itself is never recorded.
+        """
+        if self.metrics is not None:
+            self.metrics.refusals.labels(refusal.code).inc()
+        claimed = approver.subject if approver is not None else _claimed_subject(authorization)
+        event = {"type": "approval.refused", "approval_id": approval_id[:100], "action": action, "code": refusal.code,
+                 "detail": refusal.detail[:300], "approver": claimed, "approver_verified": approver is not None}
+        if refusal.extra.get("token_error"):
+            event["token_error"] = refusal.extra["token_error"]
+        self._audit_after(event)
+
     async def _preview(self, approval_id: str, verdict: Verdict) -> Approval:
         """The approval as this verdict would leave it; the refusal if it may not be given."""
         current = await self.store.get(approval_id)
@@ -109,3 +127,15 @@ class ApprovalDesk:
         if self.notifier is not None:
             await self.notifier.close()
         await self.store.close()
+
+
+def _claimed_subject(authorization: str | None) -> str | None:
+    """The ``sub`` an unverified bearer token claims (bounded), or None when there is none to read."""
+    if not authorization or authorization[:7].lower() != "bearer ":
+        return None
+    try:
+        claims = jwt.decode(authorization[7:].strip(), options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    return subject[:200] if isinstance(subject, str) and subject else None

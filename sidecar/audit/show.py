@@ -179,6 +179,13 @@ def _render_refusal(event: dict[str, Any]) -> tuple[str, list[str]]:
 def _render_approval(event: dict[str, Any]) -> tuple[str, list[str]]:
     action = str(event.get("type", "approval.?")).split(".", 1)[-1]
     details = [f"approval {event.get('approval_id')}"]
+    if action == "refused":  # an approver's action the sidecar refused: who claimed to act, and why not
+        who = event.get("approver") or "(no identity in the token)"
+        verified = "" if event.get("approver_verified") else " (claimed, not verified)"
+        error = f", token {event['token_error']}" if event.get("token_error") else ""
+        details.append(f"{event.get('action', '?')} by {who}{verified} refused: {event.get('code')}{error}")
+        details.append(str(event.get("detail") or ""))
+        return "APPROVAL  REFUSED", details
     if event.get("approver"):
         progress = f" ({event['approvals']}/{event['approvers_required']})" if event.get("approvers_required") else ""
         comment = f": {_quote(str(event['comment']))}" if event.get("comment") else ""

@@ -23,6 +23,7 @@ from . import headers as hdr
 from . import mcp
 from .body import BodyView, content_codings, decode_content, read_body
 from .routing import RouteMatchResult, RouteTable
+from .tls import TlsSession
 
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d{1,6})(?:$|[,;\s])", re.IGNORECASE)
 _TOKEN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -74,8 +75,8 @@ class Interceptor:
             delegation=_secret_header(request, "X-Agent-Delegation"),
         )
 
-    def intercept_connect(self, request: web.BaseRequest) -> InterceptedCall:
-        """CONNECT host:port: only host and port are known, so only they are decided on."""
+    def connect_target(self, request: web.BaseRequest) -> tuple[str, int, Route]:
+        """CONNECT host:port and the route it matches; no route is refused."""
         host, port = canonical.authority(request.raw_path, 0)
         if port == 0:
             raise Refusal("bad_request", "CONNECT target must be host:port")
@@ -83,6 +84,11 @@ class Interceptor:
         route = self.routes.for_tunnel(host, port)
         if route is None:
             raise Refusal("no_route", f"no route for {host}:{port}")
+        return host, port, route
+
+    def intercept_connect(self, request: web.BaseRequest) -> InterceptedCall:
+        """CONNECT host:port: only host and port are known, so only they are decided on."""
+        host, port, route = self.connect_target(request)
         if not route.allow_tunnel:
             raise Refusal("tunnel_denied", f"route {route.name} does not allow CONNECT tunnels; send plain HTTP through the proxy")
         upstream = urlsplit(route.upstream)
@@ -94,6 +100,9 @@ class Interceptor:
         )
 
     def _locate(self, request: web.BaseRequest) -> tuple[Mode, canonical.Target, RouteMatchResult]:
+        session = getattr(request.protocol, "tls_session", None)
+        if isinstance(session, TlsSession):
+            return self._locate_decrypted(request, session)
         raw = request.raw_path
         if raw.lower().startswith(("http://", "https://")):
             target = canonical.absolute_form(raw)
@@ -117,6 +126,28 @@ class Interceptor:
         if match is None:
             raise Refusal("no_route", f"no route for {target.path}")
         return "transparent", target, match
+
+    def _locate_decrypted(self, request: web.BaseRequest, session: TlsSession
+                          ) -> tuple[Mode, canonical.Target, RouteMatchResult]:
+        """A request inside an intercepted TLS connection: origin-form, for the host the connection was made to.
+
+        The route is chosen by that host (the CONNECT host, or the SNI of a redirected connection) and the
+        path; the Host header must name the same host and port, or the request is refused (421)."""
+        served = getattr(request.protocol, "served_host", None)
+        raw = request.raw_path
+        if not raw.startswith("/"):
+            raise Refusal("bad_request", "a request inside an intercepted TLS connection must be origin-form (/path)")
+        target = canonical.origin_form(raw)
+        host_header = hdr.single(request.headers, "host")
+        if not host_header:
+            raise Refusal("bad_request", "a Host header is required")
+        host, port = canonical.authority(host_header, 443)
+        if served is None or host != served or port != session.port():
+            raise Refusal("misdirected_request", f"this TLS connection is for {served}:{session.port()}, not {host}:{port}")
+        match = self.routes.by_host(host, port, target.path)
+        if match is None or not match.route.intercept_tls:
+            raise Refusal("no_route", f"no intercepting route for {host}:{port}{target.path}")
+        return ("tls_intercept" if session.via == "connect" else "transparent_tls"), target, match
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         declared = request.content_length

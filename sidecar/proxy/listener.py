@@ -8,12 +8,17 @@
 - A request head must arrive within ``header_timeout_seconds`` of its first byte; an
   idle kept-alive connection is closed after ``idle_timeout_seconds``; at most
   ``max_connections`` connections are open: one more is answered 503 and closed.
+- TLS interception (sidecar/proxy/tls.py): a CONNECT to an intercepting route, or a
+  redirected connection whose first byte starts a TLS handshake, is taken off this
+  handler (which never reads it again) and terminated with a pod-CA leaf; the decrypted
+  stream is served by a fresh handler of the same server, marked with its TlsSession.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +28,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from ..config import ConnectionLimits
 from ..problems import Refusal
+from .tls import TLS_HANDSHAKE_RECORD, LeafIssuer, TlsSession, adopt, original_destination, served_host
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -38,27 +44,86 @@ def _raw_problem(refusal: Refusal) -> bytes:
 
 
 class GuardedRequestHandler(RequestHandler):
-    """One connection of the proxy listener."""
+    """One connection of the proxy listener (or the decrypted stream of an intercepted TLS connection)."""
 
-    def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
+    def __init__(self, manager: GuardedServer, tls_session: TlsSession | None = None, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = manager
         self._head_timer: asyncio.TimerHandle | None = None
         self._serving = False
+        self._first_bytes_seen = False
+        self._decrypted_counted = False
+        # Set on handlers of decrypted connections only; the interceptor routes their requests by these.
+        self.tls_session = tls_session
+        self.served_host: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.tls_session is not None:
+            # The TCP connection was admitted already (and counted) as the handler it was taken from.
+            self.served_host = served_host(transport)
+            self._guard.decrypted += 1
+            self._decrypted_counted = True
+            super().connection_made(transport)
+            return
         super().connection_made(transport)
-        if len(self._guard.connections) > self._guard.limits.max_connections:
+        if len(self._guard.connections) - self._guard.decrypted > self._guard.limits.max_connections:
             self._refuse_connection(Refusal("overloaded", "too many open connections", headers={"Retry-After": "1"}))
 
     def data_received(self, data: bytes) -> None:
+        if not self._first_bytes_seen and data:
+            self._first_bytes_seen = True
+            if data[0] == TLS_HANDSHAKE_RECORD and self.tls_session is None and self._guard.tls is not None:
+                self._intercept_redirected_tls(bytes(data))
+                return
         if self._head_timer is None and not self._serving and data:
             self._head_timer = self._loop.call_later(self._guard.limits.header_timeout_seconds, self._head_too_slow)
         super().data_received(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
+        if self._decrypted_counted:
+            self._decrypted_counted = False
+            self._guard.decrypted -= 1
         super().connection_lost(exc)
+
+    # ---------------------------------------------------------------- TLS interception
+
+    def intercept_connect(self, host: str, port: int) -> None:
+        """Answer 200 to this CONNECT and terminate TLS with ``host``'s leaf; the caller's response is never sent.
+
+        Raises LeafRefused (before anything is written) when no route intercepts ``host``."""
+        tls = self._guard.tls
+        if tls is None:
+            raise Refusal("tunnel_denied", "TLS interception is not configured")
+        context = tls.context_for(host)
+        early, self._message_tail = self._message_tail, b""  # a client that did not wait for the 200
+        transport = self._detach()
+        if transport is None:
+            return  # the agent went away
+        transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        self._guard.hand_over(transport, TlsSession("connect", connect_host=host, connect_port=port), context, early)
+
+    def _intercept_redirected_tls(self, client_hello: bytes) -> None:
+        tls = self._guard.tls
+        assert tls is not None
+        transport = self._detach()
+        if transport is None:
+            return
+        destination = original_destination(transport)
+        describe = f" to {destination[0]}:{destination[1]}" if destination else ""
+        session = TlsSession("transparent", original_destination=destination)
+        self._guard.hand_over(transport, session, tls.transparent_context(describe), client_hello)
+
+    def _detach(self) -> asyncio.Transport | None:
+        """Give up the connection without closing it: this handler stops, its server forgets it."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return None
+        self._cancel_head_timer()
+        self.transport = None  # so that stopping below (and a response written later) cannot touch the socket
+        self.force_close()
+        self._guard.connection_lost(self, None)
+        return transport
 
     def serving(self, active: bool) -> None:
         """The request path started (its head is complete) or finished one request."""
@@ -109,14 +174,34 @@ def _parser_refusal(status: int, exc: BaseException | None) -> Refusal:
 
 class GuardedServer(web.Server):
     def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], *,
-                 limits: ConnectionLimits, on_refusal: RefusalSink, **kwargs: Any) -> None:
+                 limits: ConnectionLimits, on_refusal: RefusalSink, tls: LeafIssuer | None = None,
+                 tls_handshake_timeout: float = 10.0, **kwargs: Any) -> None:
         super().__init__(_marking(handler), auto_decompress=False, keepalive_timeout=limits.idle_timeout_seconds,
                          **kwargs)
         self.limits = limits
         self.on_refusal = on_refusal
+        self.tls = tls
+        self.tls_handshake_timeout = tls_handshake_timeout
+        self.decrypted = 0  # handlers of decrypted streams: their TCP connections were counted once already
 
     def __call__(self) -> RequestHandler:
         return GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def hand_over(self, transport: asyncio.Transport, session: TlsSession, context: ssl.SSLContext, initial: bytes) -> None:
+        """Terminate TLS on ``transport``; once the handshake is done a fresh handler serves the decrypted stream."""
+        handler = GuardedRequestHandler(self, tls_session=session, loop=self._loop, **self._kwargs)
+        handshake = adopt(transport, handler, context, initial, self.tls_handshake_timeout)
+        handshake.add_done_callback(_handshake_outcome)
+
+
+def _handshake_outcome(handshake: asyncio.Future[None]) -> None:
+    if handshake.cancelled():
+        return
+    error = handshake.exception()
+    if error is not None:
+        # A refused server name was recorded by the SNI check; anything else is the agent's side
+        # (it does not trust the pod CA, it went away): a log line, no request was read.
+        log.info("intercepted TLS handshake failed: %s", getattr(error, "reason", None) or type(error).__name__)
 
 
 def _marking(handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]

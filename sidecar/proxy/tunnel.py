@@ -1,4 +1,5 @@
-"""Blind CONNECT tunnels, for routes that explicitly allow one (decided on host and port alone).
+"""CONNECT: blind tunnels for routes that explicitly allow one (decided on host and port alone),
+and the hand-off to TLS interception for routes with ``intercept_tls``.
 
 aiohttp parses CONNECT as an upgrade: after the 200, the bytes the agent sends
 reach a parser set on the connection, which pipes them to the upstream socket.
@@ -8,10 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import ssl
 
 from aiohttp import web
 
 from ..problems import Refusal
+from ..tls_ca import CaError
+from .listener import GuardedRequestHandler
+from .tls import LeafRefused
+
+log = logging.getLogger("sidecar.proxy.tunnel")
 
 _BUFFERED_CHUNKS = 64  # back-pressure bound: at most this many chunks wait for the upstream
 
@@ -68,4 +76,20 @@ async def run_tunnel(request: web.BaseRequest, host: str, port: int, idle_timeou
         upstream_writer.close()
         if request.transport is not None:
             request.transport.close()
+    return web.Response(status=200)
+
+
+def intercept_tunnel(request: web.BaseRequest, host: str, port: int) -> web.Response:
+    """Answer the CONNECT with 200 and terminate TLS with a leaf for ``host``; the connection is the TLS
+    layer's from here, so the response returned is never written."""
+    protocol = request.protocol
+    if not isinstance(protocol, GuardedRequestHandler):
+        raise Refusal("internal_error", "this listener cannot intercept TLS")
+    try:
+        protocol.intercept_connect(host, port)
+    except LeafRefused as exc:
+        raise Refusal("tunnel_denied", str(exc)) from None
+    except (CaError, OSError, ssl.SSLError, ValueError, RuntimeError) as exc:
+        log.warning("no leaf certificate for %s: %s", host[:255], type(exc).__name__)
+        raise Refusal("internal_error", f"no certificate could be issued for {host[:255]} ({type(exc).__name__})") from None
     return web.Response(status=200)
