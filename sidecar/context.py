@@ -31,7 +31,7 @@ def build_input(
 ) -> dict[str, Any]:
     now_ns = now_ns if now_ns is not None else time.time_ns()
     seconds = now_ns / 1e9
-    return {
+    document: dict[str, Any] = {
         "version": "v1",
         "request": {
             "method": call.method,
@@ -63,6 +63,10 @@ def build_input(
             "now_ns": now_ns,
         },
     }
+    if call.original_destination is not None:
+        # Transparent modes: where the agent's connection was going before iptables redirected it.
+        document["request"]["original_destination"] = call.original_destination
+    return document
 
 
 def _mcp(mcp_call: McpCall | None, annotations: dict[str, Any] | None,

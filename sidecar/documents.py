@@ -66,6 +66,7 @@ class InterceptedCall:
     prefer_wait_seconds: float | None = None
     delegation: Secret | None = None  # X-Agent-Delegation: a parent sidecar's credential, verified in context
     body_readable: bool = True  # False when the body is neither JSON nor a form: the policy cannot see into it
+    original_destination: str | None = None  # transparent modes: "ip:port" the connection was going to (SO_ORIGINAL_DST)
 
     @property
     def target_url(self) -> str:

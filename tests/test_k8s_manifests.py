@@ -885,6 +885,158 @@ def test_iptables_rules_redirect_the_agent_but_not_the_sidecar(rendered: dict[st
         assert result["sidecar_tcp6"] == "TimeoutError"
 
 
+# Issue 18: the same namespace and rules, with a real sidecar on 127.0.0.1:15001 intercepting TLS and an
+# HTTPS upstream on loopback. An agent-uid process dials https:// at an outside address directly (no proxy
+# settings): the kernel redirects it, the sidecar routes it by SNI, decides each request and tells the
+# policy where the connection was going.
+NETNS_TLS_SIDECAR = r"""
+import asyncio, json, signal, ssl, sys
+from pathlib import Path
+root, work = Path(sys.argv[1]), Path(sys.argv[2])
+sys.path[:0] = [str(root), str(root / "tests")]
+import yaml
+from aiohttp import web
+from sidecar.app import build_sidecar
+from sidecar.config import parse_config
+from tls_certs import make_ca_and_server
+
+async def main():
+    ca, cert, key = make_ca_and_server(work / "upstream-pki")
+    seen = work / "upstream-seen.jsonl"
+    async def handle(request):
+        with seen.open("a") as out:
+            out.write(json.dumps({"method": request.method, "path": request.path_qs,
+                                  "authorization": request.headers.get("Authorization", "")}) + "\n")
+        return web.json_response({"tool": "https-echo", "path": request.path})
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 8443, ssl_context=context).start()
+    config = {
+        "listeners": {"proxy": "127.0.0.1:15001", "admin": "127.0.0.1:15000", "metrics": "127.0.0.1:15090"},
+        "state_dir": str(work / "state"),
+        "policy": {"engine": "embedded", "rego_dir": str(root / "tests" / "policies" / "fixture"), "timeout_ms": 2000},
+        "identity": {"static": "spiffe://test/ns/agents/sa/agent"},
+        "routes": [{"name": "crm", "match": {"host": "crm.example.com"}, "upstream": "https://127.0.0.1:8443",
+                    "intercept_tls": True, "tls": {"ca_bundle": str(ca)}}],
+    }
+    (work / "sidecar.yaml").write_text(yaml.safe_dump(config))
+    sidecar = build_sidecar(parse_config(config, work / "sidecar.yaml"))
+    await sidecar.start()
+    (work / "sidecar-ca.pem").write_bytes(sidecar.tls.ca.cert_pem)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    await sidecar.stop()
+    await runner.cleanup()
+
+asyncio.run(main())
+"""
+
+NETNS_TLS_HELPER = r"""
+import json, os, socket, ssl, subprocess, sys
+script, sidecar_script, root, work = sys.argv[1:5]
+def sh(*cmd):
+    subprocess.run(cmd, check=True)
+sh("ip", "link", "set", "lo", "up")
+sh("ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1")
+sh("ip", "link", "set", "up0", "up")
+sh("ip", "link", "set", "up1", "up")
+sh("ip", "addr", "add", "192.0.2.10/24", "dev", "up0")
+sh("ip", "route", "add", "default", "via", "192.0.2.1")
+sh("/bin/sh", "-c", script)
+sidecar = subprocess.Popen([sys.executable, sidecar_script, root, work], stdout=subprocess.PIPE, text=True)
+ready = sidecar.stdout.readline().strip()
+result = {"ready": ready}
+ca_pem = open(os.path.join(work, "sidecar-ca.pem")).read()
+# Everything the agent child needs, imported before it drops to a uid that cannot read this Python's files.
+import encodings.idna
+"crm.example.com".encode("idna")
+ssl.create_default_context(cadata=ca_pem)
+
+def agent(method, path, server_name="crm.example.com"):
+    # As uid 10001, with no proxy settings: TLS straight to an outside address, trusting the pod CA.
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.setgroups([]); os.setgid(10001); os.setuid(10001)
+            try:
+                context = ssl.create_default_context(cadata=ca_pem)
+                with socket.create_connection(("203.0.113.7", 443), timeout=20) as raw:
+                    with context.wrap_socket(raw, server_hostname=server_name) as tls:
+                        tls.sendall((f"{method} {path} HTTP/1.1\r\nHost: crm.example.com\r\n"
+                                     "Authorization: Bearer agent-standing-secret\r\nConnection: close\r\n\r\n").encode())
+                        answer = b""
+                        while chunk := tls.recv(65536):
+                            answer += chunk
+                outcome = answer.decode(errors="replace")
+            except Exception as e:
+                outcome = f"{type(e).__name__}: {e}"
+            os.write(write_end, outcome.encode()[:60000])
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    chunks = []
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    os.close(read_end)
+    return b"".join(chunks).decode()
+
+if ready == "ready":
+    result["allowed"] = agent("GET", "/customers/42")
+    result["held"] = agent("DELETE", "/customers/42")
+    result["unknown_sni"] = agent("GET", "/customers/42", server_name="elsewhere.example.com")
+sidecar.terminate()
+sidecar.wait(timeout=60)
+print(json.dumps(result))
+"""
+
+
+def test_agent_tls_to_an_outside_address_is_intercepted_and_decided(rendered: dict[str, list[dict[str, Any]]],
+                                                                    tmp_path: Path) -> None:
+    reason = _netns_available()
+    if reason:
+        pytest.skip(f"behavioural iptables test {reason}")
+    from sidecar.policy.embedded import opa_available
+
+    if not opa_available():
+        pytest.skip("needs the embedded OPA engine")
+    helper, sidecar_script = tmp_path / "netns_tls_helper.py", tmp_path / "netns_tls_sidecar.py"
+    helper.write_text(NETNS_TLS_HELPER)
+    sidecar_script.write_text(NETNS_TLS_SIDECAR)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = subprocess.run(
+        ["unshare", "--net", sys.executable, str(helper), init_script(rendered["iptables"]), str(sidecar_script),
+         str(ROOT), str(work)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ready"] == "ready", out.stderr
+    assert result["allowed"].startswith("HTTP/1.1 200"), result["allowed"]
+    assert '"path": "/customers/42"' in result["allowed"]
+    assert result["held"].startswith("HTTP/1.1 403") and '"code":"approval_required"' in result["held"], result["held"]
+    assert "UNRECOGNIZED_NAME" in result["unknown_sni"], result["unknown_sni"]
+    seen = [json.loads(line) for line in (work / "upstream-seen.jsonl").read_text().splitlines()]
+    assert [(s["method"], s["path"]) for s in seen] == [("GET", "/customers/42")]
+    assert seen[0]["authorization"].startswith("Bearer ey") and "agent-standing-secret" not in seen[0]["authorization"]
+    events = [json.loads(line) for line in (work / "state" / "audit.jsonl").read_text().splitlines()]
+    decisions = [e for e in events if e.get("type") == "decision"]
+    assert [(e["input"]["request"]["mode"], e["input"]["request"].get("original_destination"), e["outcome"])
+            for e in decisions] == [("transparent_tls", "203.0.113.7:443", "allow"),
+                                    ("transparent_tls", "203.0.113.7:443", "hold")]
+    refusals = [e for e in events if e.get("type") == "refusal"]
+    assert [e["code"] for e in refusals] == ["tls_unknown_sni"]
+    assert "203.0.113.7:443" in refusals[0]["detail"]
+
+
 # --------------------------------------------------------------------------- policies
 
 

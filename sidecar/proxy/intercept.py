@@ -23,7 +23,7 @@ from . import headers as hdr
 from . import mcp
 from .body import BodyView, content_codings, decode_content, read_body
 from .routing import RouteMatchResult, RouteTable
-from .tls import TlsSession
+from .tls import TlsSession, original_destination
 
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d{1,6})(?:$|[,;\s])", re.IGNORECASE)
 _TOKEN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -73,6 +73,7 @@ class Interceptor:
             approval_id=_token(request, "X-Agent-Approval"),
             prefer_wait_seconds=_prefer_wait(request),
             delegation=_secret_header(request, "X-Agent-Delegation"),
+            original_destination=_original_destination(request, mode),
         )
 
     def connect_target(self, request: web.BaseRequest) -> tuple[str, int, Route]:
@@ -184,6 +185,21 @@ def _mcp_calls(route: Route, method: str, view: BodyView) -> tuple[McpCall, ...]
     if view.kind != "json":
         raise Refusal("bad_request", f"route {route.name} takes JSON-RPC 2.0 bodies only")
     return mcp.parse_calls(view.value)
+
+
+def _original_destination(request: web.BaseRequest, mode: Mode) -> str | None:
+    """Where a redirected connection was going (SO_ORIGINAL_DST), as "ip:port"; None when not redirected."""
+    if mode == "transparent_tls":
+        session = getattr(request.protocol, "tls_session", None)
+        destination = session.original_destination if isinstance(session, TlsSession) else None
+    elif mode == "transparent" and request.transport is not None:
+        destination = original_destination(request.transport)
+    else:
+        return None
+    if destination is None:
+        return None
+    address, port = destination
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _token(request: web.BaseRequest, name: str) -> str | None:
