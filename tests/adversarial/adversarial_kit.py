@@ -264,12 +264,13 @@ def send_raw(port: int, data: bytes, *, method_hint: str | None = None, timeout:
             pass  # the server may answer and close before reading everything
         reader = sock.makefile("rb")
         try:
-            return _read_answer(reader, method_hint)
+            return read_answer(reader, method_hint)
         except (ConnectionResetError, socket.timeout) as exc:
             return Answer(0, f"no answer: {type(exc).__name__}", [], b"")
 
 
-def _read_answer(reader: Any, method_hint: str | None) -> Answer:
+def read_answer(reader: Any, method_hint: str | None) -> Answer:
+    """One response from a socket file (several in a row on a kept-alive connection)."""
     status_line = reader.readline(65536)
     if not status_line:
         return Answer(0, "connection closed without an answer", [], b"")
@@ -575,6 +576,15 @@ def assert_forwarded(stack: Stack, outcome: Outcome, *, target: str | None = Non
     assert judged.get("body_size", len(received.body)) == len(received.body)
     for key, value in (policy or {}).items():
         assert judged.get(key) == value, f"input.request.{key}: judged {judged.get(key)!r}, expected {value!r}"
+    # The content headers are part of what was judged: the upstream reads the body under the same label.
+    if "content_type" in judged:
+        sent_type = received.header("content-type")
+        assert sent_type == ([judged["content_type"]] if judged["content_type"] else []), (
+            f"judged Content-Type {judged['content_type']!r}, the upstream received {sent_type}")
+    # Framing and authority are the sidecar's: one Host (the upstream's), one Content-Length (the body's).
+    assert received.header("host") == [stack.upstream_origin.removeprefix("http://")], received.header("host")
+    lengths = received.header("content-length")
+    assert lengths == [str(len(received.body))] or (not received.body and lengths in ([], ["0"])), lengths
 
     # 2. the token: what the credential binds, by our verifier and by jwcrypto.
     token = bearer_token(received)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ from adversarial_kit import (
     assert_refused,
     canaries_in,
     exchange,
+    read_answer,
+    refusal_code,
     refused_problem,
     send_raw,
 )
@@ -164,3 +167,21 @@ def test_after_the_corpus_the_sidecar_still_serves(stack: Stack) -> None:
     """No hostile case left the listener wedged."""
     answer = send_raw(stack.proxy_port, b"GET /plain/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert answer.status == 200, answer
+
+
+def test_pipelined_requests_are_each_judged_on_their_own(stack: Stack) -> None:
+    """Smuggling by pipelining: bytes after a request's declared body are the next request, judged alone."""
+    data = (b"GET /crm/customers/1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /crm/notes HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+            b"GET /crm/../payments/transfers HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /crm/customers/2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    stack.upstream.drain()
+    before = len(stack.upstream.received)
+    with socket.create_connection(("127.0.0.1", stack.proxy_port), timeout=30) as sock:
+        sock.sendall(data)
+        reader = sock.makefile("rb")
+        answers = [read_answer(reader, None) for _ in range(4)]
+    assert [a.status for a in answers] == [200, 403, 400, 200], [(a.status, a.body[:200]) for a in answers]
+    assert [refusal_code(a, mcp_route=False) for a in answers[1:3]] == ["denied", "bad_request"]
+    received = stack.upstream.received[before:]
+    assert [r.target for r in received] == ["/api/crm/customers/1", "/api/crm/customers/2"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,12 +121,12 @@ query_part = st.lists(
     max_size=3,
 ).map(lambda pairs: "&".join(f"{k}={v}" for k, v in pairs))
 
-METHODS = ["GET"] * 6 + ["POST"] * 4 + ["PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "PROPFIND", "FOO"]
+METHODS = ["GET"] * 6 + ["POST"] * 4 + ["PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "PROPFIND", "FOO", "get"]
 HEADER_NAMES = ["Accept", "User-Agent", "X-Request-Id", "X_Custom", "X-HTTP-Method-Override", "X-HTTP-Method",
                 "X-Method-Override", "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP", "X-Original-URL",
-                "X-Rewrite-URL", "Authorization", "Content-Encoding", "X-Agent-Decision", "Content-Type"]
+                "X-Rewrite-URL", "Authorization", "Content-Encoding", "X-Agent-Decision", "Content-Type", "X Bad", "X-A\"b"]
 HEADER_VALUES = ["1", "DELETE", "text/plain", "for=10.0.0.1;host=payments.example.com", "/payments/transfers", "gzip",
-                 "Bearer agent-secret", "text/html, */*", "a b", "x\x00y", "caf\u00e9"]
+                 "Bearer agent-secret", "text/html, */*", "a b", "x\x00y", "caf\u00e9", "a\rb", "a\x7fb"]
 CONTENT_TYPES = [None, "application/json", "application/json", "text/plain", "text/json", "application/octet-stream",
                  "application/x-www-form-urlencoded", "application/vnd.crm+json", "application/json; charset=utf-8"]
 KEYS = ["amount", "amount", "Amount", "note", "items", "a", "\\u0061mount"]
@@ -165,8 +166,9 @@ def requests(draw: st.DrawFn) -> Generated:
     mild = draw(st.booleans())
     method = draw(st.sampled_from(["GET", "GET", "GET", "POST", "PUT", "HEAD", "OPTIONS"] if mild else METHODS))
     absolute = draw(st.integers(0, 9)) == 0
+    userinfo = "" if mild or not absolute else draw(st.sampled_from(["", "", "", "user@", "a:b@"]))
     prefix = draw(st.sampled_from(["/crm", "/crm", "/payments", "/plain", "/cr%6D"] if mild else
-                                  ["/crm", "/crm", "/payments", "/tools", "/plain", "/cr%6D", "/nope"]))
+                                  ["/crm", "/crm", "/payments", "/tools", "/plain", "/cr%6D", "/nope", "/CRM", "/crmx"]))
     atoms = MILD_ATOMS if mild else weighted_atom()
     segments = draw(st.lists(st.lists(atoms, min_size=1 if mild else 0, max_size=3).map("".join), max_size=4))
     path = ("" if absolute else prefix) + "".join("/" + s for s in segments)
@@ -180,7 +182,7 @@ def requests(draw: st.DrawFn) -> Generated:
     target = path + (f"?{query}" if query is not None else "")
     if absolute:
         # An absolute-form target with no path at all (http://host) may be refused or sent to "/": not drawn.
-        target = f"http://{CRM_HOST}" + (target if target.startswith("/") else "/" + target)
+        target = f"http://{userinfo}{CRM_HOST}" + (target if target.startswith("/") else "/" + target)
     elif not target.startswith("/"):
         target = "/" + target
     names, values = (MILD_HEADERS, MILD_VALUES) if mild else (HEADER_NAMES, HEADER_VALUES)
@@ -244,6 +246,9 @@ SINGLETONS = ("content-type", "user-agent", "host", "content-length", "content-l
               "max-forwards", "server", "transfer-encoding")
 
 
+HEADER_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
 def model(generated: Generated) -> None:
     reasons = generated.must_refuse
     if generated.method not in ALLOWED_METHODS:
@@ -254,7 +259,9 @@ def model(generated: Generated) -> None:
             reasons.append(("bad_request", f"{singleton} sent twice"))
     for name, value in generated.headers:
         lowered = name.lower()
-        if "_" in name:
+        if not HEADER_TOKEN.fullmatch(name):
+            reasons.append(("bad_request", f"header name {name!r} is not a token"))
+        elif "_" in name:
             reasons.append(("header_not_allowed", name))
         elif lowered in ("x-http-method-override", "x-http-method", "x-method-override"):
             reasons.append(("method_override", name))
@@ -269,8 +276,11 @@ def model(generated: Generated) -> None:
         if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in value):
             reasons.append(("bad_request", f"control character in {name}"))
     if generated.absolute:
-        rest = generated.target[len("http://" + CRM_HOST):]
+        authority, _, rest = generated.target[len("http://"):].partition("/")
+        rest = "/" + rest
         try:
+            if "@" in authority:
+                raise Refuse("bad_request", "userinfo")
             if "#" in rest:
                 raise Refuse("bad_request", "fragment")
             path, question, query = rest.partition("?")
