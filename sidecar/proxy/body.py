@@ -75,7 +75,10 @@ def strict_json(body: bytes) -> Any:
         value = json.loads(body, object_pairs_hook=_object, parse_constant=_constant, parse_float=_float)
     except _Ambiguous as exc:
         raise Refusal("bad_request", f"ambiguous JSON body: {exc}") from None
-    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except RecursionError:
+        # Too deep for this parser, not for every upstream's: judged unreadable it could still be read as JSON.
+        raise Refusal("bad_request", "malformed JSON body: nested too deeply") from None
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise _NotJson() from None
     if b"\\u" in body and _SURROGATE_ESCAPE.search(body):
         _refuse_lone_surrogates(value)
