@@ -137,14 +137,16 @@ def tracebacks(records: list[logging.LogRecord]) -> list[str]:
 class Stack:
     """A raw upstream and a real sidecar on their own loop in a background thread."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, **settings: Any) -> None:
         self.tmp = tmp
+        self.settings = settings  # top-level config sections added to (or replacing) the defaults
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="adversarial-stack", daemon=True)
         self.upstream = RawUpstream()
         self.running: RunningSidecar | None = None
         self.mcp_protocol = False
         self.logs = LogCapture()
+        self._root_level = logging.NOTSET
         self._jwks: dict[str, Any] | None = None
         self._audit_offset = 0
         self._decisions: dict[str, dict[str, Any]] = {}
@@ -153,13 +155,15 @@ class Stack:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def start(self) -> Stack:
-        logging.getLogger().addHandler(self.logs)
-        if logging.getLogger().level > logging.INFO:
-            logging.getLogger().setLevel(logging.INFO)
+        root = logging.getLogger()
+        root.addHandler(self.logs)
+        self._root_level = root.level
+        if root.level > logging.INFO or root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
         self.thread.start()
         self.run(self.upstream.start())
         self.mcp_protocol = protocol_key_accepted(self.tmp)
-        config = sidecar_settings(self.tmp, self.upstream.base, mcp_protocol=self.mcp_protocol)
+        config = {**sidecar_settings(self.tmp, self.upstream.base, mcp_protocol=self.mcp_protocol), **self.settings}
         self.running = self.run(start_sidecar(self.tmp, config))
         return self
 
@@ -172,6 +176,7 @@ class Stack:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(30)
             logging.getLogger().removeHandler(self.logs)
+            logging.getLogger().setLevel(self._root_level)
 
     @property
     def sidecar(self) -> RunningSidecar:
@@ -502,6 +507,33 @@ def assert_refused(outcome: Outcome, *, code: str | None, mcp_route: bool = Fals
     return found
 
 
+_MISSING = object()
+
+
+def judged_value(document: dict[str, Any], key: str) -> Any:
+    """``key`` names a field of ``input.request``, or (starting with ``/``) a JSON pointer into the whole input."""
+    if not key.startswith("/"):
+        return document["request"].get(key, _MISSING)
+    value: Any = document
+    for part in key[1:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
+def assert_judged(event: dict[str, Any], expected: dict[str, Any] | None) -> None:
+    """The decision event's input has these values (see judged_value for the keys)."""
+    for key, value in (expected or {}).items():
+        found = judged_value(event["input"], key)
+        shown = "(absent)" if found is _MISSING else repr(found)
+        assert found is not _MISSING and found == value, f"input {key}: judged {shown}, expected {value!r}"
+
+
 def bearer_token(received: Received) -> str:
     values = received.header("authorization")
     assert len(values) == 1, f"expected exactly one Authorization header upstream, got {len(values)}"
@@ -574,8 +606,7 @@ def assert_forwarded(stack: Stack, outcome: Outcome, *, target: str | None = Non
         assert raw_query == received_query, f"input.request.raw_query {raw_query!r} != sent query {received_query!r}"
     assert judged["body_sha256"] == body_sha256, "input.request.body_sha256 is not the sha256 of the body sent"
     assert judged.get("body_size", len(received.body)) == len(received.body)
-    for key, value in (policy or {}).items():
-        assert judged.get(key) == value, f"input.request.{key}: judged {judged.get(key)!r}, expected {value!r}"
+    assert_judged(event, policy)
     # The content headers are part of what was judged: the upstream reads the body under the same label.
     if "content_type" in judged:
         sent_type = received.header("content-type")

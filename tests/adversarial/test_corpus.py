@@ -13,7 +13,8 @@ Corpus format (one JSON object per line; blank lines and lines starting with ``#
 - ``expect``: ``{"refused": "<code>"}`` or ``{"forwarded": {"target": "...", "body": "...", "method": "..."}}``;
   ``target`` is the exact request-target the upstream must receive (the route's base path, see
   adversarial_kit.BASES, then the canonical path and query).
-- optional: ``policy`` (keys of ``input.request`` in the decision event that must have these values, checked
+- optional: ``policy`` (values the decision event's input must hold: a plain key is a field of
+  ``input.request``, a key starting with ``/`` a JSON pointer into the whole input such as ``/mcp/tool``; checked
   for forwarded calls and for refusals that name a decision), ``absent_headers`` (header names that must not
   reach the upstream), ``mcp`` (true: needs ``protocol: mcp`` on the tools route), ``why`` (a note).
 
@@ -35,6 +36,7 @@ from adversarial_kit import (
     Answer,
     Stack,
     assert_forwarded,
+    assert_judged,
     assert_refused,
     canaries_in,
     exchange,
@@ -147,9 +149,7 @@ def test_corpus(stack: Stack, case: Case) -> None:
             assert decision_id, f"{case.name}: policy expectations need a decision: {outcome.describe()}"
             event = stack.decision_event(decision_id)
             assert event is not None, f"no decision event {decision_id}"
-            judged = event["input"]["request"]
-            for key, value in case.policy.items():
-                assert judged.get(key) == value, f"input.request.{key}: judged {judged.get(key)!r}, expected {value!r}"
+            assert_judged(event, case.policy)
     else:
         forwarded = expect["forwarded"]
         assert_forwarded(stack, outcome, target=forwarded["target"], body=forwarded["body"].encode("latin-1" if case.latin1 else "utf-8"),
