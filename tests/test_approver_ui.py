@@ -57,6 +57,7 @@ async def test_an_approver_signs_in_sees_the_held_call_and_approves_it(make_side
                 assert await card.locator(".method").inner_text() == "DELETE"
                 assert (await card.locator(".target").inner_text()).endswith("/crm/customers/42/close")
                 assert await card.locator(".reasons li").all_inner_texts() == ["approvals fixture: DELETE on crm needs a human"]
+                await card.locator(".history summary").click()  # the task's recent calls fold away by default
                 recent = await card.locator(".recent tbody tr").all_inner_texts()
                 assert any("GET" in row and "/crm/customers/42" in row and "allow" in row for row in recent)
                 await card.locator(".comment").fill("checked with the account owner")
