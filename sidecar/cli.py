@@ -131,6 +131,18 @@ def _ca_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ca_install(args: argparse.Namespace) -> int:
+    from .tls_ca import CaError, install_ca
+
+    try:
+        cert, key = install_ca(Path(args.source), Path(args.destination))
+    except CaError as exc:
+        print(f"agent-sidecar: {exc}", file=sys.stderr)
+        return 2
+    print(f"installed {cert} and {key} (mode 0600)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="agent-sidecar", description="Authorization sidecar for AI agents.")
     root.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -179,6 +191,11 @@ def parser() -> argparse.ArgumentParser:
     ca_generate.add_argument("dir")
     ca_generate.add_argument("--days", type=int, default=365, help="validity of the CA certificate (default 365)")
     ca_generate.set_defaults(func=_ca_generate)
+    ca_install = ca.add_parser("install", help="copy ca.pem and ca-key.pem from SOURCE (a Secret volume) to "
+                                               "DESTINATION, the key readable by this user only (an init container)")
+    ca_install.add_argument("source")
+    ca_install.add_argument("destination")
+    ca_install.set_defaults(func=_ca_install)
     from .approvals.cli import add_approvals_parser
 
     add_approvals_parser(sub)

@@ -116,6 +116,10 @@ def check_key_permissions(key_path: Path) -> None:
 
 def load_ca(cert_path: Path, key_path: Path) -> CertificateAuthority:
     check_key_permissions(key_path)
+    return _read_ca(cert_path, key_path)
+
+
+def _read_ca(cert_path: Path, key_path: Path) -> CertificateAuthority:
     try:
         certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except OSError as exc:
@@ -175,6 +179,33 @@ def generate_ca(directory: Path, *, common_name: str = CA_COMMON_NAME, days: int
     fd = os.open(cert_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "wb") as handle:
         handle.write(certificate.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def install_ca(source: Path, destination: Path) -> tuple[Path, Path]:
+    """Copy a CA from a Kubernetes Secret volume to where the sidecar reads it, the key owner-only.
+
+    A Secret volume in a pod with an fsGroup is group-readable (the kubelet turns 0400 into 0440
+    root:<fsGroup>), which load_ca refuses. An init container running as the sidecar's user copies
+    it into a memory-backed emptyDir as 0600 (deploy/k8s, docs/kubernetes.md). A source key that
+    everybody can read is refused here too."""
+    cert_src, key_src = source / CA_CERT_NAME, source / CA_KEY_NAME
+    try:
+        mode = os.stat(key_src).st_mode
+    except OSError as exc:
+        raise CaError(f"{key_src}: cannot read the CA key: {exc.strerror}") from None
+    if mode & 0o007:
+        raise CaError(f"{key_src}: the CA key is readable by others (mode {stat.S_IMODE(mode):04o})")
+    ca = _read_ca(cert_src, key_src)  # validated before anything is written
+    destination.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cert_path, key_path = destination / CA_CERT_NAME, destination / CA_KEY_NAME
+    for path, data, file_mode in ((key_path, key_src.read_bytes(), 0o600), (cert_path, ca.cert_pem, 0o644)):
+        temporary = path.with_name(f".{path.name}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, file_mode)
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), file_mode)
+            handle.write(data)
+        os.replace(temporary, path)
     return cert_path, key_path
 
 

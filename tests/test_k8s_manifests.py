@@ -427,9 +427,10 @@ def test_base_has_every_piece(rendered: dict[str, list[dict[str, Any]]]) -> None
     for obj in objs:
         assert obj["metadata"]["namespace"] == "agents"
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "agent-sidecar"
-    # Every ConfigMap the pod mounts is rendered, except the cluster's public JWKS, which
-    # (like the signing-key Secret) is created out of band: docs/kubernetes.md.
-    names = {o["metadata"]["name"] for o in objs if o["kind"] == "ConfigMap"} | {"agent-sidecar-cluster-jwks"}
+    # Every ConfigMap the pod mounts is rendered, except the cluster's public JWKS and the
+    # pod CA's certificate, which (like the Secrets) are created out of band: docs/kubernetes.md.
+    names = {o["metadata"]["name"] for o in objs if o["kind"] == "ConfigMap"} | {"agent-sidecar-cluster-jwks",
+                                                                                   "agent-sidecar-tls-ca-cert"}
     for vol in pod(objs)["volumes"]:
         if "configMap" in vol:
             assert vol["configMap"]["name"] in names, f"volume {vol['name']} names no rendered ConfigMap"
@@ -483,17 +484,22 @@ def test_agent_holds_no_standing_secret(rendered: dict[str, list[dict[str, Any]]
         for v in spec["volumes"]
         if "secret" in v or any("serviceAccountToken" in s or "secret" in s for s in v.get("projected", {}).get("sources", []))
     }
-    assert secret_volumes == {"signing-keys", "agent-identity"}
+    assert secret_volumes == {"signing-keys", "agent-identity", "tls-ca-secret"}
+    # The pod CA's key: its Secret in the init container that copies it, the copy in the sidecar.
+    sidecar_only = {"agent-sidecar": {"signing-keys", "agent-identity", "tls-ca"},
+                    "agent-sidecar-tls-ca": {"tls-ca-secret", "tls-ca"}}
     for container in all_containers(spec):
         mounted = {m["name"] for m in container.get("volumeMounts", [])}
-        if container["name"] == "agent-sidecar":
-            assert secret_volumes <= mounted
+        if container["name"] in sidecar_only:
+            assert sidecar_only[container["name"]] <= mounted, container["name"]
+            assert not mounted & (secret_volumes - sidecar_only[container["name"]]), container["name"]
         else:
-            assert not mounted & secret_volumes, f"{container['name']} mounts {mounted & secret_volumes}"
+            assert not mounted & (secret_volumes | {"tls-ca"}), f"{container['name']} mounts {mounted & secret_volumes}"
         for env in container.get("env", []):
             assert "secretKeyRef" not in env.get("valueFrom", {}), f"{container['name']} env {env['name']}"
         assert not [e for e in container.get("envFrom", []) if "secretRef" in e]
-    assert [m["name"] for m in ctr(spec, "agent")["volumeMounts"]] == ["agent-tmp"]
+    assert [m["name"] for m in ctr(spec, "agent")["volumeMounts"]] == ["agent-tmp", "agent-ca-bundle"]
+    assert "configMap" in volume(spec, "agent-ca-bundle")  # the CA's certificate only
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -523,7 +529,7 @@ def test_no_container_but_the_sidecar_runs_as_its_uid_and_only_init_has_privileg
         assert sc["allowPrivilegeEscalation"] is False, container["name"]
         assert "ALL" in sc["capabilities"]["drop"], container["name"]
         assert not sc.get("privileged"), container["name"]
-        if container["name"] != "agent-sidecar":
+        if container["name"] not in ("agent-sidecar", "agent-sidecar-tls-ca"):
             assert sc.get("runAsUser") != SIDECAR_UID, f"{container['name']} would bypass the iptables redirect"
         if container["name"] == "agent-sidecar-init":
             assert set(sc["capabilities"]["add"]) == {"NET_ADMIN", "NET_RAW"}
@@ -652,7 +658,8 @@ def test_config_is_accepted_by_the_sidecars_own_loader(
     side = ctr(pod(rendered[name]), "agent-sidecar")
 
     paths = [("state_dir",), ("policy", "rego_dir"), ("credentials", "keys_dir"), ("identity", "token_file"),
-             ("identity", "jwks"), ("store", "sqlite_path"), ("audit", "path")]
+             ("identity", "jwks"), ("store", "sqlite_path"), ("audit", "path"), ("tls_interception", "ca_cert"),
+             ("tls_interception", "ca_key")]
     rebased = copy.deepcopy(config)
     for keys in paths:
         section = rebased
@@ -661,10 +668,44 @@ def test_config_is_accepted_by_the_sidecars_own_loader(
         mount_of(side, section[keys[-1]])  # on a volume of the sidecar
         section[keys[-1]] = str(tmp_path) + section[keys[-1]]
     (tmp_path / POLICIES_DIR.lstrip("/")).mkdir(parents=True)
+    for ca_file in ("ca_cert", "ca_key"):  # what the agent-sidecar-tls-ca init container puts there
+        Path(rebased["tls_interception"][ca_file]).parent.mkdir(parents=True, exist_ok=True)
+        Path(rebased["tls_interception"][ca_file]).touch()
     parsed = parse_config(rebased, tmp_path / "etc/agent-sidecar/sidecar.yaml")
     assert (parsed.proxy.host, parsed.proxy.port) == PROXY
     assert parsed.policy.engine == ("embedded" if name == "embedded-engine" else "rest")
     assert parsed.store.backend == "sqlite"
+    assert [r.name for r in parsed.routes if r.intercept_tls] == [r.name for r in parsed.routes if r.match.host]
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_the_pod_ca_reaches_the_sidecar_through_its_init_container_and_the_agent_trusts_it(
+        rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
+    """Issue 18 item 5: the CA as a Secret for the sidecar only, its certificate as a ConfigMap for the agent."""
+    objs = rendered[name]
+    spec = pod(objs)
+    config = sidecar_config(objs)
+    init, side, agent = ctr(spec, "agent-sidecar-tls-ca"), ctr(spec, "agent-sidecar"), ctr(spec, "agent")
+    assert init["image"] == side["image"]
+    source, destination = init["command"][3:]
+    assert init["command"][:3] == ["agent-sidecar", "ca", "install"]
+    assert volume(spec, mount_of(init, source + "/x")["name"])["secret"] == {"secretName": "agent-sidecar-tls-ca",
+                                                                              "defaultMode": 0o400}
+    copied = mount_of(init, destination + "/x")
+    assert not copied.get("readOnly") and volume(spec, copied["name"])["emptyDir"]["medium"] == "Memory"
+    assert init["securityContext"]["runAsUser"] == side["securityContext"]["runAsUser"] == SIDECAR_UID
+    for key in ("ca_cert", "ca_key"):
+        path = config["tls_interception"][key]
+        mount = mount_of(side, path)
+        assert mount["name"] == copied["name"] and mount["readOnly"] is True and Path(path).parent == Path(destination)
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    bundle = env["SSL_CERT_FILE"]
+    assert env["REQUESTS_CA_BUNDLE"] == env["NODE_EXTRA_CA_CERTS"] == bundle
+    mount = mount_of(agent, bundle)
+    assert mount["readOnly"] is True and volume(spec, mount["name"])["configMap"]["name"] == "agent-sidecar-tls-ca-cert"
+    template = yaml.safe_load((K8S / "base" / "tls-ca-secret.template.yaml").read_text())
+    kubernetes_validate.validate(template, K8S_VERSIONS[-1], strict=True)
+    assert template["metadata"]["name"] == "agent-sidecar-tls-ca" and not template.get("data")
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
@@ -746,8 +787,8 @@ def init_script(objs: list[dict[str, Any]]) -> str:
 
 def test_iptables_overlay_init_container(rendered: dict[str, list[dict[str, Any]]]) -> None:
     spec = pod(rendered["iptables"])
-    assert [c["name"] for c in spec["initContainers"]] == ["agent-sidecar-init"]
-    assert not pod(rendered["base"]).get("initContainers")
+    assert sorted(c["name"] for c in spec["initContainers"]) == ["agent-sidecar-init", "agent-sidecar-tls-ca"]
+    assert [c["name"] for c in pod(rendered["base"])["initContainers"]] == ["agent-sidecar-tls-ca"]
     init = ctr(spec, "agent-sidecar-init")
     sc = init["securityContext"]
     assert sc["runAsUser"] == 0 and sc["runAsNonRoot"] is False

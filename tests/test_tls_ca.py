@@ -62,6 +62,22 @@ def test_a_ca_key_others_can_read_is_refused_naming_the_file(tmp_path: Path, mod
     assert str(key) in str(refused.value) and f"{mode:04o}" in str(refused.value)
 
 
+def test_ca_install_copies_a_secret_volume_owner_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What the agent-sidecar-tls-ca init container does: the kubelet's 0440 copy becomes 0600."""
+    cert, key = generate_ca(tmp_path / "secret")
+    os.chmod(key, 0o440)  # a Secret volume file under the pod's fsGroup
+    with pytest.raises(CaError):
+        load_ca(cert, key)
+    assert main(["ca", "install", str(tmp_path / "secret"), str(tmp_path / "tls-ca")]) == 0
+    installed = tmp_path / "tls-ca" / "ca-key.pem"
+    assert installed.stat().st_mode & 0o777 == 0o600
+    assert load_ca(tmp_path / "tls-ca" / "ca.pem", installed).cert_pem == cert.read_bytes()
+    assert "PRIVATE KEY" not in capsys.readouterr().out
+    os.chmod(key, 0o444)
+    assert main(["ca", "install", str(tmp_path / "secret"), str(tmp_path / "again")]) == 2
+    assert "readable by others" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
 def test_a_key_that_does_not_match_the_certificate_is_refused(tmp_path: Path) -> None:
     cert, _ = generate_ca(tmp_path / "one")
     _, other_key = generate_ca(tmp_path / "two")
