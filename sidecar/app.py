@@ -28,7 +28,8 @@ from .observability.metrics import Metrics
 from .pipeline import RequestPath
 from .policy import Decider, PolicyEngine
 from .policy.embedded import EmbeddedEngine
-from .policy.loader import PolicyLoadError
+from .policy.live import LivePolicy
+from .policy.wiring import reload_on_sighup, wire_policy
 from .problems import Refusal
 from .proxy.forward import HttpForwarder
 from .proxy.intercept import Interceptor
@@ -46,17 +47,12 @@ def build_engine(config: Config) -> PolicyEngine:
         from .policy.rest import RestEngine
 
         return RestEngine(config.policy.rest_url, timeout_seconds=config.policy.timeout_ms / 1000)
-    from .policy.embedded import EmbeddedEngine, opa_available
+    from .policy.embedded import opa_available
+    from .policy.wiring import build_live_policy
 
     if not opa_available():
         raise ConfigError(f"{config.source.name}: policy.engine: embedded engine (opa_bindings) is not installed here; use engine: rest")
-    try:
-        return EmbeddedEngine(config.policy.rego_dir, workers=config.policy.embedded_workers,
-                              spare_engines=config.policy.embedded_spare_engines,
-                              decision_path=config.policy.decision_path,
-                              queue_deadline_seconds=config.policy.timeout_ms / 1000)
-    except PolicyLoadError as exc:
-        raise ConfigError(f"{config.source.name}: policy.rego_dir: {exc}") from None
+    return build_live_policy(config)  # the embedded engine, following its policy source (issue 19)
 
 
 def load_keys(config: Config) -> KeyRing:
@@ -166,7 +162,7 @@ def build_sidecar(config: Config) -> Sidecar:
     audit_parts = build_audit(config, metrics)
     audit = audit_parts.writer
     metrics.prime([route.name for route in config.routes], engine.name)
-    if isinstance(engine, EmbeddedEngine):
+    if isinstance(engine, (EmbeddedEngine, LivePolicy)):
         metrics.watch_spares(engine)
     approvals = build_approvals(config, metrics, audit)
     identity = credential_parts.identity
@@ -204,10 +200,13 @@ def build_sidecar(config: Config) -> Sidecar:
                                               "approval_store": approvals.store.ping,
                                               "task_history": path.backlog.ready,
                                               **credential_parts.checks})
+    policy_background = wire_policy(config, engine, decider, audit=audit, metrics=metrics, admin_app=admin_app,
+                                    metrics_app=metrics_app, identify=approvals.desk.identify)
     if tls is not None:
         admin_app.router.add_get("/ca.pem", ca_pem_handler(tls.ca.cert_pem))  # the certificate only, never the key
     return Sidecar(config, path, admin_app, metrics_app, startup=credential_parts.startup,
-                   background=[*credential_parts.background, *audit_parts.background, path.backlog.run], tls=tls)
+                   background=[*credential_parts.background, *audit_parts.background, path.backlog.run,
+                               *policy_background], tls=tls)
 
 
 def build_tls(config: Config) -> LeafIssuer | None:
@@ -242,6 +241,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reload_on_sighup(loop, sidecar.path.decider.engine)  # SIGHUP: a forced policy reload (docs/policy.md)
     try:
         await stop.wait()
     finally:

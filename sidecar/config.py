@@ -136,6 +136,13 @@ class PolicyConfig:
     embedded_workers: int = 1
     # Standby engines that take over from one whose evaluation overran its deadline (issue 15).
     embedded_spare_engines: int = 1
+    # Policy lifecycle (issue 19, docs/policy.md): the embedded engine follows its source.
+    reload_seconds: float = 1.0  # how often the source is polled; 0: only on SIGHUP or POST /v1/policy/reload
+    bundle: str | None = None  # an OPA bundle (.tar.gz) path or http(s) URL, instead of rego_dir
+    bundle_public_key: Path | None = None  # PEM; when set, only bundles signed with its private key load
+    bundle_key_id: str | None = None  # when set, the signature's kid must name it
+    bundle_name: str = "authz"  # the name decisions give their policy (OPA's decision-log "bundles")
+    shadow: str | None = None  # a candidate policy (directory or bundle) evaluated beside the live one, never enforced
 
 
 @dataclass(frozen=True)
@@ -726,7 +733,7 @@ def parse_config(data: Any, source: Path) -> Config:
     limits = reader.mapping(top.get("limits"), "limits", {"max_body_bytes", "max_in_flight", "header_timeout_seconds",
                                                           "body_timeout_seconds", "idle_timeout_seconds", "max_connections"})
     policy = reader.mapping(top.get("policy"), "policy", {"engine", "decision_path", "rego_dir", "timeout_ms", "rest", "embedded_workers",
-                                                            "embedded_spare_engines"})
+                                                            "embedded_spare_engines", *_POLICY_LIFECYCLE_KEYS})
     rest = reader.mapping(policy.get("rest"), "policy.rest", {"url"})
     credentials = reader.mapping(
         top.get("credentials"), "credentials",
@@ -740,7 +747,8 @@ def parse_config(data: Any, source: Path) -> Config:
     rego_dir = reader.path(policy, "policy", "rego_dir", source.parent / "rego")
     assert rego_dir is not None
     engine = reader.choice(policy, "policy", "engine", ("embedded", "rest"), "embedded")
-    if engine == "embedded" and not rego_dir.is_dir():
+    lifecycle = _policy_lifecycle(reader, policy, engine)
+    if engine == "embedded" and lifecycle["bundle"] is None and not rego_dir.is_dir():
         raise reader.fail("policy.rego_dir", f"no such directory: {rego_dir}")
 
     routes_value = top.get("routes")
@@ -775,6 +783,7 @@ def parse_config(data: Any, source: Path) -> Config:
             embedded_workers=_workers(reader, policy),
             embedded_spare_engines=_spare_engines(reader, policy),
             rest_url=_http_url(reader, rest.get("url", "http://127.0.0.1:8181"), "policy.rest.url"),
+            **lifecycle,
         ),
         credentials=CredentialsConfig(
             issuer=reader.typed(credentials, "credentials", "issuer", str, "agent-sidecar"),
@@ -829,6 +838,43 @@ def _connection_limits(reader: _Reader, limits: dict[str, Any]) -> ConnectionLim
             raise reader.fail(f"limits.{name}", "must be between 0.1 and 3600")
         seconds[name] = value
     return ConnectionLimits(max_connections=reader.positive(limits, "limits", "max_connections", 1024), **seconds)
+
+
+_POLICY_LIFECYCLE_KEYS = ("reload_seconds", "bundle", "bundle_public_key", "bundle_key_id", "bundle_name", "shadow")
+
+
+def _policy_lifecycle(reader: _Reader, policy: dict[str, Any], engine: str) -> dict[str, Any]:
+    """The policy.* keys of issue 19 (docs/policy.md, "The policy's life")."""
+    bundle = reader.typed(policy, "policy", "bundle", str, "") or None
+    if bundle is not None and not bundle.startswith(("http://", "https://")):
+        bundle = str(reader.path(policy, "policy", "bundle", None))
+        if engine == "embedded" and not Path(bundle).is_file():
+            raise reader.fail("policy.bundle", f"no such file: {bundle}")
+    elif bundle is not None:
+        bundle = _http_url(reader, bundle, "policy.bundle")
+    if bundle is not None and engine == "rest":
+        raise reader.fail("policy.bundle", "is for the embedded engine; an OPA server loads its own bundle "
+                                           "(opa run --server --bundle bundle.tar.gz)")
+    public_key = reader.path(policy, "policy", "bundle_public_key", None)
+    if public_key is not None and not public_key.is_file():
+        raise reader.fail("policy.bundle_public_key", f"no such file: {public_key}")
+    if public_key is not None and bundle is None:
+        raise reader.fail("policy.bundle_public_key", "needs policy.bundle")
+    default_reload = 30.0 if bundle is not None and bundle.startswith(("http://", "https://")) else 1.0
+    reload_seconds = reader.typed(policy, "policy", "reload_seconds", float, default_reload)
+    if reload_seconds != 0 and not 0.1 <= reload_seconds <= 3600:
+        raise reader.fail("policy.reload_seconds", "must be 0 (no polling) or between 0.1 and 3600")
+    name = reader.typed(policy, "policy", "bundle_name", str, "authz")
+    if not re.match(r"^[A-Za-z0-9_.\-]{1,64}$", name):
+        raise reader.fail("policy.bundle_name", "letters, digits, '_', '.', '-' (at most 64)")
+    shadow = reader.typed(policy, "policy", "shadow", str, "") or None
+    if shadow is not None:
+        shadow = str(reader.path(policy, "policy", "shadow", None))
+        if not Path(shadow).exists():
+            raise reader.fail("policy.shadow", f"no such directory or bundle file: {shadow}")
+    return {"reload_seconds": reload_seconds, "bundle": bundle, "bundle_public_key": public_key,
+            "bundle_key_id": reader.typed(policy, "policy", "bundle_key_id", str, "") or None,
+            "bundle_name": name, "shadow": shadow}
 
 
 def _workers(reader: _Reader, policy: dict[str, Any]) -> int:

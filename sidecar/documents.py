@@ -6,6 +6,7 @@ decide -> Decision -> enforce -> mint -> MintedCredential -> forward -> record
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -116,6 +117,7 @@ class Decision:
     rules: tuple[str, ...] = ()
     result: dict[str, Any] = field(default_factory=dict)  # the raw result, for the audit log
     eval_ns: int = 0
+    bundles: Mapping[str, str] = field(default_factory=dict)  # bundle name -> revision of the policy that decided
 
     @property
     def outcome(self) -> Outcome:

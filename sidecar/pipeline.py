@@ -495,6 +495,8 @@ class RequestPath:
                 "input": document,
                 "result": each.result or None,
                 "metrics": {"timer_rego_query_eval_ns": each.eval_ns},
+                # The policy that decided, as OPA's decision log names it: {bundle: {"revision": ...}}.
+                "bundles": {name: {"revision": revision} for name, revision in each.bundles.items()},
                 "outcome": outcome,
                 "code": code,
                 "route": call.route.name if call else None,

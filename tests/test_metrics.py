@@ -93,7 +93,9 @@ async def test_metrics_after_real_calls_pass_promtool(sidecar: RunningSidecar) -
     values = {v for _, v in labels}
     assert task not in text
     assert not any("/" in v or v.startswith(("t-", "ap-")) for v in values), values
-    assert {k for k, _ in labels} <= {"route", "outcome", "code", "engine", "kind", "cause", "record", "le"}
+    # bundle/revision: agent_sidecar_policy_info has one series, the policy deciding now (issue 19).
+    assert {k for k, _ in labels} <= {"route", "outcome", "code", "engine", "kind", "cause", "record", "le",
+                                      "result", "bundle", "revision"}
 
 
 async def test_healthz_and_readyz_name_their_checks(sidecar: RunningSidecar) -> None:

@@ -3,6 +3,10 @@
 Readiness is a set of named checks. Any part of the sidecar registers one with
 ``readiness.register("store", check)``; /readyz runs them all concurrently, each
 under a deadline, and answers 503 with the names of the failing ones.
+
+A check registered with ``fatal=False`` is shown (``"fatal": false``) but never makes the sidecar
+unready: a failing one is listed under ``warnings``, not ``failing``. Example: ``policy_reload``, red
+while the latest policy change is refused and the last good policy keeps deciding.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ class Readiness:
     def __init__(self, timeout_seconds: float = 2.0) -> None:
         self.timeout_seconds = timeout_seconds
         self._checks: dict[str, Check] = {}
+        self._not_fatal: set[str] = set()
 
-    def register(self, name: str, check: Check) -> None:
+    def register(self, name: str, check: Check, *, fatal: bool = True) -> None:
         if name in self._checks:
             raise ValueError(f"readiness check {name!r} is already registered")
         self._checks[name] = check
+        if not fatal:
+            self._not_fatal.add(name)
 
     @property
     def names(self) -> list[str]:
@@ -39,9 +46,16 @@ class Readiness:
     async def run(self) -> dict[str, Any]:
         names = list(self._checks)
         outcomes = await asyncio.gather(*(self._run_one(self._checks[name]) for name in names))
-        results = {name: {"ok": ok, "detail": detail} for name, (ok, detail) in zip(names, outcomes, strict=True)}
-        failing = [name for name, result in results.items() if not result["ok"]]
-        return {"ready": not failing, "failing": failing, "checks": results}
+        results: dict[str, dict[str, Any]] = {
+            name: {"ok": ok, "detail": detail} for name, (ok, detail) in zip(names, outcomes, strict=True)}
+        for name in self._not_fatal:
+            results[name]["fatal"] = False
+        failing = [name for name, result in results.items() if not result["ok"] and name not in self._not_fatal]
+        report: dict[str, Any] = {"ready": not failing, "failing": failing, "checks": results}
+        warnings = [name for name, result in results.items() if not result["ok"] and name in self._not_fatal]
+        if warnings:
+            report["warnings"] = warnings
+        return report
 
     async def _run_one(self, check: Check) -> tuple[bool, str]:
         try:

@@ -36,8 +36,11 @@ class SparingEngine(Protocol):
     @property
     def spare_engines(self) -> int: ...
 
-    overruns: int
-    spares_in_use: int
+    @property
+    def overruns(self) -> int: ...
+
+    @property
+    def spares_in_use(self) -> int: ...
 
 
 class _EngineSpares(Collector):

@@ -12,9 +12,10 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import fastjsonschema
 
@@ -64,7 +65,8 @@ def decision_errors(result: Any) -> list[str]:
     return errors
 
 
-def to_decision(decision_id: str, result: dict[str, Any], eval_ns: int) -> Decision:
+def to_decision(decision_id: str, result: dict[str, Any], eval_ns: int,
+                bundles: Mapping[str, str] | None = None) -> Decision:
     credential = result.get("credential", {})
     approval = result.get("approval", {})
     return Decision(
@@ -87,7 +89,14 @@ def to_decision(decision_id: str, result: dict[str, Any], eval_ns: int) -> Decis
         rules=tuple(result.get("rules", ())),
         result=result,
         eval_ns=eval_ns,
+        bundles=dict(bundles or {}),
     )
+
+
+class ShadowSink(Protocol):
+    """A candidate policy evaluated beside the live one (sidecar.policy.shadow)."""
+
+    def submit(self, input_document: dict[str, Any], decision: Decision) -> None: ...
 
 
 class Decider:
@@ -95,14 +104,15 @@ class Decider:
         self.engine = engine
         self.decision_path = decision_path
         self.timeout_seconds = timeout_ms / 1000.0
+        self.shadow: ShadowSink | None = None
 
     async def decide(self, input_document: dict[str, Any], decision_id: str | None = None) -> Decision:
         """Return a validated decision or raise a policy_unavailable (or overloaded) Refusal."""
         decision_id = decision_id or str(uuid.uuid4())
         started = time.perf_counter_ns()
         try:
-            result = await asyncio.wait_for(
-                self.engine.evaluate(self.decision_path, input_document), self.timeout_seconds
+            evaluation = await asyncio.wait_for(
+                self.engine.evaluate_with_provenance(self.decision_path, input_document), self.timeout_seconds
             )
         except asyncio.TimeoutError:
             raise self._refuse(decision_id, "timeout", f"policy engine timed out after {self.timeout_seconds * 1000:.0f} ms") from None
@@ -112,10 +122,14 @@ class Decider:
                               headers={"Retry-After": "1"}) from None
             raise self._refuse(decision_id, exc.kind, f"policy engine {exc.kind}: {exc.message}") from None
         eval_ns = time.perf_counter_ns() - started
+        result = evaluation.result
         errors = decision_errors(result)
         if errors:
             raise self._refuse(decision_id, "malformed", "policy decision does not match decision.v1: " + "; ".join(errors[:5]))
-        return to_decision(decision_id, result, eval_ns)
+        decision = to_decision(decision_id, result, eval_ns, evaluation.bundles)
+        if self.shadow is not None:
+            self.shadow.submit(input_document, decision)  # off the request path; never changes this decision
+        return decision
 
     @staticmethod
     def _refuse(decision_id: str, kind: str, detail: str) -> Refusal:

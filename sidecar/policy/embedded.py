@@ -11,14 +11,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine import PolicyError
+from .engine import Evaluation, PolicyError
 from .loader import RUNTIME_DATA_PATH, PolicyBundle, PolicyLoadError, load_bundle, read_policy_dir
 
 log = logging.getLogger("sidecar.policy")
+
+# An evaluation still running after this long hands its slot to a spare engine, if one is free.
+SPARE_AFTER_SECONDS = 0.05
+
+
+@dataclass
+class _Run:
+    """One evaluation on one engine, from its slot to its end (which may come after its caller left)."""
+
+    engine: Any
+    timer: asyncio.TimerHandle | None = None
+    handed_over: bool = False
+    finished: bool = False
 
 
 def opa_available() -> bool:
@@ -35,7 +50,11 @@ def new_engine(bundle: PolicyBundle) -> Any:
 
     engine = opa_bindings.OpaEngine()
     engine.print_handler = lambda message, location: None
-    load_bundle(engine, bundle)
+    try:
+        load_bundle(engine, bundle)
+    except BaseException:
+        engine.close()  # a refused policy (a reload) must not leave a compiled engine behind
+        raise
     return engine
 
 
@@ -98,8 +117,11 @@ class EmbeddedEngine:
 
     name = "embedded"
 
-    def __init__(self, rego_dir: Path, *, workers: int = 1, spare_engines: int = 0,
-                 decision_path: str = "sidecar/authz/decision", queue_deadline_seconds: float | None = None) -> None:
+    def __init__(self, rego_dir: Path | PolicyBundle, *, workers: int = 1, spare_engines: int = 0,
+                 decision_path: str = "sidecar/authz/decision", queue_deadline_seconds: float | None = None,
+                 provenance: Mapping[str, str] | None = None) -> None:
+        """``rego_dir``: a policy directory, or a policy already read (a bundle, sidecar.policy.bundle).
+        ``provenance``: the bundle name and revision every evaluation of this pool reports."""
         if workers < 1:
             raise ValueError("workers must be at least 1")
         if spare_engines < 0:
@@ -112,8 +134,22 @@ class EmbeddedEngine:
         self._mean_seconds: float | None = None  # recent evaluation time (overruns excluded), a moving average
         self.overruns = 0  # evaluations that outlived their caller's deadline
         self.spares_in_use = 0  # spare engines standing in for an overrunning one now
-        self._bundle = read_policy_dir(rego_dir)
-        self._engines = [new_engine(self._bundle) for _ in range(workers + spare_engines)]
+        self.provenance: Mapping[str, str] = dict(provenance or {})
+        self._bundle = rego_dir if isinstance(rego_dir, PolicyBundle) else read_policy_dir(rego_dir)
+        self._engines: list[Any] = []
+        try:
+            self._load_engines(workers + spare_engines, decision_path)
+        except BaseException:
+            for engine in self._engines:
+                engine.close()
+            raise
+        self._idle = list(self._engines)  # engines not evaluating; the event loop's only
+        self._slots: asyncio.Semaphore | None = None  # made on the loop that evaluates
+        self._executor = ThreadPoolExecutor(max_workers=len(self._engines), thread_name_prefix="opa-eval")
+
+    def _load_engines(self, count: int, decision_path: str) -> None:
+        for _ in range(count):
+            self._engines.append(new_engine(self._bundle))
         # Every engine holds the same bundle: one check covers them all (each evaluation leaves
         # megabytes of garbage that GOGC=400 keeps around for a while).
         if check_data_once(self._engines[0], self._bundle, decision_path):
@@ -121,9 +157,6 @@ class EmbeddedEngine:
                 engine.add_data(True, CONFIG_CHECKED_PATH)
         for engine in self._engines:
             _prepare(engine, decision_path)
-        self._idle = list(self._engines)  # engines not evaluating; the event loop's only
-        self._slots: asyncio.Semaphore | None = None  # made on the loop that evaluates
-        self._executor = ThreadPoolExecutor(max_workers=len(self._engines), thread_name_prefix="opa-eval")
 
     @property
     def module_count(self) -> int:
@@ -149,54 +182,57 @@ class EmbeddedEngine:
         finally:
             self._pending -= 1
 
+    async def evaluate_with_provenance(self, path: str, input_document: dict[str, Any]) -> Evaluation:
+        return Evaluation(await self.evaluate(path, input_document), self.provenance)
+
     async def _evaluate_on_an_idle_engine(self, path: str, input_document: dict[str, Any]) -> Any:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self._workers)
         await self._slots.acquire()
-        engine = self._idle.pop()  # a held slot guarantees an idle engine: see _overran
-        running = asyncio.get_running_loop().run_in_executor(self._executor, _evaluate_on, engine, path, input_document)
+        loop = asyncio.get_running_loop()
+        run = _Run(self._idle.pop())  # a held slot guarantees an idle engine: see _hand_slot_to_spare
+        run.timer = loop.call_later(SPARE_AFTER_SECONDS, self._hand_slot_to_spare, run)
+        running = loop.run_in_executor(self._executor, _evaluate_on, run.engine, path, input_document)
+        running.add_done_callback(lambda finished: self._finished(run, finished))
         try:
             result, elapsed = await asyncio.shield(running)
         except asyncio.CancelledError:
-            self._overran(engine, running)
+            self._overran(run)
             raise
-        except BaseException:
-            self._return(engine)
-            raise
-        self._return(engine)
         mean = self._mean_seconds
         self._mean_seconds = elapsed if mean is None else mean + (elapsed - mean) / 8
         return result
 
-    def _return(self, engine: Any) -> None:
-        assert self._slots is not None
-        self._idle.append(engine)
-        self._slots.release()
-
-    def _overran(self, engine: Any, running: asyncio.Future[tuple[Any, float]]) -> None:
-        """The caller gave up (its deadline passed) while the engine goes on evaluating.
+    def _hand_slot_to_spare(self, run: _Run) -> None:
+        """A long evaluation lets a spare engine take its slot, so the calls behind it are decided meanwhile.
 
         Busy engines never outnumber the slots held plus the spares in use, so a caller that holds a
         slot always finds an idle engine.
         """
+        if run.handed_over or run.finished or self.spares_in_use >= self._spare_engines:
+            return
         assert self._slots is not None
-        self.overruns += 1
-        covered = self.spares_in_use < self._spare_engines
-        if covered:
-            self.spares_in_use += 1
-            self._slots.release()  # a spare engine takes this slot while the overrunning one finishes
-        log.warning("policy evaluation overran its deadline; %s", "a spare engine takes over" if covered
-                    else "no spare engine left: one evaluation slot fewer until it finishes")
-        running.add_done_callback(lambda finished: self._overrun_finished(engine, covered, finished))
+        run.handed_over = True
+        self.spares_in_use += 1
+        self._slots.release()
 
-    def _overrun_finished(self, engine: Any, covered: bool, finished: asyncio.Future[tuple[Any, float]]) -> None:
+    def _overran(self, run: _Run) -> None:
+        """The caller gave up (its deadline passed) while the engine goes on evaluating."""
+        self.overruns += 1
+        self._hand_slot_to_spare(run)
+        log.warning("policy evaluation overran its deadline; %s", "a spare engine stands in until it ends"
+                    if run.handed_over else "no spare engine left: one evaluation slot fewer until it ends")
+
+    def _finished(self, run: _Run, finished: asyncio.Future[tuple[Any, float]]) -> None:
         if not finished.cancelled():
-            finished.exception()  # retrieved: nobody waits for this outcome any more
-        self._idle.append(engine)
-        if covered:
+            finished.exception()  # retrieved: after an overrun nobody waits for this outcome
+        assert self._slots is not None and run.timer is not None
+        run.timer.cancel()
+        run.finished = True
+        self._idle.append(run.engine)
+        if run.handed_over:
             self.spares_in_use -= 1
         else:
-            assert self._slots is not None
             self._slots.release()
 
     def _refuse_if_behind(self) -> None:
@@ -217,9 +253,14 @@ class EmbeddedEngine:
             raise PolicyError("overloaded", f"{self._pending} evaluations ahead, about {wait * 1000:.0f} ms")
 
     async def close(self) -> None:
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Close from any context (a retired pool is closed by its last caller, see sidecar.policy.live)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         for engine in self._idle:  # an engine still overrunning is released by the collector once it finishes
             engine.close()
+        self._idle.clear()
 
 
 def _evaluate_on(engine: Any, path: str, input_document: dict[str, Any]) -> tuple[Any, float]:

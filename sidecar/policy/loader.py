@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ class PolicyLoadError(Exception):
         super().__init__(f"{path}: {message}")
         self.path = str(path)
         self.message = message
+        self.revision: str | None = None  # the refused candidate's revision, when it was known
 
 
 @dataclass
@@ -38,11 +41,47 @@ def _is_data_file(path: Path) -> bool:
     return path.name == "data.json" or path.name.endswith(".data.json")
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyLoadError(path, f"cannot read: {exc}") from None
+def read_policy_files(root: Path) -> dict[str, bytes]:
+    """Every *.rego and data file (data.json, *.data.json) under root, by relative path, skipping hidden paths.
+
+    Read once into memory, so that what is loaded and what its revision hashes are the same bytes
+    even while a ConfigMap update swaps the files underneath.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise PolicyLoadError(root, "not a directory")
+    files: dict[str, bytes] = {}
+    seen: set[str] = set()
+    # Symlinked directories are followed (a ConfigMap volume with nested item paths links each one
+    # through ..data), hidden ones never (..data itself, ..<timestamp>/), and no real directory twice.
+    for directory, subdirectories, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:
+            subdirectories[:] = []
+            continue
+        seen.add(real)
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        for name in sorted(names):
+            path = Path(directory) / name
+            if name.startswith(".") or not (path.suffix == ".rego" or _is_data_file(path)):
+                continue
+            try:
+                if not path.is_file():
+                    continue
+                files[path.relative_to(root).as_posix()] = path.read_bytes()
+            except OSError as exc:
+                raise PolicyLoadError(path, f"cannot read: {exc}") from None
+    return files
+
+
+def content_revision(files: dict[str, bytes]) -> str:
+    """``sha256:<hex>`` over every file's relative path and bytes: the revision of a policy directory."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        content = files[name]
+        digest.update(f"{name}\0{len(content)}\0".encode())
+        digest.update(content)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def read_policy_dir(root: Path) -> PolicyBundle:
@@ -51,19 +90,21 @@ def read_policy_dir(root: Path) -> PolicyBundle:
     Modules are named by their path relative to root; a data file merges at the data path of
     its directory (``a/b/data.json`` at ``data.a.b``, one at the top at the root), as ``opa run`` does.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise PolicyLoadError(root, "not a directory")
+    return policy_from_files(Path(root), read_policy_files(root))
+
+
+def policy_from_files(root: Path, files: dict[str, bytes]) -> PolicyBundle:
+    """A PolicyBundle from files already read (relative path -> bytes); errors name ``root / path``."""
     bundle = PolicyBundle(root=root)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p, root))
-    for path in (p for p in files if p.suffix == ".rego"):
-        bundle.modules[path.relative_to(root).as_posix()] = _read(path)
-    for path in (p for p in files if _is_data_file(p)):
-        parts = path.parent.relative_to(root).parts
+    for name in sorted(n for n in files if n.endswith(".rego")):
+        bundle.modules[name] = _decode(root / name, files[name])
+    for name in sorted(n for n in files if _is_data_file(Path(n))):
+        path = root / name
+        parts = Path(name).parent.parts
         if any("." in part for part in parts):
             raise PolicyLoadError(path, "a data file's directory names its data path and must not contain '.'")
         try:
-            value = json.loads(_read(path))
+            value = json.loads(_decode(path, files[name]))
         except ValueError as exc:
             raise PolicyLoadError(path, f"invalid JSON: {exc}") from None
         if _sets_runtime_data(parts, value):
@@ -72,6 +113,13 @@ def read_policy_dir(root: Path) -> PolicyBundle:
     if not bundle.modules:
         raise PolicyLoadError(root, "no .rego files")
     return bundle
+
+
+def _decode(path: Path, content: bytes) -> str:
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyLoadError(path, f"cannot read: {exc}") from None
 
 
 def _sets_runtime_data(parts: tuple[str, ...], value: Any) -> bool:

@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from .engine import PolicyError
+from .engine import Evaluation, PolicyError
 from .transport import AiohttpTransport
 
 
@@ -27,8 +27,17 @@ class RestEngine:
         )
 
     async def evaluate(self, path: str, input_document: dict[str, Any]) -> Any:
+        return (await self._query(path, input_document, provenance=False))["result"]
+
+    async def evaluate_with_provenance(self, path: str, input_document: dict[str, Any]) -> Evaluation:
+        """Asks with ``?provenance=true``: OPA answers with the revision of every bundle it has activated."""
+        body = await self._query(path, input_document, provenance=True)
+        return Evaluation(body["result"], _bundle_revisions(body.get("provenance")))
+
+    async def _query(self, path: str, input_document: dict[str, Any], *, provenance: bool) -> dict[str, Any]:
         try:
-            response = await self._client.post(f"/v1/data/{path}", json={"input": input_document})
+            response = await self._client.post(f"/v1/data/{path}", json={"input": input_document},
+                                               params={"provenance": "true"} if provenance else None)
         except httpx.TimeoutException:
             raise PolicyError("timeout", "OPA did not answer in time") from None
         except httpx.HTTPError as exc:
@@ -41,7 +50,7 @@ class RestEngine:
             raise PolicyError("malformed", "OPA answered with invalid JSON") from None
         if not isinstance(body, dict) or "result" not in body:
             raise PolicyError("undefined", f"data.{path.replace('/', '.')} is undefined")
-        return body["result"]
+        return body
 
     async def health(self) -> bool:
         try:
@@ -52,6 +61,14 @@ class RestEngine:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _bundle_revisions(provenance: Any) -> dict[str, str]:
+    """``provenance.bundles`` of OPA's answer: ``{name: {"revision": ...}}``; anything else names nothing."""
+    bundles = provenance.get("bundles") if isinstance(provenance, dict) else None
+    if not isinstance(bundles, dict):
+        return {}
+    return {str(name): str(entry.get("revision", "")) for name, entry in bundles.items() if isinstance(entry, dict)}
 
 
 def _opa_error(response: httpx.Response) -> str:

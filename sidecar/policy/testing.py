@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from .loader import OpaModuleSink, PolicyLoadError, load_bundle, read_policy_dir
+from .loader import OpaModuleSink, PolicyBundle, PolicyLoadError, load_bundle, read_policy_dir
 
 __all__ = [
     "PolicyLoadError",
@@ -22,6 +22,7 @@ __all__ = [
     "discover_tests",
     "format_report",
     "load_policy_dir",
+    "run_bundle_tests",
     "run_tests",
 ]
 
@@ -147,6 +148,11 @@ def run_tests(directory: Path, *, coverage: bool = True) -> TestReport:
     failure with the error kept. Coverage is the share of lines of the non-test
     modules covered by at least one test.
     """
+    return run_bundle_tests(Path(directory), coverage=coverage)
+
+
+def run_bundle_tests(policy: Path | PolicyBundle, *, coverage: bool = True) -> TestReport:
+    """run_tests on a policy directory or on a policy already read (a reload candidate, a bundle)."""
     try:
         import opa_bindings
     except (ImportError, OSError) as exc:
@@ -155,13 +161,12 @@ def run_tests(directory: Path, *, coverage: bool = True) -> TestReport:
             "pip install --ignore-requires-python --no-deps opa-golib-python-bindings==0.4.4"
         ) from exc
 
-    directory = Path(directory)
     engine = opa_bindings.OpaEngine()
     engine.print_handler = lambda message, location: None
     current: list[str] = []
     engine.register_function(_KEY_BUILTIN, lambda index: current[index], arity=1)
     try:
-        bundle = read_policy_dir(directory)
+        bundle = policy if isinstance(policy, PolicyBundle) else read_policy_dir(Path(policy))
         load_bundle(engine, bundle)
         sources = bundle.modules
         tests = discover_tests(sources)
