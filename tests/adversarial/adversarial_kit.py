@@ -503,6 +503,8 @@ def assert_refused(outcome: Outcome, *, code: str | None, mcp_route: bool = Fals
     assert b"Traceback" not in answer.body, outcome.describe()
     for canary in canaries:
         assert canary.lower() not in (answer.raw_head + answer.body).lower(), f"the answer echoes the request: {outcome.describe()}"
+        logged = [r.getMessage() for r in outcome.logs if canary.lower().decode() in r.getMessage().lower()]
+        assert not logged, f"the log echoes the request: {logged}"
     assert not tracebacks(outcome.logs), f"traceback logged: {tracebacks(outcome.logs)}"
     return found
 

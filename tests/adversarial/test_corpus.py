@@ -24,6 +24,7 @@ A refusal whose request contains a word starting with ``canary`` must not echo t
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 from collections.abc import Iterator
@@ -144,6 +145,10 @@ def test_corpus(stack: Stack, case: Case) -> None:
     expect = case.expect
     if "refused" in expect:
         assert_refused(outcome, code=expect["refused"], mcp_route=case.mcp, canaries=canaries_in(data))
+        if case.name.startswith("parser-"):
+            lines = [f"{r.name}: {r.getMessage()}" for r in outcome.logs
+                     if r.levelno >= logging.INFO and r.name.split(".")[0] in ("sidecar", "aiohttp")]
+            assert len(lines) == 1, f"a parser refusal logs one line, not {lines}"
         decision_id = _decision_id(outcome.answer, case.mcp)
         if case.policy is not None:
             assert decision_id, f"{case.name}: policy expectations need a decision: {outcome.describe()}"

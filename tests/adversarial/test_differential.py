@@ -63,6 +63,7 @@ class Generated:
     content_type: str | None
     body: bytes
     task: bool
+    chunked: bool = False  # the body sent with Transfer-Encoding: chunked (7-byte chunks) instead of Content-Length
     # Reasons the reference model says the call must be refused, with the code each one calls for.
     must_refuse: list[tuple[str, str]] = field(default_factory=list)
     route: str | None = None
@@ -75,6 +76,11 @@ class Generated:
         lines += [f"{name}: {value}" for name, value in self.headers]
         if self.content_type is not None:
             lines.append(f"Content-Type: {self.content_type}")
+        if self.chunked:
+            lines.append("Transfer-Encoding: chunked")
+            pieces = [self.body[i:i + 7] for i in range(0, len(self.body), 7)]
+            framed = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+            return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + framed
         if self.body or self.method in ("POST", "PUT", "PATCH"):
             lines.append(f"Content-Length: {len(self.body)}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + self.body
@@ -198,7 +204,8 @@ def requests(draw: st.DrawFn) -> Generated:
     else:
         body = b""
     task = draw(st.integers(0, 3)) > 0
-    generated = Generated(method, target, absolute, headers, content_type, body, task)
+    chunked = bool(body) and draw(st.integers(0, 4)) == 0
+    generated = Generated(method, target, absolute, headers, content_type, body, task, chunked)
     model(generated)
     return generated
 
