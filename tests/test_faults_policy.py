@@ -48,17 +48,34 @@ async def test_normal_calls_are_decided_while_a_runaway_evaluation_overruns(make
     assert "/crm/runaway" not in [seen.path for seen in echo_tool.seen]
 
 
+async def test_calls_sent_alongside_the_runaway_one_are_decided_within_their_own_deadlines(
+        make_sidecar: Any, echo_tool: Any) -> None:
+    """Normal traffic from the moment the runaway call is sent: the runaway evaluation hands its slot to
+    the spare engine long before its own deadline, so calls queued behind it are not refused either."""
+    sc: RunningSidecar = await make_sidecar(policy={"engine": "embedded", "rego_dir": str(SLOW_POLICY), "timeout_ms": 250,
+                                                    "embedded_workers": 1, "embedded_spare_engines": 1})
+    async with httpx.AsyncClient(timeout=30) as agent:
+        slow = asyncio.create_task(agent.get(f"{sc.proxy}/crm/runaway"))
+        normal: list[httpx.Response] = []
+        while not slow.done() or len(normal) < 10:
+            normal.append(await agent.get(f"{sc.proxy}/crm/customers/{len(normal)}"))
+        text = await scrape(agent, sc)
+    assert (await slow).json()["code"] == "policy_unavailable"
+    assert [r.status_code for r in normal] == [200] * len(normal), [r.text for r in normal if r.status_code != 200]
+    assert metric(text, "agent_sidecar_policy_overruns_total") == 1
+
+
 async def test_the_overrunning_engine_returns_to_the_pool_when_it_finishes(make_sidecar: Any) -> None:
     sc: RunningSidecar = await make_sidecar(policy={"engine": "embedded", "rego_dir": str(SLOW_POLICY), "timeout_ms": 250,
                                                     "embedded_spare_engines": 1})
     async with httpx.AsyncClient(timeout=30) as agent:
-        slow = await agent.get(f"{sc.proxy}/crm/runaway")
-        deadline = asyncio.get_running_loop().time() + 60
+        slow = await agent.get(f"{sc.proxy}/crm/overrun")
+        deadline = asyncio.get_running_loop().time() + 120
         while metric(await scrape(agent, sc), "agent_sidecar_policy_spare_engines") != 0:
             assert asyncio.get_running_loop().time() < deadline, "the overrunning engine never came back"
             await asyncio.sleep(0.1)
         # Both engines are free again: a second runaway is covered by the spare just like the first.
-        second = await agent.get(f"{sc.proxy}/crm/runaway")
+        second = await agent.get(f"{sc.proxy}/crm/overrun")
         normal = await agent.get(f"{sc.proxy}/crm/customers/1")
         text = await scrape(agent, sc)
     assert slow.status_code == second.status_code == 503

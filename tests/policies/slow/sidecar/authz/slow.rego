@@ -8,9 +8,16 @@ default decision := {"allow": false, "reasons": ["slow fixture: nothing matched"
 decision := {"allow": true, "reasons": ["slow fixture: reads are allowed"], "risk": "low"} if {
 	input.request.method == "GET"
 	not contains(input.request.path, "/runaway")
+	not contains(input.request.path, "/overrun")
 }
 
 decision := {"allow": true, "reasons": ["slow fixture: finished the runaway evaluation"], "risk": "low"} if {
 	contains(input.request.path, "/runaway")
 	count([x | some x in numbers.range(1, 1050000); x % 7 == 0]) > 0
+}
+
+# A shorter runaway (~1 s unloaded): still past a 250 ms deadline, over sooner.
+decision := {"allow": true, "reasons": ["slow fixture: finished the short runaway evaluation"], "risk": "low"} if {
+	contains(input.request.path, "/overrun")
+	count([x | some x in numbers.range(1, 300000); x % 7 == 0]) > 0
 }
