@@ -14,7 +14,6 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,6 @@ from .engine import Evaluation, PolicyError
 from .loader import RUNTIME_DATA_PATH, PolicyBundle, PolicyLoadError, load_bundle, read_policy_dir
 
 log = logging.getLogger("sidecar.policy")
-
-# An evaluation still running after this long hands its slot to a spare engine, if one is free.
-SPARE_AFTER_SECONDS = 0.05
-
-
-@dataclass
-class _Run:
-    """One evaluation on one engine, from its slot to its end (which may come after its caller left)."""
-
-    engine: Any
-    timer: asyncio.TimerHandle | None = None
-    handed_over: bool = False
-    finished: bool = False
 
 # An evaluation still running after this long hands its slot to a spare engine, if one is free.
 SPARE_AFTER_SECONDS = 0.05
