@@ -67,14 +67,23 @@ async def start_sidecar(workdir: Path, name: str, upstream_port: int, rego_dir: 
     return running
 
 
-async def conflicts(metrics_port: int) -> float:
+async def counters(metrics_port: int) -> dict[str, float]:
+    """Decision conflicts and refusals by code, from the sidecar's own metrics."""
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
             text = await response.text()
+    found: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("agent_sidecar_task_decision_conflicts_total "):
-            return float(line.split()[1])
-    return 0.0
+            found["conflicts"] = float(line.split()[1])
+        elif line.startswith("agent_sidecar_refusals_total{"):
+            code = line.split('code="', 1)[1].split('"', 1)[0]
+            found[code] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
 
 
 async def measure(backend: str, workdir: Path, args: argparse.Namespace, loadgen: LoadGen,
@@ -94,13 +103,15 @@ async def measure(backend: str, workdir: Path, args: argparse.Namespace, loadgen
                 job = {"host": "127.0.0.1", "port": sidecar.proxy_port, "tasks": tasks, "op": "closed",
                        "concurrency": args.concurrency}
                 await loadgen.run(**job, count=args.concurrency * 4)  # warm: connections open, tasks have history
-                before = await conflicts(sidecar.metrics_port)
+                before = await counters(sidecar.metrics_port)
                 result = await loadgen.run(**job, count=args.calls)
+                changed = delta(await counters(sidecar.metrics_port), before)
                 achieved = (result["count"] - result["errors"]) / result["elapsed"]
                 results[mode].append({"calls_per_s": achieved, "errors": result["errors"], "count": result["count"],
-                                      "conflicts": await conflicts(sidecar.metrics_port) - before})
+                                      "conflicts": changed.pop("conflicts", 0.0)})
                 print(f"  {backend:6} round {round_number + 1} {mode:10}: {achieved:7.0f} calls/s, "
-                      f"{result['errors']} errors of {result['count']}", file=sys.stderr, flush=True)
+                      f"{result['errors']} errors of {result['count']} (refusals {changed or 'none'})",
+                      file=sys.stderr, flush=True)
     finally:
         sidecar.proc.stop()
         if redis is not None:

@@ -187,3 +187,20 @@ async def test_failed_attempts_are_audited_as_superseded_never_as_allow(deployme
     for event in events:
         if event.get("outcome") == "superseded":
             assert event["decision_id"] not in allowed_ids and event["code"] == "task_contended"
+
+
+async def test_a_call_waiting_for_its_approval_does_not_hold_up_its_task(deployment: Deploy, gate_tool: GateTool) -> None:
+    running = await deployment("sqlite")
+    task = await open_task(running.admin, "clean up customer records")
+    async with httpx.AsyncClient(timeout=60) as agent:
+        held = asyncio.ensure_future(agent.delete(f"{running.proxy()}/crm/customers/42",
+                                                  headers={"X-Agent-Task": task, "Prefer": "wait=30"}))
+
+        async def waiting_for_a_human() -> bool:
+            return any(e.get("type") == "approval.requested" and e.get("task_id") == task for e in running.audit_events())
+
+        await eventually(waiting_for_a_human, what="the DELETE to wait for its approval")
+        read = await agent.get(f"{running.proxy()}/crm/customers/7", headers={"X-Agent-Task": task})
+        assert read.status_code == 200
+        assert not held.done()  # the read of the same task was decided while the DELETE still waits
+        held.cancel()
