@@ -183,12 +183,13 @@ class AuditWriter:
         return [{"type": "audit.resumed", "after_error": self.last_error, "events_not_written": self._not_written}]
 
     def _failed(self, batch: list[_Item], exc: Exception) -> None:
-        if isinstance(exc, AuditError):
-            self.last_error = str(exc)
-            log.error("%s (%d events not written)", exc, len(batch))
-        else:
-            self.last_error = f"audit write failed: {type(exc).__name__}"
-            log.exception("audit write failed")
+        error = str(exc) if isinstance(exc, AuditError) else f"audit write failed: {type(exc).__name__}"
+        if batch or error != self.last_error:  # an idle retry that fails as before says nothing new
+            if isinstance(exc, AuditError):
+                log.error("%s (%d events not written)", exc, len(batch))
+            else:
+                log.exception("audit write failed")
+        self.last_error = error
         self._not_written += len(batch)
         if batch:
             self._on_error(len(batch))
