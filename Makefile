@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 OPA_BINDINGS = opa-golib-python-bindings==0.4.4
 
-.PHONY: venv venv-test run test test-python test-rego typecheck bench bench-smoke clean system-deps fuzz
+.PHONY: venv venv-test run test test-python test-rego typecheck bench bench-smoke clean system-deps fuzz mcp-clients
 
 # Two stamps: the runtime (`make run`) and the runtime plus the test extras (`make test`).
 # Each is redone when pyproject.toml changes; the test stamp builds on the runtime one.
@@ -35,7 +35,12 @@ run: venv
 system-deps:
 	bash scripts/install-system-deps.sh
 
-test: venv-test system-deps
+# The mcp 1.x SDK (.venv-mcp1) and the TypeScript SDK (tests/mcp_clients/ts) for tests/test_mcp_clients.py;
+# a no-op when installed. An install that fails skips that client's tests (with the reason), not the suite.
+mcp-clients:
+	-PYTHON=$(PYTHON) bash scripts/install-mcp-clients.sh
+
+test: venv-test system-deps mcp-clients
 	$(VENV)/bin/agent-sidecar policy test rego/
 	$(PY) -m mypy
 	$(PY) -m pytest -q
