@@ -180,6 +180,9 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--path", default="sidecar/authz/decision")
     evaluate.add_argument("--json", action="store_true", help="the decision and its explanation as JSON")
     evaluate.set_defaults(func=_policy_eval)
+    from .policy.commands import add_lifecycle_commands
+
+    add_lifecycle_commands(policy)  # policy build, policy replay (issue 19)
 
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
     generate = keys.add_parser("generate", help="write a new signing key into DIR")

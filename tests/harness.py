@@ -79,8 +79,17 @@ class OpaDataApiServer:
     """Speaks OPA's REST Data API on top of the embedded real engine. Tests only, never shipped:
     no OPA server binary can be installed here (see README for pointing tests at a real `opa`)."""
 
-    def __init__(self, rego_dir: Path) -> None:
-        self.engine = EmbeddedEngine(rego_dir)
+    def __init__(self, rego_dir: Path | None = None, *, bundle: Path | None = None, bundle_name: str = "authz") -> None:
+        """A policy directory (``opa run --server DIR``) or a bundle file (``opa run --server --bundle FILE``);
+        with a bundle, ``?provenance=true`` answers name its revision, as OPA's do."""
+        self.bundles: dict[str, dict[str, str]] = {}
+        if bundle is not None:
+            policy, revision = read_opa_bundle(bundle)
+            self.bundles = {bundle_name: {"revision": revision}}
+            self.engine = EmbeddedEngine(policy)
+        else:
+            assert rego_dir is not None
+            self.engine = EmbeddedEngine(rego_dir)
         self.port = 0
         self.runner: web.AppRunner | None = None
 
@@ -111,7 +120,10 @@ class OpaDataApiServer:
             if exc.kind == "undefined":
                 return web.json_response({})  # OPA omits "result" for an undefined document
             return web.json_response({"code": "internal_error", "message": exc.message}, status=500)
-        return web.json_response({"result": result})
+        answer: dict[str, Any] = {"result": result}
+        if request.query.get("provenance") == "true":
+            answer["provenance"] = {"version": "harness", "bundles": self.bundles}
+        return web.json_response(answer)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({})
@@ -120,6 +132,33 @@ class OpaDataApiServer:
         if self.runner:
             await self.runner.cleanup()
         await self.engine.close()
+
+
+def read_opa_bundle(path: Path) -> tuple[Any, str]:
+    """Read an OPA bundle as ``opa run --bundle`` does, independently of sidecar.policy.bundle: the
+    tarball's .rego files at their paths, each data.json at its directory's data path, the manifest's revision."""
+    import tarfile
+
+    from sidecar.policy.loader import PolicyBundle
+
+    policy = PolicyBundle(root=path)
+    revision = ""
+    with tarfile.open(path, "r:gz") as archive:
+        for member in archive.getmembers():
+            if not member.isfile():
+                continue
+            name = member.name.lstrip("/")
+            extracted = archive.extractfile(member)
+            assert extracted is not None
+            content = extracted.read()
+            if name.endswith(".rego"):
+                policy.modules[name] = content.decode()
+            elif name.rsplit("/", 1)[-1] == "data.json":
+                directory = name.rsplit("/", 1)[0] if "/" in name else ""
+                policy.data.append((directory.replace("/", "."), json.loads(content), path / name))
+            elif name == ".manifest":
+                revision = json.loads(content).get("revision", "")
+    return policy, revision
 
 
 def sidecar_config(tmp: Path, upstream: str, *, policy_dir: Path = FIXTURE_POLICY, engine: str = "embedded",

@@ -135,6 +135,7 @@ class EmbeddedEngine:
         self.overruns = 0  # evaluations that outlived their caller's deadline
         self.spares_in_use = 0  # spare engines standing in for an overrunning one now
         self.provenance: Mapping[str, str] = dict(provenance or {})
+        self._closed = False
         self._bundle = rego_dir if isinstance(rego_dir, PolicyBundle) else read_policy_dir(rego_dir)
         self._engines: list[Any] = []
         try:
@@ -229,6 +230,9 @@ class EmbeddedEngine:
         assert self._slots is not None and run.timer is not None
         run.timer.cancel()
         run.finished = True
+        if self._closed:  # a retired pool (sidecar.policy.live): an overrun outlived it; nobody will use this engine
+            run.engine.close()
+            return
         self._idle.append(run.engine)
         if run.handed_over:
             self.spares_in_use -= 1
@@ -257,6 +261,7 @@ class EmbeddedEngine:
 
     def close_now(self) -> None:
         """Close from any context (a retired pool is closed by its last caller, see sidecar.policy.live)."""
+        self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
         for engine in self._idle:  # an engine still overrunning is released by the collector once it finishes
             engine.close()
