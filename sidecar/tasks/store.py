@@ -140,8 +140,6 @@ class TaskSummary:
         reservations also apart under ``in_flight`` and marked ``state: reserved`` in ``recent``."""
         live = self.live_reservations(time.time() if now is None else now)
         view = self._with_reserved(live) if live else self
-        reserved_in_recent = min(len(live), len(view.recent))
-        completed_in_recent = len(view.recent) - reserved_in_recent
         in_flight_totals: dict[str, float] = {}
         for reservation in live:
             for name, value in reservation.record.measure_values().items():
@@ -156,19 +154,24 @@ class TaskSummary:
             "classifications_read": list(view.classifications_read),
             "recent": [
                 {"route": r.route, "method": r.method, "path": r.path, "host": r.host, "outcome": r.outcome, "at": r.at,
-                 "state": "completed" if n < completed_in_recent else "reserved"}
-                for n, r in enumerate(view.recent)
+                 "state": state}
+                for r, state in self._recent_with(live)
             ],
             "in_flight": {"calls": len(live), "totals": in_flight_totals},
         }
 
+    def _recent_with(self, live: list[Reservation]) -> list[tuple[CallRecord, str]]:
+        """The last calls, oldest first by decision time (a slow call is confirmed after faster later ones)."""
+        entries = [(r, "completed") for r in self.recent] + [(r.record, "reserved") for r in live]
+        entries.sort(key=lambda entry: entry[0].at)
+        return entries[-RECENT_CALLS:]
+
     def _with_reserved(self, live: list[Reservation]) -> TaskSummary:
-        """A copy with the live reservations counted as calls (oldest first, after the completed ones)."""
+        """A copy with the live reservations counted as calls (``recent`` aside: see _recent_with)."""
         view = TaskSummary(calls=self.calls, by_route=dict(self.by_route), by_method=dict(self.by_method),
                            by_tool=dict(self.by_tool), totals=dict(self.totals),
                            external_hosts_written=list(self.external_hosts_written),
-                           classifications_read=list(self.classifications_read),
-                           recent=deque(self.recent, maxlen=RECENT_CALLS))
+                           classifications_read=list(self.classifications_read))
         for reservation in live:
             view._count_call(reservation.record)
         return view
