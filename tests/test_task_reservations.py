@@ -276,3 +276,16 @@ def test_the_backlog_is_bounded() -> None:
     for n in range(5):
         backlog.add({"decision_id": f"d-{n}"}, write)
     assert len(backlog) == 3 and dropped == [{"decision_id": "d-0"}, {"decision_id": "d-1"}]
+
+
+def test_recent_is_in_decision_order_whatever_the_order_of_the_answers() -> None:
+    summary = TaskSummary()
+    start = time.time() - 10
+    slow, fast = reserved(refund(1, at=start), "d-slow"), reserved(refund(2, at=start + 1), "d-fast")
+    summary.reserve(slow)
+    summary.reserve(fast)
+    summary.confirm(fast)  # the later call answered first
+    assert [(r["at"], r["state"]) for r in summary.as_input()["recent"]] == [
+        (slow.record.at, "reserved"), (fast.record.at, "completed")]
+    summary.confirm(slow)
+    assert [r["at"] for r in summary.as_input()["recent"]] == [slow.record.at, fast.record.at]
