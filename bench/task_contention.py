@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from . import procstat
 from .procs import (ROOT, VENV_BIN, LoadGen, Proc, SidecarProc, free_port, open_tasks, sidecar_config, spawn,
                     start_upstream, wait_for_port, wait_ready)
 
@@ -104,14 +105,16 @@ async def measure(backend: str, workdir: Path, args: argparse.Namespace, loadgen
                        "concurrency": args.concurrency}
                 await loadgen.run(**job, count=args.concurrency * 4)  # warm: connections open, tasks have history
                 before = await counters(sidecar.metrics_port)
+                cpu_before = procstat.cpu_ms(sidecar.proc.pid)
                 result = await loadgen.run(**job, count=args.calls)
+                cpu_per_1000 = (procstat.cpu_ms(sidecar.proc.pid) - cpu_before) * 1000 / result["count"]
                 changed = delta(await counters(sidecar.metrics_port), before)
                 achieved = (result["count"] - result["errors"]) / result["elapsed"]
                 results[mode].append({"calls_per_s": achieved, "errors": result["errors"], "count": result["count"],
-                                      "conflicts": changed.pop("conflicts", 0.0)})
+                                      "conflicts": changed.pop("conflicts", 0.0), "cpu_ms_per_1000": cpu_per_1000})
                 print(f"  {backend:6} round {round_number + 1} {mode:10}: {achieved:7.0f} calls/s, "
-                      f"{result['errors']} errors of {result['count']} (refusals {changed or 'none'})",
-                      file=sys.stderr, flush=True)
+                      f"{cpu_per_1000:5.0f} ms CPU per 1,000 calls, {result['errors']} errors of {result['count']} "
+                      f"(refusals {changed or 'none'})", file=sys.stderr, flush=True)
     finally:
         sidecar.proc.stop()
         if redis is not None:
@@ -121,13 +124,15 @@ async def measure(backend: str, workdir: Path, args: argparse.Namespace, loadgen
 
 def table(results: dict[str, dict[str, list[dict[str, float]]]], args: argparse.Namespace) -> str:
     lines = [f"closed loop, {args.concurrency} connections, {args.calls} calls per run, median of {args.rounds} runs",
-             "", "| store | tasks | calls/s (median) | runs | errors | decision conflicts |", "|---|---|---|---|---|---|"]
+             "", "| store | tasks | calls/s (median) | runs | sidecar CPU ms per 1,000 calls (median) | errors | decision conflicts |",
+             "|---|---|---|---|---|---|---|"]
     for backend, modes in results.items():
         for mode, runs in modes.items():
             rates = [r["calls_per_s"] for r in runs]
             tasks = "1" if mode == "one task" else str(args.tasks)
+            cpu = statistics.median(r["cpu_ms_per_1000"] for r in runs)
             lines.append(f"| {backend} | {tasks} | {statistics.median(rates):.0f} | "
-                         f"{', '.join(f'{r:.0f}' for r in rates)} | {sum(int(r['errors']) for r in runs)} | "
+                         f"{', '.join(f'{r:.0f}' for r in rates)} | {cpu:.0f} | {sum(int(r['errors']) for r in runs)} | "
                          f"{sum(int(r['conflicts']) for r in runs)} |")
     return "\n".join(lines)
 
