@@ -28,6 +28,9 @@ METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-meth
 # Headers some upstreams honour as a different target than the one the policy judged.
 TARGET_OVERRIDES = frozenset({"x-original-url", "x-rewrite-url"})
 
+# What the body or the target is: a Connection option naming one would strip it from the forwarded call only.
+END_TO_END_CONTENT = frozenset({"content-type", "content-length", "content-encoding", "transfer-encoding", "host"})
+
 # Claims about the client that only a proxy may make: an agent's are dropped, never forwarded.
 PROXY_CLAIMS = frozenset({"forwarded", "x-real-ip", "x-client-ip", "true-client-ip"})
 PROXY_CLAIM_PREFIX = "x-forwarded-"
@@ -55,6 +58,9 @@ def refuse_meaning_changers(headers: CIMultiDictProxy[str]) -> None:
     A name with ``_`` is refused because CGI-style servers map it onto the ``-`` spelling
     (``X_Agent_Decision`` becomes ``X-Agent-Decision``).
     """
+    named = connection_tokens(headers) & END_TO_END_CONTENT
+    if named:
+        raise Refusal("header_not_allowed", f"Connection names {sorted(named)[0]}, which says what the body or target is")
     for name in headers:
         lower = name.lower()
         if "_" in name:

@@ -49,7 +49,8 @@ class Interceptor:
                                           also_drop=("content-encoding",) if codings else ())
         raw_body = await self._read_body(request)
         body = decode_content(raw_body, codings, route.content_encodings, self.max_body_bytes)
-        content_type = request.headers.get("content-type", "")
+        hdr.single(request.headers, "content-type")  # two types: the upstream may read either body
+        content_type = forwarded_content_type(forward_headers)
         view = read_body(body, content_type)
         upstream = _split_upstream(route.upstream)
         return InterceptedCall(
@@ -178,10 +179,23 @@ def _split_upstream(url: str) -> SplitResult:
     return urlsplit(url)
 
 
+def forwarded_content_type(headers: tuple[tuple[str, str], ...]) -> str:
+    """The Content-Type the upstream will see (none if the agent's Connection header named it away)."""
+    return next((value for name, value in headers if name.lower() == "content-type"), "")
+
+
+# Streamable HTTP without a message: GET opens the server's event stream, DELETE ends the session.
+_MCP_BODILESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+
+
 def _mcp_calls(route: Route, method: str, view: BodyView) -> tuple[McpCall, ...]:
-    """JSON-RPC on MCP routes only. A bodiless GET (the SSE stream) or DELETE (session end) carries no call."""
-    if not route.is_mcp or view.kind == "empty":
+    """JSON-RPC on MCP routes only; every other method carries exactly one well-formed message."""
+    if not route.is_mcp:
         return ()
+    if view.kind == "empty":
+        if method in _MCP_BODILESS:
+            return ()
+        raise Refusal("bad_request", f"a {method} on MCP route {route.name} must carry a JSON-RPC message")
     if view.kind != "json":
         raise Refusal("bad_request", f"route {route.name} takes JSON-RPC 2.0 bodies only")
     return mcp.parse_calls(view.value)
