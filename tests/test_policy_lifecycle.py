@@ -325,3 +325,16 @@ async def test_a_call_in_flight_finishes_on_the_pool_it_started_on_which_closes_
     assert finished.result["reasons"] == ["slow fixture: finished the runaway evaluation"]
     assert live._draining == [] and old_pool._executor._shutdown  # closed by its last caller
     await live.close()
+
+
+def test_audit_show_prints_the_revision_that_decided(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sidecar.audit import HashChainLog
+    from sidecar.cli import main
+
+    log = HashChainLog(tmp_path / "audit.jsonl")
+    log.append({"type": "decision", "task_id": "t-1", "decision_id": "d-1", "outcome": "allow", "route": "crm",
+                "reasons": ["ok"], "bundles": {"authz": {"revision": "git-4f2a9c1"}},
+                "input": {"request": {"method": "GET", "scheme": "http", "host": "crm", "port": 80, "path": "/x"}}})
+    log.close()
+    assert main(["audit", "show", "--task", "t-1", str(tmp_path / "audit.jsonl")]) == 0
+    assert "policy authz git-4f2a9c1" in capsys.readouterr().out

@@ -150,6 +150,10 @@ def _render_decision(event: dict[str, Any]) -> tuple[str, list[str]]:
     eval_ns = _dig(event, "metrics", "timer_rego_query_eval_ns")
     if isinstance(eval_ns, int) and eval_ns:
         facts.append(f"eval {eval_ns / 1e6:.2f} ms")
+    bundles = event.get("bundles")  # the policy that decided (issue 19): {name: {"revision": ...}}
+    if isinstance(bundles, dict) and bundles:
+        facts.append("policy " + ", ".join(f"{name} {entry.get('revision')}" for name, entry in sorted(bundles.items())
+                                           if isinstance(entry, dict)))
     if event.get("code") and event.get("code") not in ("denied", "approval_required"):
         facts.append(f"refused: {event['code']}")
     details = ["  ".join(facts)]

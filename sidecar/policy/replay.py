@@ -69,7 +69,7 @@ def _rules(result: Any) -> set[str]:
     return {str(r) for r in rules} if isinstance(rules, list) else set()
 
 
-def _rule_change(before: Any, after: Any) -> str:
+def rule_change(before: Any, after: Any) -> str:
     old, new = _rules(before), _rules(after)
     parts = [f"+{r}" for r in sorted(new - old)] + [f"-{r}" for r in sorted(old - new)]
     return " ".join(parts) or "(same rules)"
@@ -123,7 +123,7 @@ def replay(files: list[Path], candidate: Path, *, decision_path: str, public_key
                 result = None
             before, after = outcome_of(recorded), outcome_of(result)
             if before != after:
-                report.changes.append(Change(str(event.get("decision_id")), before, after, _rule_change(recorded, result),
+                report.changes.append(Change(str(event.get("decision_id")), before, after, rule_change(recorded, result),
                                              event.get("route"), event.get("task_id")))
     finally:
         engine.close_now()

@@ -8,7 +8,8 @@
   A reload can only re-read the configured source, never name another one; who asked is audited.
 - ``GET /v1/policy``: the revision deciding now and the latest reload's result (no secret in it);
 - /readyz: ``policy_reload``, a non-fatal check (red while the latest change is refused);
-- metrics: ``agent_sidecar_policy_reload_total{result}``, ``agent_sidecar_policy_info{bundle,revision}``.
+- metrics: ``agent_sidecar_policy_reload_total{result}``, ``agent_sidecar_policy_info{bundle,revision}``;
+- ``policy.shadow``: a candidate evaluated beside the live policy, never enforced (sidecar.policy.shadow).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from aiohttp import web
 from ..config import Config, ConfigError, PolicyConfig
 from .live import LivePolicy
 from .loader import PolicyLoadError
+from .shadow import ShadowPolicy
 from .source import BundleFileSource, BundleUrlSource, DirectorySource, PolicySource
 
 
@@ -60,7 +62,23 @@ def wire_policy(config: Config, engine: Any, decider: Any, *, audit: Any, metric
     if isinstance(engine, LivePolicy):
         background += _wire_live_policy(engine, audit=audit, registry=metrics.registry, admin_app=admin_app,
                                         metrics_app=metrics_app, identify=identify)
+    if config.policy.shadow is not None:
+        shadow = build_shadow(config)
+        shadow.attach(audit=audit, registry=metrics.registry)
+        decider.shadow = shadow
+        background.append(shadow.run)
     return background
+
+
+def build_shadow(config: Config) -> ShadowPolicy:
+    policy = config.policy
+    assert policy.shadow is not None
+    try:
+        key = policy.bundle_public_key.read_bytes() if policy.bundle_public_key is not None else None
+        return ShadowPolicy(Path(policy.shadow), decision_path=policy.decision_path,
+                            timeout_seconds=policy.timeout_ms / 1000, public_key=key)
+    except PolicyLoadError as exc:
+        raise ConfigError(f"{config.source.name}: policy.shadow: {exc}") from None
 
 
 def _wire_live_policy(live: LivePolicy, *, audit: Any, registry: Any, admin_app: web.Application,
