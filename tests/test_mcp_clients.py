@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -62,7 +63,9 @@ def installed_clients() -> dict[str, Client | str]:
                                                       str(CLIENTS_DIR / "python_client.py")], "1")
     else:
         clients["python-1.x"] = f"the mcp 1.x client could not be installed into {MCP1_VENV}: {failure}"
-    if (TS_DIR / "node_modules" / ".installed-lock").exists():
+    if shutil.which("node") is None:
+        clients["typescript"] = "no node on PATH: the TypeScript SDK client needs Node.js (18 or later)"
+    elif (TS_DIR / "node_modules" / ".installed-lock").exists():
         clients["typescript"] = Client("typescript", ["node", str(TS_DIR / "client.mjs")], "1")
     else:
         clients["typescript"] = f"the TypeScript SDK client could not be installed into {TS_DIR}: {failure}"
@@ -321,6 +324,65 @@ async def test_what_each_client_sees_when_the_route_answers_refusals_as_jsonrpc_
     assert "Denied by policy: mcp_tool_changed: the server changed description of tool get_weather" in \
         denied["error"]["message"], denied
     assert denied["error"]["data"]["code"] == "denied" and denied["error"]["data"]["decision_id"]
+    assert tool_server.calls == ["get_weather"]
+
+
+async def test_what_each_client_sees_of_a_fault_the_sidecar_cannot_decide(
+        client: Client, make_sidecar: Any, tool_server: ToolServer, tmp_path: Path) -> None:
+    """The policy engine fails mid-session: a fault keeps its HTTP status (503, JSON-RPC -32002), as an
+    unreachable server would. The 2.x and TypeScript SDKs raise it and the session goes on; the 1.x SDK
+    ends the session (docs/mcp.md says so). Nothing reaches the tool."""
+    from aiohttp import web
+
+    from harness import OpaDataApiServer
+
+    opa = OpaDataApiServer(SHIPPED_POLICY)
+    failing = asyncio.Event()
+    evaluate = opa.data
+
+    async def data(request: web.Request) -> web.Response:
+        if failing.is_set():
+            return web.json_response({"code": "internal_error", "message": "the engine is down"}, status=500)
+        return await evaluate(request)
+
+    opa.data = data  # type: ignore[method-assign]
+    await opa.start()
+    try:
+        sc = await make_sidecar(
+            policy={"engine": "rest", "rest": {"url": opa.url}, "timeout_ms": 2000},
+            routes=[{"name": "crm", "match": {"path_prefix": "/crm"}, "upstream": tool_server.url, "protocol": "mcp",
+                     "labels": {"environment": "dev"}}])
+        task = await open_task(sc.admin, "check the weather")
+        plan = [{"do": "list"}, {"do": "pause", "name": "break"}, WEATHER_CALL, {"do": "pause", "name": "mend"},
+                WEATHER_CALL]
+        agent = await ClientProcess.start(client, f"{sc.proxy}/crm/mcp", task, plan, tmp_path)
+        try:
+            await agent.line()
+            await agent.until_pause("break")
+            failing.set()
+            await agent.resume()
+            if client.name == "python-1.x":
+                with pytest.raises(AssertionError, match="the client's session died"):
+                    await agent.line()
+                assert "503 Service Unavailable" in agent.seen[-1]["fatal"] + agent.seen[-1]["traceback"]
+                assert tool_server.calls == []
+                return
+            (fault,) = await agent.until_pause("mend")
+            failing.clear()
+            await agent.resume()
+            (allowed,) = await agent.finish()
+        finally:
+            await agent.kill()
+    finally:
+        await opa.stop()
+    if client.name == "python-2.x":
+        assert fault["error"]["code"] == -32002, fault
+        assert fault["error"]["data"]["code"] == "policy_unavailable"
+        assert fault["error"]["message"].startswith("The policy engine gave no valid decision"), fault
+    else:  # the TypeScript SDK: the HTTP status as the code, the JSON-RPC answer in the message
+        assert fault["error"]["code"] == 503, fault
+        assert '"code": -32002' in fault["error"]["message"] and "policy_unavailable" in fault["error"]["message"]
+    assert allowed["isError"] is False and allowed["texts"] == ["sunny in Oslo"], allowed
     assert tool_server.calls == ["get_weather"]
 
 
