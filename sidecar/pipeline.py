@@ -208,9 +208,12 @@ class RequestPath:
             task.exception()  # retrieved: a handler that is gone cannot, and its handler logged or answered it
 
     async def drain(self, timeout_seconds: float = RECORD_DEADLINE_SECONDS) -> None:
-        """On stop: let the calls being forwarded and recorded finish, for a bounded time."""
+        """On stop: let the calls being forwarded and recorded finish, then try the queued records once more
+        (each step bounded)."""
         if self.finishing:
             await asyncio.wait(list(self.finishing), timeout=timeout_seconds)
+        if len(self.backlog):
+            await self.backlog.flush(timeout_seconds)
 
     async def _serve_tunnel(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         """A blind tunnel: decided on host and port alone; no credential can be injected into it.

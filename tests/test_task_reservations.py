@@ -289,3 +289,18 @@ def test_recent_is_in_decision_order_whatever_the_order_of_the_answers() -> None
         (slow.record.at, "reserved"), (fast.record.at, "completed")]
     summary.confirm(slow)
     assert [r["at"] for r in summary.as_input()["recent"]] == [slow.record.at, fast.record.at]
+
+
+async def test_stopping_tries_every_queued_record_once_more() -> None:
+    written: list[str] = []
+    backlog = RecordBacklog()
+
+    def write_of(name: str) -> Callable[[], Any]:
+        async def write() -> None:
+            written.append(name)
+        return write
+
+    backlog.add({"decision_id": "d-1"}, write_of("d-1"))
+    backlog.add({"decision_id": "d-2"}, write_of("d-2"))
+    await backlog.flush(5.0)
+    assert written == ["d-1", "d-2"] and len(backlog) == 0

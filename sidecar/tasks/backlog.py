@@ -39,6 +39,7 @@ class RecordBacklog:
     on_size: Callable[[int], None] = lambda size: None
     _pending: deque[PendingWrite] = field(default_factory=deque)
     _wake: asyncio.Event | None = None
+    _turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # one attempt at a time (the retry loop, a flush)
     last_error: str = ""
 
     def __len__(self) -> int:
@@ -63,9 +64,9 @@ class RecordBacklog:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if await self._attempt(self._pending[0]):
-                self._pending.popleft()
-                self.on_size(len(self._pending))
+            async with self._turn:
+                written = bool(self._pending) and await self._attempt_and_remove(self._pending[0])
+            if written:
                 backoff = BACKOFF_MIN_SECONDS
             else:
                 await asyncio.sleep(backoff)
@@ -80,6 +81,28 @@ class RecordBacklog:
             self.last_error = f"{type(exc).__name__}: {exc}"[:200]
             return False
         self.on_written(pending)
+        return True
+
+    async def flush(self, deadline_seconds: float) -> None:
+        """On stop: one more attempt at every waiting write, within a deadline (what fails is logged)."""
+        try:
+            await asyncio.wait_for(self._flush_once(), deadline_seconds)
+        except asyncio.TimeoutError:
+            pass
+        if self._pending:
+            log.error("stopping with %d records of forwarded calls not written: %s", len(self._pending),
+                      [pending.what for pending in self._pending][:20])
+
+    async def _flush_once(self) -> None:
+        async with self._turn:
+            for pending in list(self._pending):
+                await self._attempt_and_remove(pending)
+
+    async def _attempt_and_remove(self, pending: PendingWrite) -> bool:
+        if not await self._attempt(pending):
+            return False
+        self._pending = deque(p for p in self._pending if p is not pending)
+        self.on_size(len(self._pending))
         return True
 
     async def ready(self) -> tuple[bool, str]:
