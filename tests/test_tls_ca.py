@@ -163,6 +163,7 @@ def test_the_leaf_cache_stays_bounded_under_10000_distinct_host_names(tmp_path: 
     def stand_in(host: str, now: datetime.datetime) -> LeafContext:
         context = LeafContext(ssl.PROTOCOL_TLS_SERVER)
         context.host, context.not_after = host, now + datetime.timedelta(hours=24)
+        context.renew_at = now + datetime.timedelta(hours=12)
         issuer.issued += 1
         return context
 
@@ -175,3 +176,13 @@ def test_the_leaf_cache_stays_bounded_under_10000_distinct_host_names(tmp_path: 
     assert issuer.context_for(hosts[-1]).host == hosts[-1] and issuer.issued == 10_000
     issuer.context_for(hosts[0])
     assert issuer.issued == 10_001 and len(issuer) == 256
+
+
+def test_a_cached_leaf_is_renewed_half_way_through_its_life(tmp_path: Path) -> None:
+    issuer = LeafIssuer(development_ca(tmp_path), frozenset({"crm.example.com"}))
+    first = issuer.context_for("crm.example.com")
+    assert issuer.context_for("crm.example.com") is first and issuer.issued == 1
+    assert first.renew_at - datetime.datetime.now(datetime.timezone.utc) <= datetime.timedelta(hours=12)
+    first.renew_at = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
+    second = issuer.context_for("crm.example.com")
+    assert second is not first and issuer.issued == 2 and len(issuer) == 1

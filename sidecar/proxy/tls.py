@@ -39,7 +39,7 @@ from aiohttp import web
 
 from ..config import Route
 from ..problems import Refusal
-from ..tls_ca import LEAF_LIFETIME, CertificateAuthority, IssuedLeaf
+from ..tls_ca import CertificateAuthority, IssuedLeaf
 
 log = logging.getLogger("sidecar.proxy.tls")
 
@@ -68,6 +68,7 @@ class LeafContext(ssl.SSLContext):
 
     host: str
     not_after: datetime.datetime
+    renew_at: datetime.datetime  # half-way through the leaf's life (a CA close to expiry gives shorter leaves)
 
 
 def _server_context(cls: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
@@ -117,7 +118,7 @@ class LeafIssuer:
     def _cached(self, host: str) -> LeafContext:
         now = datetime.datetime.now(datetime.timezone.utc)
         context = self._cache.get(host)
-        if context is not None and context.not_after - now > LEAF_LIFETIME / 2:
+        if context is not None and now < context.renew_at:
             self._cache.move_to_end(host)
             return context
         context = self._new_context(host, now)
@@ -135,6 +136,7 @@ class LeafIssuer:
         _load_in_memory(context, leaf)
         context.host = host
         context.not_after = leaf.not_after
+        context.renew_at = now + (leaf.not_after - now) / 2
         context.sni_callback = self._connect_sni_check
         return context
 
