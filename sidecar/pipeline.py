@@ -28,7 +28,7 @@ from .documents import Decision, InterceptedCall, MintedCredential
 from .observability.metrics import Metrics
 from .policy import Decider
 from .problems import Refusal
-from .proxy import mcp_refusal
+from .proxy import mcp, mcp_refusal
 from .proxy.forward import Forwarder
 from .proxy.intercept import Interceptor
 from .proxy.mcp_catalog import ResponseTap, ToolCatalog, jsonrpc_messages, policy_hints
@@ -140,7 +140,7 @@ class RequestPath:
         call = trace.call = await self.interceptor.intercept(request)  # 1. intercept
         agent = trace.agent = self.identity.current()  # 2. context
         trace.delegation = await self.delegation.chain(call.delegation.reveal() if call.delegation else None)
-        approval = await self._presented_approval(call, agent) if call.approval_id else None
+        approval = await (self._presented_approval(call, agent) if call.approval_id else self._standing_approval(call, agent))
         decision = await self._decide_on_task(call, agent, trace, approval)  # 3. decide (task history read within)
         if approval is None and decision.outcome == "hold" and self._wait_seconds(call) > 0:
             approval = await self._hold_and_wait(call, agent, trace, decision)
@@ -266,6 +266,14 @@ class RequestPath:
                           reasons=list(approval.reasons))
         return approval
 
+    async def _standing_approval(self, call: InterceptedCall, agent: AgentIdentity) -> Approval | None:
+        """An MCP client cannot add X-Agent-Approval to one call: the same tools/call (same tool, same
+        arguments, any JSON-RPC id) finds the approval a human granted for it, and uses it once."""
+        if mcp.call_binding(call) is None:
+            return None
+        found = await self.approvals.for_binding(self._binding(call, agent))
+        return found if found is not None and found.status == "approved" else None
+
     # ---------------------------------------------------------------- 3. decide
 
     async def _decide_on_task(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace,
@@ -388,6 +396,10 @@ class RequestPath:
                           headers={"Retry-After": "10"})
 
     async def _hold(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace, decision: Decision) -> str:
+        if mcp.call_binding(call) is not None:
+            waiting = await self.approvals.for_binding(self._binding(call, agent))
+            if waiting is not None and waiting.status == "pending":
+                return waiting.id  # the model called again before the human decided: still that one approval
         now = time.time()
         policy_set_expiry = "expires_in_seconds" in (decision.result.get("approval") or {})
         expires_in = decision.approval.expires_in_seconds if policy_set_expiry else self.hold.default_expiry_seconds
@@ -453,7 +465,7 @@ class RequestPath:
 
     @staticmethod
     def _binding(call: InterceptedCall, agent: AgentIdentity) -> RequestBinding:
-        return RequestBinding(call.method, call.target_url, call.body_sha256, agent.id, call.task_id)
+        return RequestBinding(call.method, call.target_url, mcp.call_binding(call) or call.body_sha256, agent.id, call.task_id)
 
     # ---------------------------------------------------------------- 5. mint
 
