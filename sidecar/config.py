@@ -252,7 +252,6 @@ class TlsInterceptionConfig:
 @dataclass(frozen=True)
 class Config:
     source: Path
-
     proxy: Listen = Listen("127.0.0.1", 15001)
     admin: Listen = Listen("127.0.0.1", 15000)
     metrics: Listen = Listen("127.0.0.1", 15090)
