@@ -69,7 +69,8 @@ async def test_calls_sent_alongside_the_runaway_one_are_decided_within_their_own
 
 
 async def test_the_overrunning_engine_returns_to_the_pool_when_it_finishes(make_sidecar: Any) -> None:
-    sc: RunningSidecar = await make_sidecar(policy={"engine": "embedded", "rego_dir": str(SLOW_POLICY), "timeout_ms": 250,
+    """A 1 s deadline (see above) and the ~1 s /overrun path, which still outlasts it on an idle machine."""
+    sc: RunningSidecar = await make_sidecar(policy={"engine": "embedded", "rego_dir": str(SLOW_POLICY), "timeout_ms": 1000,
                                                     "embedded_spare_engines": 1})
     async with httpx.AsyncClient(timeout=30) as agent:
         slow = await agent.get(f"{sc.proxy}/crm/overrun")

@@ -16,8 +16,8 @@ decision := {"allow": true, "reasons": ["slow fixture: finished the runaway eval
 	count([x | some x in numbers.range(1, 1050000); x % 7 == 0]) > 0
 }
 
-# A shorter runaway (~1 s unloaded): still past a 250 ms deadline, over sooner.
+# A shorter runaway (~2 s unloaded): past a 1 s deadline, over sooner.
 decision := {"allow": true, "reasons": ["slow fixture: finished the short runaway evaluation"], "risk": "low"} if {
 	contains(input.request.path, "/overrun")
-	count([x | some x in numbers.range(1, 300000); x % 7 == 0]) > 0
+	count([x | some x in numbers.range(1, 600000); x % 7 == 0]) > 0
 }
