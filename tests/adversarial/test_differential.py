@@ -310,7 +310,10 @@ def model(generated: Generated) -> None:
             else:
                 generated.route, generated.upstream_target = found
     media = (generated.content_type or "").split(";", 1)[0].strip().lower()
-    if generated.route == "tools" and (generated.method == "POST" or generated.body) and not _jsonrpc(generated.body):
+    # On an MCP route only the bodiless Streamable HTTP methods (GET opens the event stream, DELETE ends the
+    # session) may come without a message; any body there must be well-formed JSON-RPC 2.0.
+    bodiless = generated.method in ("GET", "HEAD", "OPTIONS", "DELETE") and not generated.body
+    if generated.route == "tools" and not bodiless and not _jsonrpc(generated.body):
         reasons.append(("bad_request", "not well-formed JSON-RPC 2.0 on an MCP route"))
     if generated.body:
         if media == "application/x-www-form-urlencoded":
