@@ -31,7 +31,7 @@ from .problems import Refusal
 from .proxy import mcp, mcp_refusal
 from .proxy.forward import Forwarder
 from .proxy.intercept import Interceptor
-from .proxy.mcp_catalog import ResponseTap, ToolCatalog, jsonrpc_messages, policy_hints
+from .proxy.mcp_catalog import ResponseTap, ToolCatalog, policy_hints
 from .proxy.tunnel import intercept_tunnel, run_tunnel
 from .tasks import CallRecord, TaskStore
 from .tasks.backlog import PendingWrite, RecordBacklog
@@ -172,7 +172,9 @@ class RequestPath:
         call = trace.call
         assert call is not None
         upstream_started = time.perf_counter()
-        tap = ResponseTap() if any(c.method == "tools/list" for c in call.mcp_calls) else None
+        # A tools/list answer is learned event by event as it passes, whatever becomes of the relay.
+        listing = any(c.method == "tools/list" for c in call.mcp_calls)
+        tap = ResponseTap(lambda messages: self._learn_tools(call, messages)) if listing else None
         try:
             response, result = await self.forwarder.forward(request, call, credential, decision.decision_id, tap)
         except Refusal as refusal:  # the upstream could not be reached or did not answer in time
@@ -189,9 +191,8 @@ class RequestPath:
         route_metrics = self.metrics.route(call.route.name)
         route_metrics.upstream_seconds.observe(time.perf_counter() - upstream_started)
         route_metrics.allowed.inc()
-        if tap is not None:
-            self._learn_tools(call, jsonrpc_messages(tap.body(), result.content_type))
-        self._record_upstream(trace, decision, result.status, result.bytes_sent)  # 6. record
+        self._record_upstream(trace, decision, result.status, result.bytes_sent,  # 6. record
+                              interrupted_by=result.interrupted_by)
         await self._settle_confirmed(call, reservation)
         return response
 
@@ -397,9 +398,13 @@ class RequestPath:
 
     async def _hold(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace, decision: Decision) -> str:
         if mcp.call_binding(call) is not None:
-            waiting = await self.approvals.for_binding(self._binding(call, agent))
-            if waiting is not None and waiting.status == "pending":
-                return waiting.id  # the model called again before the human decided: still that one approval
+            earlier = await self.approvals.for_binding(self._binding(call, agent))
+            if earlier is not None and earlier.status == "pending":
+                return earlier.id  # the model called again before the human decided: still that one approval
+            if earlier is not None and earlier.status == "denied":
+                # A human said no to this very call in this task: the model reads that, nobody is asked again.
+                raise Refusal("approval_denied", f"approval {earlier.id} was denied", reasons=list(decision.reasons),
+                              decision_id=decision.decision_id, approval_id=earlier.id)
         now = time.time()
         policy_set_expiry = "expires_in_seconds" in (decision.result.get("approval") or {})
         expires_in = decision.approval.expires_in_seconds if policy_set_expiry else self.hold.default_expiry_seconds
@@ -524,13 +529,15 @@ class RequestPath:
         return receipts
 
     def _record_upstream(self, trace: Trace, decision: Decision, status: int | None, size: int,
-                         error: str | None = None) -> None:
+                         error: str | None = None, interrupted_by: str | None = None) -> None:
         call = trace.call
         assert call is not None
         event: dict[str, Any] = {"type": "upstream", "decision_id": decision.decision_id, "task_id": call.task_id,
                                  "route": call.route.name, "status": status, "bytes": size}
         if error is not None:
             event["error"] = error
+        if interrupted_by is not None:
+            event["interrupted_by"] = interrupted_by  # the answer was not relayed whole: "agent" or "upstream"
         try:
             self.audit.append(event, receipt=False)
         except AuditError:

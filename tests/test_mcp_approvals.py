@@ -105,3 +105,27 @@ async def test_an_approval_database_from_before_binding_lookups_is_migrated(tmp_
     assert found is not None and found.id == "ap-1"
     assert await store.for_binding(RequestBinding("POST", "http://tools.internal/mcp", "mcp-call:01", "spiffe://a", "t-1")) is None
     await store.close()
+
+
+async def test_a_call_a_human_denied_is_answered_as_denied_and_nobody_is_asked_again(
+        make_sidecar: Any, records_server: tuple[str, list[int]], tmp_path: Path) -> None:
+    from approvals_support import list_pending
+
+    upstream, deleted = records_server
+    idp = ApproverIdP(tmp_path)
+    sc = await make_sidecar(policy={"engine": "embedded", "rego_dir": str(SHIPPED_POLICY), "timeout_ms": 2000},
+                            approvals=idp.config(),
+                            routes=[{"name": "records", "match": {"path_prefix": "/records"}, "upstream": upstream,
+                                     "protocol": "mcp", "labels": {"environment": "dev"}}])
+    task = await open_task(sc.admin, "remove the duplicate customer record 7")
+    approver = idp.token("alice@example.com", ["approvers"])
+    client = create_mcp_http_client(headers={"X-Agent-Task": task})
+    async with client, streamable_http_client(f"{sc.proxy}/records/mcp", http_client=client) as streams:
+        async with ClientSession(streams[0], streams[1]) as session:
+            await session.initialize()
+            held = approval_id_in(await session.call_tool("delete_record", {"record_id": 7}))
+            assert (await approve(sc.admin, held, approver, verdict="deny", comment="not that one")).status_code == 200
+            retried: Any = await session.call_tool("delete_record", {"record_id": 7})
+    assert retried.is_error and retried.content[0].text.startswith(f"a human denied this call (approval {held})")
+    assert await list_pending(sc.admin, approver) == []
+    assert deleted == []

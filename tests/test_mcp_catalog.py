@@ -95,11 +95,41 @@ def test_server_hints_only_count_towards_risk_unless_trusted_and_pins_win() -> N
     assert policy_hints(None, untrusted, "lookup") is None
 
 
-def test_tap_keeps_nothing_past_its_limit() -> None:
-    tap = ResponseTap(limit=10)
-    tap.feed(b"12345")
-    assert tap.body() == b"12345"
-    tap.feed(b"678901")
-    assert tap.overflowed and tap.body() == b""
-    tap.feed(b"x")
-    assert tap.body() == b""
+def test_tap_hands_on_each_sse_event_as_soon_as_it_is_whole() -> None:
+    seen: list[list[object]] = []
+    tap = ResponseTap(seen.append)
+    tap.begin("text/event-stream")
+    event = b"event: message\r\ndata: " + json.dumps(LISTING).encode() + b"\r\n\r\n"
+    tap.feed(event[:30])
+    assert seen == []
+    tap.feed(event[30:] + b"event: message\r\ndata: {\"jsonrpc\": \"2.0\", \"id\": 3, \"res")
+    assert seen == [[LISTING]]  # learned while the stream is still open
+    tap.finish()  # the half event at the end is not JSON: nothing more
+    assert seen == [[LISTING]]
+
+
+def test_tap_reads_a_json_answer_when_it_ends() -> None:
+    seen: list[list[object]] = []
+    tap = ResponseTap(seen.append)
+    tap.begin("application/json")
+    body = json.dumps(LISTING).encode()
+    tap.feed(body[:10])
+    tap.feed(body[10:])
+    assert seen == []
+    tap.finish()
+    assert seen == [[LISTING]]
+
+
+def test_tap_skips_what_exceeds_its_limit_and_reads_on_after_an_oversized_event() -> None:
+    seen: list[list[object]] = []
+    tap = ResponseTap(seen.append, limit=200)
+    tap.begin("text/event-stream")
+    tap.feed(b"data: " + b"x" * 300)
+    assert tap.overflowed
+    tap.feed(b"yyy\n\ndata: " + json.dumps({"jsonrpc": "2.0", "id": 1, "result": {}}).encode() + b"\n\n")
+    assert seen == [[{"jsonrpc": "2.0", "id": 1, "result": {}}]]
+    json_tap = ResponseTap(seen.append, limit=10)
+    json_tap.begin("application/json")
+    json_tap.feed(b"{" + b" " * 20 + b"}")
+    json_tap.finish()
+    assert len(seen) == 1

@@ -115,9 +115,9 @@ async def tool_server() -> AsyncIterator[ToolServer]:
         return "name,email"
 
     port = free_port()
-    # Stateful sessions (the SDK server's default) with plain JSON answers: SSE answers are pinned late
-    # (the xfail tests at the end of this file).
-    uv = uvicorn.Server(uvicorn.Config(server.streamable_http_app(json_response=True), host="127.0.0.1", port=port,
+    # Stateful sessions and SSE answers, the SDK server's defaults: the sidecar pins each listed tool as its
+    # SSE event passes (the tests at the end of this file pin the edge cases).
+    uv = uvicorn.Server(uvicorn.Config(server.streamable_http_app(), host="127.0.0.1", port=port,
                                        log_level="warning", lifespan="on"))
     serving = asyncio.create_task(uv.serve())
     while not uv.started:
@@ -256,8 +256,7 @@ async def test_what_each_client_sees_list_allow_deny_hold_approve_retry_and_a_re
         tool_server.redefine_weather()
         await agent.resume()
         (relisted,) = await agent.until_pause("relisted")
-        # The sidecar notes a changed definition once the listing's answer has ended; an agent that calls
-        # while that answer is still open gets ahead of it (the xfail tests at the end of this file).
+        # The change is audited as the listing's event passes, before the agent can call again.
         await tool_change_audited(sc.audit_path, task, "get_weather")
         await agent.resume()
         (changed,) = await agent.finish()
@@ -314,14 +313,17 @@ async def test_what_each_client_sees_when_the_route_answers_refusals_as_jsonrpc_
     finally:
         await agent.kill()
     assert held["error"]["code"] == -32001, held
-    assert held["error"]["message"].endswith("This call needs human approval: high_impact_delete: MCP tool "
-                                             "delete_record on crm deletes data; irreversible_action: MCP tool "
-                                             "delete_record on crm is class execute and cannot be undone"), held
     problem = held["error"]["data"]
     assert problem["code"] == "approval_required" and problem["approval_id"].startswith("ap-")
+    # The message is the sentence a tool result would carry (the TypeScript SDK prefixes "MCP error -32001: "):
+    # the model reads the approval id in it.
+    assert held["error"]["message"].endswith(
+        f"waiting for human approval {problem['approval_id']}; call the same tool with the same arguments again "
+        "once approved (high_impact_delete: MCP tool delete_record on crm deletes data; irreversible_action: MCP "
+        "tool delete_record on crm is class execute and cannot be undone)"), held
     assert allowed["isError"] is False and allowed["texts"] == ["sunny in Oslo"], allowed
     assert denied["error"]["code"] == -32001, denied
-    assert "Denied by policy: mcp_tool_changed: the server changed description of tool get_weather" in \
+    assert "denied: mcp_tool_changed: the server changed description of tool get_weather" in \
         denied["error"]["message"], denied
     assert denied["error"]["data"]["code"] == "denied" and denied["error"]["data"]["decision_id"]
     assert tool_server.calls == ["get_weather"]
@@ -394,8 +396,6 @@ async def tool_change_audited(path: Path, task: str, tool: str) -> None:
     await eventually(probe, what=f"mcp.tool_changed for {tool} in {task}")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 (reported): with the shipped policy, a task that declares its MCP "
-                   "tools (allowed_tools) is refused initialize and tools/list (outside_task_intent), so it cannot start")
 async def test_a_task_that_declares_its_mcp_tools_can_use_them_and_only_them(
         make_sidecar: Any, tool_server: ToolServer, tmp_path: Path) -> None:
     client = Client("python-2.x", [sys.executable, str(CLIENTS_DIR / "python_client.py")], "2")
@@ -485,8 +485,6 @@ async def sse_sidecar(make_sidecar: Any) -> tuple[Any, SseListingServer, Any]:
     return sc, server, runner
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 (reported): a tools/list answer is pinned only once the upstream "
-                   "ends its SSE stream, so a call made before that is judged on the old definition")
 async def test_a_call_made_while_the_redefining_listing_is_still_open_is_refused(make_sidecar: Any) -> None:
     sc, server, runner = await sse_sidecar(make_sidecar)
     try:
@@ -511,9 +509,6 @@ async def test_a_call_made_while_the_redefining_listing_is_still_open_is_refused
         await runner.cleanup()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 (reported): a tools/list answer whose agent hung up once it had "
-                   "read it is never pinned (the relay fails at the end of the stream), so a later redefinition "
-                   "is taken as the first definition")
 async def test_a_listing_the_agent_hung_up_on_after_reading_it_is_still_pinned(make_sidecar: Any) -> None:
     sc, server, runner = await sse_sidecar(make_sidecar)
     try:

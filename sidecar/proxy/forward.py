@@ -32,6 +32,7 @@ class UpstreamResult:
     status: int
     bytes_sent: int
     content_type: str = ""
+    interrupted_by: str | None = None  # "upstream" or "agent" when the answer was not relayed whole
 
 
 class Forwarder(Protocol):
@@ -106,25 +107,42 @@ class HttpForwarder:
                 response.headers["Content-Encoding"] = upstream.headers["Content-Encoding"]
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
+            if tap is not None:
+                tap.begin(upstream.content_type)
             try:
-                await response.prepare(request)
-            except ConnectionResetError:  # the agent hung up before the answer: still the upstream's answer to record
-                return response, UpstreamResult(upstream.status, 0, upstream.content_type)
-            sent = 0
-            try:
-                async for chunk in upstream.content.iter_any():
-                    sent += len(chunk)
-                    if tap is not None:
-                        tap.feed(chunk)
-                    await response.write(chunk)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                # Headers are gone already: cut the connection so the agent sees a truncated answer.
-                if request.transport is not None:
-                    request.transport.close()
-                return response, UpstreamResult(upstream.status, sent, upstream.content_type)
-            await response.write_eof()
-            return response, UpstreamResult(upstream.status, sent, upstream.content_type)
+                return response, await _relay(request, response, upstream, tap)
+            finally:
+                if tap is not None:
+                    tap.finish()
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+async def _relay(request: web.BaseRequest, response: web.StreamResponse, upstream: aiohttp.ClientResponse,
+                 tap: ResponseTap | None) -> UpstreamResult:
+    """Stream the upstream's answer to the agent; either side may stop it, and the result says which."""
+    sent = 0
+    try:
+        await response.prepare(request)
+    except ConnectionError:  # the agent hung up before the answer: still the upstream's answer to record
+        return UpstreamResult(upstream.status, 0, upstream.content_type, interrupted_by="agent")
+    while True:
+        try:
+            chunk = await upstream.content.readany()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            # Headers are gone already: cut the connection so the agent sees a truncated answer.
+            if request.transport is not None:
+                request.transport.close()
+            return UpstreamResult(upstream.status, sent, upstream.content_type, interrupted_by="upstream")
+        if tap is not None and chunk:
+            tap.feed(chunk)
+        try:
+            if not chunk:
+                await response.write_eof()
+                return UpstreamResult(upstream.status, sent, upstream.content_type)
+            await response.write(chunk)
+        except ConnectionError:  # the agent hung up (aiohttp's ClientConnectionResetError is one)
+            return UpstreamResult(upstream.status, sent, upstream.content_type, interrupted_by="agent")
+        sent += len(chunk)

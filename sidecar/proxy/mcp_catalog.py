@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,26 +30,60 @@ HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
 
 
 class ResponseTap:
-    """Keeps a bounded copy of a streamed answer; past the bound it keeps nothing."""
+    """Sees a copy of an answer's bytes as they are relayed, and hands on each JSON-RPC message once it is whole.
 
-    def __init__(self, limit: int = MAX_ANSWER_BYTES) -> None:
+    An SSE answer is read event by event, so a tools/list result is learned the moment its event has
+    passed, even if the server keeps the stream open or the agent hangs up before the stream ends. A
+    JSON answer is read when it ends. At most ``limit`` bytes are kept at a time; an event or a JSON
+    answer larger than that is skipped.
+    """
+
+    def __init__(self, on_messages: Callable[[list[Any]], None], limit: int = MAX_ANSWER_BYTES) -> None:
+        self.on_messages = on_messages
         self.limit = limit
-        self._chunks: list[bytes] = []
-        self._size = 0
+        self._sse = False
+        self._buffer = bytearray()
         self.overflowed = False
+
+    def begin(self, content_type: str) -> None:
+        self._sse = content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
 
     def feed(self, chunk: bytes) -> None:
         if self.overflowed:
-            return
-        self._size += len(chunk)
-        if self._size > self.limit:
+            boundary = _EVENT_END.search(chunk) if self._sse else None
+            if boundary is None:
+                return
+            self.overflowed = False  # an SSE event past the limit was skipped; read on from the next one
+            chunk = chunk[boundary.end():]
+        self._buffer += chunk
+        if self._sse:
+            self._hand_on_events()
+        if len(self._buffer) > self.limit:
             self.overflowed = True
-            self._chunks.clear()
-            return
-        self._chunks.append(bytes(chunk))
+            self._buffer.clear()
 
-    def body(self) -> bytes:
-        return b"" if self.overflowed else b"".join(self._chunks)
+    def finish(self) -> None:
+        if not self.overflowed and self._buffer:
+            text = bytes(self._buffer)
+            self._buffer.clear()
+            messages = jsonrpc_messages(text + (b"\n\n" if self._sse else b""),
+                                        "text/event-stream" if self._sse else "application/json")
+            if messages:
+                self.on_messages(messages)
+
+    def _hand_on_events(self) -> None:
+        last_end = 0
+        for found in _EVENT_END.finditer(self._buffer):
+            last_end = found.end()
+        if last_end:
+            complete = bytes(self._buffer[:last_end])
+            del self._buffer[:last_end]
+            messages = jsonrpc_messages(complete, "text/event-stream")
+            if messages:
+                self.on_messages(messages)
+
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 def jsonrpc_messages(body: bytes, content_type: str) -> list[Any]:

@@ -54,11 +54,19 @@ def tool_result(refusal: Refusal, call: McpCall) -> dict[str, Any]:
                        "_meta": {PROBLEM_META_KEY: refusal.problem()}}}
 
 
+def _error(refusal: Refusal, call: McpCall, in_band: bool) -> dict[str, Any]:
+    """A JSON-RPC error; in-band its message is the same sentence a tool result would carry."""
+    error = refusal.jsonrpc_error(call.id)
+    if in_band:
+        error["error"]["message"] = model_text(refusal)
+    return error
+
+
 def answer(refusal: Refusal, call: InterceptedCall) -> web.Response:
     """The JSON-RPC answer to a refused MCP message: one response per request id, in-band when it can be."""
     in_band = answered_in_band(refusal)
     as_results = in_band and call.route.mcp.refusal == "tool_result"
-    responses = [tool_result(refusal, c) if as_results and c.method == "tools/call" else refusal.jsonrpc_error(c.id)
+    responses = [tool_result(refusal, c) if as_results and c.method == "tools/call" else _error(refusal, c, in_band)
                  for c in call.mcp_calls if c.id is not None]
     status = 200 if in_band and responses else refusal.status
     if not responses:

@@ -40,6 +40,14 @@ tool_declared if {
 	mcp_tool in task_allowed_tools
 }
 
+# The MCP session's own plumbing (initialize, tools/list, ping, notifications: the
+# library's mcp.read_methods) calls no tool, so a task's declared tools do not bound it.
+tool_declared if {
+	has_mcp
+	not mcp_tool_call
+	mcp_method in strings(cfg.mcp.read_methods)
+}
+
 tool_declared if {
 	mcp_tool_call
 	concat(":", [lower(route), mcp_tool]) in task_allowed_tools

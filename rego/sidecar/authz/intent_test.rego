@@ -135,3 +135,10 @@ test_changed_mcp_tool_denied if {
 test_unchanged_mcp_tool_not_denied_for_change if {
 	not fired(decide(mcp_call("mcp", "search_customers", {}, {})), "mcp_tool_changed")
 }
+
+test_declared_tools_leave_the_mcp_session_plumbing_alone if {
+	inp := object.union(mcp_method("mcp", "tools/list"), {"task": {"allowed_tools": ["search_customers"]}})
+	not fired(decide(inp), "outside_task_intent")
+	call := object.union(mcp_call("mcp", "delete_record", {}, {}), {"task": {"allowed_tools": ["search_customers"]}})
+	fired(decide(call), "outside_task_intent")
+}
