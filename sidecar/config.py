@@ -845,6 +845,8 @@ _POLICY_LIFECYCLE_KEYS = ("reload_seconds", "bundle", "bundle_public_key", "bund
 def _policy_lifecycle(reader: _Reader, policy: dict[str, Any], engine: str) -> dict[str, Any]:
     """The policy.* keys of issue 19 (docs/policy.md, "The policy's life")."""
     bundle = reader.typed(policy, "policy", "bundle", str, "") or None
+    if bundle is not None and "://" in bundle and not bundle.startswith(("http://", "https://")):
+        raise reader.fail("policy.bundle", "not an http(s) URL")
     if bundle is not None and not bundle.startswith(("http://", "https://")):
         bundle = str(reader.path(policy, "policy", "bundle", None))
         if engine == "embedded" and not Path(bundle).is_file():

@@ -321,3 +321,28 @@ async def test_a_bundle_url_is_polled_with_if_none_match(tmp_path: Path, bundle_
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("policy, message", [
+    ({"engine": "rest", "bundle": "https://bundles.example.com/authz.tar.gz"}, "policy.bundle: is for the embedded engine"),
+    ({"bundle": "missing.tar.gz"}, "policy.bundle: no such file"),
+    ({"bundle": "ftp://bundles.example.com/authz.tar.gz"}, "policy.bundle: not an http(s) URL"),
+    ({"bundle_public_key": "public.pem"}, "policy.bundle_public_key: needs policy.bundle"),
+    ({"reload_seconds": 0.01}, "policy.reload_seconds: must be 0 (no polling) or between 0.1 and 3600"),
+    ({"bundle_name": "a/b"}, "policy.bundle_name"),
+    ({"shadow": "nowhere"}, "policy.shadow: no such directory or bundle file"),
+])
+def test_policy_lifecycle_settings_are_checked(tmp_path: Path, policy: dict[str, Any], message: str) -> None:
+    from sidecar.config import ConfigError, parse_config
+
+    (tmp_path / "public.pem").write_text("not checked here")
+    config = sidecar_config(tmp_path, "http://127.0.0.1:9")
+    config["policy"].update(policy)
+    with pytest.raises(ConfigError, match=re_escape(message)):
+        parse_config(config, tmp_path / "sidecar.yaml")
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)

@@ -241,11 +241,13 @@ class LivePolicy:
     def _refused(self, exc: PolicyLoadError, cause: str, by: str | None, previous: str) -> ReloadResult:
         message = str(exc)
         self.last = ReloadResult("refused", exc.revision, previous, message)
-        if message != self._last_logged_failure:  # once per distinct failure, not once per poll or signal
+        repeated = message == self._last_logged_failure
+        if not repeated:  # once per distinct failure: a bundle server down is not a new refusal every poll
             self._last_logged_failure = message
             log.error("policy change refused (revision %s): %s; revision %s keeps deciding",
                       exc.revision or "unknown", message, previous)
-        self._record(self.last, cause, by, previous)
+        if not repeated or cause in ("api", "signal"):  # asked for explicitly: always on the record
+            self._record(self.last, cause, by, previous)
         return self.last
 
     def _record(self, result: ReloadResult, cause: str, by: str | None, previous: str) -> None:
