@@ -11,7 +11,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -75,12 +75,6 @@ def with_urllib(stack: Stack, call: Call, task: str) -> tuple[int, dict[str, str
 
 CLIENTS: dict[str, Client] = {"httpx": with_httpx, "aiohttp": with_aiohttp, "urllib": with_urllib}
 
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = Stack(tmp_path_factory.mktemp("adversarial-clients")).start()
-    yield running
-    running.stop()
 
 
 @pytest.mark.parametrize("client", CLIENTS)

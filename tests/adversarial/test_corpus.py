@@ -27,7 +27,6 @@ import json
 import logging
 import re
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,12 +111,6 @@ def load_corpus(path: Path = CORPUS) -> list[Case]:
 
 CASES = load_corpus()
 
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = Stack(tmp_path_factory.mktemp("adversarial-corpus")).start()
-    yield running
-    running.stop()
 
 
 def test_the_corpus_covers_every_class_of_issue_13() -> None:

@@ -20,12 +20,10 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-import pytest
 from adversarial_kit import (
     ALLOWED_METHODS,
     BASES,
@@ -364,12 +362,6 @@ POLICY_CODES = frozenset({"denied", "approval_required"})
 
 # ---------------------------------------------------------------- the test
 
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = Stack(tmp_path_factory.mktemp("adversarial-differential")).start()
-    yield running
-    running.stop()
 
 
 def check(stack: Stack, generated: Generated, outcome: Outcome) -> None:

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 from adversarial_kit import Stack, assert_refused, exchange, send_raw
 
 GET = b"GET /crm/customers/42 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = Stack(tmp_path_factory.mktemp("adversarial-raw-upstream")).start()
-    yield running
-    running.stop()
 
 
 def test_an_upstream_reset_is_a_clean_upstream_error(stack: Stack) -> None:
