@@ -346,3 +346,22 @@ def re_escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_json_files_hash_as_opa_hashes_them() -> None:
+    """OPA (bundle/hash.go) hashes a data.json or .manifest as its compact JSON with keys sorted, numbers as
+    written, HTML characters and non-ASCII text unescaped; a .rego file as its bytes."""
+    import hashlib
+
+    from sidecar.policy.bundle import file_hash
+
+    written = ('{"key2": {"c": 123.45678911111111111111111111111111111111111111111111111, "b": 1, "a": 0},\n'
+               ' "key1": ["element1", "element2"], "html": "<foo></foo>", "text": ["$", "α", "©", "™"], "n": null}')
+    compact = ('{"html":"<foo></foo>","key1":["element1","element2"],'
+               '"key2":{"a":0,"b":1,"c":123.45678911111111111111111111111111111111111111111111111},'
+               '"n":null,"text":["$","α","©","™"]}')
+    assert file_hash("data.json", written.encode()) == hashlib.sha256(compact.encode()).hexdigest()
+    assert file_hash("a/b/data.json", written.encode()) == file_hash("data.json", compact.encode())
+    assert file_hash("x.rego", b"package x\n") == hashlib.sha256(b"package x\n").hexdigest()
+    assert file_hash(".manifest", b'{"roots": ["sidecar"], "revision": "r"}') == \
+        hashlib.sha256(b'{"revision":"r","roots":["sidecar"]}').hexdigest()

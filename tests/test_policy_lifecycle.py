@@ -314,7 +314,7 @@ async def test_a_call_in_flight_finishes_on_the_pool_it_started_on_which_closes_
 
     await eventually(started, what="the runaway evaluation under way")
     replace_file(module, module.read_text().replace("slow fixture: reads are allowed", "slow fixture: reads are allowed (v2)"))
-    result = await live.reload(force=False, cause="test")
+    result = await live.reload(force=True, cause="test")
     assert result.result == "loaded" and result.revision != first
     fresh = await live.evaluate_with_provenance("sidecar/authz/decision", {"request": {"method": "GET", "path": "/x"}})
     assert fresh.bundles == {"authz": result.revision} and fresh.result["reasons"] == ["slow fixture: reads are allowed (v2)"]
@@ -338,3 +338,23 @@ def test_audit_show_prints_the_revision_that_decided(tmp_path: Path, capsys: pyt
     log.close()
     assert main(["audit", "show", "--task", "t-1", str(tmp_path / "audit.jsonl")]) == 0
     assert "policy authz git-4f2a9c1" in capsys.readouterr().out
+
+
+async def test_a_directory_change_is_taken_once_two_polls_read_the_same_content(tmp_path: Path) -> None:
+    from sidecar.policy.live import LivePolicy
+    from sidecar.policy.source import DirectorySource
+
+    policy = tmp_path / "rego"
+    write_version(policy, "v1")
+    live = LivePolicy(DirectorySource(policy))
+    try:
+        first = live.revision
+        write_version(policy, "v2")  # a change written in two steps: first the module...
+        assert (await live.reload(force=False, cause="watch")).result == "unchanged"  # read once: settling
+        replace_file(policy / "sidecar" / "authz" / "extra.rego", "package sidecar.extra\n\nx := 1\n")  # ...then a new file
+        assert (await live.reload(force=False, cause="watch")).result == "unchanged"  # a new content again
+        assert live.revision == first
+        loaded = await live.reload(force=False, cause="watch")  # the same content twice in a row: taken
+        assert loaded.result == "loaded" and live.revision == revision_of(policy) != first
+    finally:
+        await live.close()

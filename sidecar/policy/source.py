@@ -51,18 +51,27 @@ class PolicySource(Protocol):
 
 
 class DirectorySource:
+    """A directory; a change is taken once two polls in a row read the same content, so that a tree being
+    written file by file (a git checkout, a copy) is never loaded half-way. A forced fetch takes it at once."""
+
     def __init__(self, root: Path, *, name: str = DEFAULT_BUNDLE_NAME) -> None:
         self.root = Path(root)
         self.name = name
         self.origin = str(self.root)
         self._seen: str | None = None
+        self._settling: str | None = None  # a new content read once, taken if the next poll reads it again
 
     def fetch(self, *, force: bool = False) -> LoadedPolicy | None:
         files = read_policy_files(self.root)
         revision = content_revision(files)
         if revision == self._seen and not force:
+            self._settling = None
+            return None
+        if revision != self._settling and not force:
+            self._settling = revision
             return None
         self._seen = revision
+        self._settling = None
         try:
             bundle = policy_from_files(self.root, files)
         except PolicyLoadError as exc:
