@@ -358,3 +358,23 @@ async def test_a_directory_change_is_taken_once_two_polls_read_the_same_content(
         assert loaded.result == "loaded" and live.revision == revision_of(policy) != first
     finally:
         await live.close()
+
+
+async def test_a_source_put_back_to_the_deciding_revision_clears_the_refusal(tmp_path: Path) -> None:
+    from sidecar.policy.live import LivePolicy
+    from sidecar.policy.source import DirectorySource
+
+    policy = tmp_path / "rego"
+    write_version(policy, "v1")
+    live = LivePolicy(DirectorySource(policy))
+    try:
+        good_source = (policy / FIXTURE_MODULE).read_text()
+        replace_file(policy / FIXTURE_MODULE, good_source + "\ndecision := {\n")
+        assert (await live.reload(force=True, cause="signal")).result == "refused"
+        assert (await live.readiness())[0] is False
+        replace_file(policy / FIXTURE_MODULE, good_source)  # the broken commit reverted
+        back = await live.reload(force=True, cause="signal")
+        assert back.result == "unchanged" and back.active_revision == live.revision
+        assert (await live.readiness())[0] is True
+    finally:
+        await live.close()

@@ -183,6 +183,12 @@ class LivePolicy:
                 policy = await asyncio.to_thread(self._source.fetch, force=force)
                 if policy is None:
                     return ReloadResult("unchanged", None, previous)
+                if policy.revision == previous:  # the source serves what decides already (or went back to it)
+                    if self.last.result == "refused":
+                        log.info("policy source is back to revision %s, which keeps deciding", previous)
+                    self.last = ReloadResult("unchanged", previous, previous)
+                    self._last_logged_failure = None
+                    return self.last
                 engine = await asyncio.to_thread(self._build, policy)
             except PolicyLoadError as exc:
                 return self._refused(exc, cause, by, previous)
