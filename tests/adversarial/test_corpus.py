@@ -183,3 +183,15 @@ def test_pipelined_requests_are_each_judged_on_their_own(stack: Stack) -> None:
     assert [refusal_code(a, mcp_route=False) for a in answers[1:3]] == ["denied", "bad_request"]
     received = stack.upstream.received[before:]
     assert [r.target for r in received] == ["/api/crm/customers/1", "/api/crm/customers/2"]
+
+
+def test_docs_security_names_only_cases_that_exist() -> None:
+    """docs/security.md cites corpus cases by name or pattern; each citation must match a case."""
+    import fnmatch
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text(encoding="utf-8")
+    names = [case.name for case in CASES]
+    cited = set(re.findall(r"`([a-z0-9]+-[a-z0-9*-]+)`", doc))
+    assert cited, "docs/security.md cites no corpus case"
+    missing = sorted(pattern for pattern in cited if not any(fnmatch.fnmatch(name, pattern) for name in names))
+    assert not missing, f"docs/security.md cites corpus cases that do not exist: {missing}"
