@@ -102,6 +102,7 @@ class RequestPath:
     hold: HoldSettings = field(default_factory=HoldSettings)
     max_in_flight: int = 4096
     in_flight: int = 0
+    orphaned: int = 0  # calls still forwarded and recorded for an agent that hung up: they count in flight too
     tool_catalog: ToolCatalog = field(default_factory=ToolCatalog)
     turns: TaskTurns = field(default_factory=TaskTurns)
     backlog: RecordBacklog = field(default_factory=RecordBacklog)
@@ -114,9 +115,9 @@ class RequestPath:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         trace = Trace()
-        if self.in_flight >= self.max_in_flight:
+        if self.in_flight + self.orphaned >= self.max_in_flight:
             # Admission control keeps memory bounded under a flood: refused at once, never queued.
-            return await self._refuse(trace, Refusal("overloaded", f"{self.in_flight} calls in flight (limit {self.max_in_flight})",
+            return await self._refuse(trace, Refusal("overloaded", f"{self.in_flight + self.orphaned} calls in flight (limit {self.max_in_flight})",
                                                      headers={"Retry-After": "1"}))
         self.in_flight += 1
         try:
@@ -165,7 +166,15 @@ class RequestPath:
         record of a call that reached its upstream. The reservation goes with it."""
         reservation, trace.reservation = trace.reservation, None
         finishing = self._run_to_completion(self._forward_then_record(request, trace, decision, credential, reservation))
-        return await asyncio.shield(finishing)
+        try:
+            return await asyncio.shield(finishing)
+        except asyncio.CancelledError:
+            self.orphaned += 1
+            finishing.add_done_callback(self._orphan_finished)
+            raise
+
+    def _orphan_finished(self, task: asyncio.Task[Any]) -> None:
+        self.orphaned -= 1
 
     async def _forward_then_record(self, request: web.BaseRequest, trace: Trace, decision: Decision,
                                    credential: MintedCredential, reservation: Reservation | None) -> web.StreamResponse:

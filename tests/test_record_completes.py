@@ -77,6 +77,12 @@ async def test_an_agent_that_hangs_up_mid_call_still_leaves_the_whole_record(tmp
     await writer.wait_closed()
     history = await task_history(running.admin, task)
     assert history["in_flight"]["calls"] == 1 and history["totals"]["amount"] == 49
+
+    async def orphaned(count: int) -> bool:
+        return running.sidecar.path.orphaned == count
+
+    # The handler was cancelled; the forwarding goes on, and still counts against the in-flight limit.
+    await eventually(lambda: orphaned(1), what="the handler cancelled, its call still in flight")
     gate_tool.gate.set()  # now the upstream answers, to nobody
 
     async def recorded() -> dict[str, Any] | None:
@@ -94,6 +100,7 @@ async def test_an_agent_that_hangs_up_mid_call_still_leaves_the_whole_record(tmp
     kinds = [e["type"] for e in for_decision(audit(running), arrival.decision_id)]
     assert "reservation.released" not in kinds and "refusal" not in kinds
     assert await metric(running, 'agent_sidecar_requests_total{outcome="allowed",route="slowpay"}') == 1
+    await eventually(lambda: orphaned(0), what="the orphaned call to finish")
 
 
 async def test_redis_killed_while_a_call_is_at_the_upstream(tmp_path: Path, gate_tool: GateTool,
