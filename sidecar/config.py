@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from .secret import Secret
+from .approvals.preview import (DEFAULT_HIGHLIGHT_FIELDS, DEFAULT_MASK_FIELDS, DEFAULT_PREVIEW_BYTES,
+                                MAX_PREVIEW_BYTES)
 from .tasks.measures import (MAX_MEASURES_PER_ROUTE, MAX_PATHS_PER_MEASURE, MEASURE_NAME, Measure,
                               MeasurePath, MeasurePathError, parse_path)
 
@@ -199,6 +201,10 @@ class ApprovalsConfig:
     page_url: str | None = None  # the approver page as approvers reach it; None: http://<admin listener>/ui/
     approvers: ApproversConfig | None = None  # None: nobody can approve through the API
     webhook: WebhookConfig | None = None
+    # What the approver sees of a held call's body (docs/approvals.md, sidecar/approvals/preview.py).
+    body_preview_bytes: int = DEFAULT_PREVIEW_BYTES  # 0: size and hash only
+    mask_fields: tuple[str, ...] = DEFAULT_MASK_FIELDS  # the built-in names plus the configured ones
+    highlight_fields: tuple[str, ...] = DEFAULT_HIGHLIGHT_FIELDS  # the configured list replaces the default
 
 
 @dataclass(frozen=True)
@@ -667,7 +673,8 @@ def _delegation(reader: _Reader, value: Any) -> DelegationConfig:
 
 def _approvals(reader: _Reader, value: Any) -> ApprovalsConfig:
     key = "approvals"
-    section = reader.mapping(value, key, {"max_wait_seconds", "default_expiry_seconds", "page_url", "approvers", "webhook"})
+    section = reader.mapping(value, key, {"max_wait_seconds", "default_expiry_seconds", "page_url", "approvers", "webhook",
+                                          "body_preview_bytes", "mask_fields", "highlight_fields"})
     max_wait = reader.typed(section, key, "max_wait_seconds", int, 60)
     if not 0 <= max_wait <= 3600:
         raise reader.fail("approvals.max_wait_seconds", "must be between 0 and 3600")
@@ -675,9 +682,17 @@ def _approvals(reader: _Reader, value: Any) -> ApprovalsConfig:
     if expiry > 604800:
         raise reader.fail("approvals.default_expiry_seconds", "must be at most 604800 (a week)")
     page_url = _http_url(reader, section["page_url"], "approvals.page_url") + "/" if section.get("page_url") else None
+    preview_bytes = reader.typed(section, key, "body_preview_bytes", int, DEFAULT_PREVIEW_BYTES)
+    if not 0 <= preview_bytes <= MAX_PREVIEW_BYTES:
+        raise reader.fail("approvals.body_preview_bytes", f"must be between 0 (size and hash only) and {MAX_PREVIEW_BYTES}")
+    mask = _string_list(reader, section, "approvals.mask_fields")
+    highlight = _string_list(reader, section, "approvals.highlight_fields") if "highlight_fields" in section else None
     return ApprovalsConfig(max_wait_seconds=max_wait, default_expiry_seconds=expiry, page_url=page_url,
                            approvers=_approvers(reader, section.get("approvers")),
-                           webhook=_webhook(reader, section.get("webhook")))
+                           webhook=_webhook(reader, section.get("webhook")),
+                           body_preview_bytes=preview_bytes,
+                           mask_fields=DEFAULT_MASK_FIELDS + tuple(m for m in mask if m not in DEFAULT_MASK_FIELDS),
+                           highlight_fields=DEFAULT_HIGHLIGHT_FIELDS if highlight is None else highlight)
 
 
 def _approvers(reader: _Reader, value: Any) -> ApproversConfig | None:

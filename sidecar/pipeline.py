@@ -18,6 +18,7 @@ from aiohttp import web
 
 from .approvals import Approval, ApprovalStore, RequestBinding
 from .approvals.desk import HoldSettings
+from .approvals.preview import PreviewSettings
 from .approvals.store import new_approval_id
 from .audit import AuditError, AuditSink
 from .audit.writer import Receipt as AuditReceipt
@@ -423,6 +424,7 @@ class RequestPath:
             approvers_required=decision.approval.approvers, group=decision.approval.group,
             created_at=now, expires_at=now + expires_in,
             intent=trace.task["intent"] if trace.task else None,
+            body=self.hold.preview.build(call, decision.reasons),  # masked and bounded: what the approver sees
         )
         await self.approvals.create(approval)
         self._append({"type": "approval.requested", "approval_id": approval.id, "decision_id": decision.decision_id,
@@ -521,7 +523,7 @@ class RequestPath:
                 "type": "decision",
                 "decision_id": each.decision_id,
                 "path": self.decider.decision_path,
-                "input": document,
+                "input": _masked_input(document, self.hold.preview),  # approvals.mask_fields: no password in the audit
                 "result": each.result or None,
                 "metrics": {"timer_rego_query_eval_ns": each.eval_ns},
                 # The policy that decided, as OPA's decision log names it: {bundle: {"revision": ...}}.
@@ -636,6 +638,18 @@ class RequestPath:
 def _failed(refusal: Refusal) -> Decision:
     return Decision(decision_id=refusal.decision_id or str(uuid.uuid4()), allow=False, require_approval=False,
                     reasons=tuple(refusal.reasons))
+
+
+def _masked_input(document: dict[str, Any], preview: PreviewSettings) -> dict[str, Any]:
+    """The policy input as audited: the body and MCP arguments with the masked fields' values replaced."""
+    request, mcp_doc = document.get("request"), document.get("mcp")
+    if not isinstance(request, dict) or request.get("body") is None and not isinstance(mcp_doc, dict):
+        return document
+    masked = dict(document)
+    masked["request"] = {**request, "body": preview.mask(request.get("body"))}
+    if isinstance(mcp_doc, dict) and "arguments" in mcp_doc:
+        masked["mcp"] = {**mcp_doc, "arguments": preview.mask(mcp_doc["arguments"])}
+    return masked
 
 
 def _strictest(decisions: list[Decision]) -> Decision:

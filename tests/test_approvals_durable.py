@@ -1,13 +1,18 @@
-"""SQLite keeps approvals across a kill -9: a real `agent-sidecar run --config` subprocess."""
+"""SQLite keeps approvals across a kill -9: a real `agent-sidecar run --config` subprocess; records stored before
+body previews existed still load from SQLite and Redis."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +20,7 @@ import yaml
 
 from approvals_support import APPROVAL_POLICY, ApproverIdP, approve, eventually
 from harness import EchoTool, sidecar_config
+from sidecar.approvals.store import ApprovalStore, Verdict
 
 
 def command() -> list[str]:
@@ -101,3 +107,56 @@ async def test_an_approval_survives_kill_9_and_the_retry_goes_through(tmp_path: 
         response = await agent.delete(f"{proxy}/crm/customers/42", headers={"X-Agent-Approval": approval_id})
     assert response.status_code == 200, response.text
     assert [s.path for s in echo_tool.seen] == ["/crm/customers/42"]
+
+
+def _stored_before_previews(approval_id: str) -> str:
+    """An approval as a sidecar from before body previews stored it: no ``body`` member."""
+    now = time.time()
+    return json.dumps({"id": approval_id, "binding": {"method": "DELETE", "target": "http://crm.example/crm/customers/9",
+                                                      "body_sha256": hashlib.sha256(b"").hexdigest(), "agent": "agent-a",
+                                                      "task_id": None},
+                       "decision_id": "dec-old", "route": "crm", "reasons": ["old"], "risk": "high",
+                       "approvers_required": 1, "group": None, "created_at": now, "expires_at": now + 600,
+                       "status": "pending", "approvals": [], "denial": None, "intent": None, "used_at": None})
+
+
+async def _loads_and_decides(store: ApprovalStore, approval_id: str) -> None:
+    loaded = await store.get(approval_id)
+    assert loaded is not None and loaded.body is None and loaded.public()["body"] is None
+    assert [a.id for a in await store.list_pending()] == [approval_id]
+    decided = await store.decide(approval_id, Verdict(approver="alice@example.com", groups=(), approve=True))
+    assert decided.status == "approved" and decided.body is None
+    assert await store.consume(approval_id)
+
+
+async def test_sqlite_loads_a_record_stored_without_a_body_preview(tmp_path: Path) -> None:
+    from sidecar.approvals.sqlite_store import SqliteApprovalStore
+
+    path = tmp_path / "sidecar.db"
+    store = SqliteApprovalStore(path)
+    doc = _stored_before_previews("ap-before-previews")
+    store._db.execute("INSERT INTO approvals (id, status, created_at, expires_at, doc) VALUES (?, 'pending', ?, ?, ?)",
+                      ("ap-before-previews", json.loads(doc)["created_at"], json.loads(doc)["expires_at"], doc))
+    await store.close()
+    reopened = SqliteApprovalStore(path)
+    try:
+        await _loads_and_decides(reopened, "ap-before-previews")
+    finally:
+        await reopened.close()
+
+
+async def test_redis_loads_a_record_stored_without_a_body_preview(redis_server: Any) -> None:
+    import redis.asyncio as aioredis
+
+    from sidecar.approvals.redis_store import RedisApprovalStore
+
+    store = RedisApprovalStore(redis_server.url, prefix="old:")
+    doc = _stored_before_previews("ap-before-previews")
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.set("old:approval:ap-before-previews", doc)
+        await client.zadd("old:approvals:pending", {"ap-before-previews": json.loads(doc)["expires_at"]})
+        await _loads_and_decides(store, "ap-before-previews")
+    finally:
+        await client.aclose()
+        await store.close()

@@ -1,10 +1,12 @@
 """The approver page as a queue, in a real headless Chromium (Debian's, driven by Playwright), against the
 shipped policy library: a pending count, cards ordered by expiry with a countdown, a comment being typed
 that survives new held calls and a reload, a comment and a confirmation step for critical risk, and a
-layout that holds at 1280 and 390 px. Screenshots are kept under tests/artifacts/."""
+layout that holds at 1280 and 390 px; the body of a held call (payee and amount set apart, the text of a publish call),
+masked fields masked. Screenshots are kept under tests/artifacts/."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -135,4 +137,83 @@ async def test_the_queue_orders_by_expiry_keeps_comments_and_confirms_critical_c
     finally:
         await sc.sidecar.stop()
     for name in ("approver-queue-1280.png", "approver-queue-390.png"):
+        assert (ARTIFACTS / name).stat().st_size > 10_000
+
+
+PUBLISH_TEXT = "We are thrilled to announce ACME's Q3 results: revenue up 12% <script>alert(1)</script>"
+MASKED_SECRET = "hunter2-never-on-the-page"
+
+
+async def test_the_approver_sees_the_body_with_the_payee_and_amount_set_apart(tmp_path: Path, echo_tool: EchoTool) -> None:
+    """The body of a held transfer and of a held publish call, on the page at 1280 and 390 px, masked fields masked."""
+    idp = ApproverIdP(tmp_path)
+    config = sidecar_config(tmp_path, echo_tool.base, policy_dir=SHIPPED_POLICY, approvals=idp.config())
+    config["routes"].append({"name": "social", "match": {"path_prefix": "/social"}, "upstream": f"{echo_tool.base}/social",
+                             "labels": {"external": "true"}})
+    sc = await start_sidecar(tmp_path, config)
+    try:
+        task = await open_task(sc.admin, "pay the ACME invoice and announce the results")
+        async with httpx.AsyncClient() as agent:
+            headers = {"X-Agent-Task": task}
+            transfer = (await agent.post(f"{sc.proxy}/payments/transfers", headers=headers, json={
+                "amount": 5000, "currency": "EUR", "payee": "ACME Corp", "password": MASKED_SECRET,
+                "reference": "invoice 2291"})).json()
+            publish = (await agent.post(f"{sc.proxy}/social/posts", headers=headers,
+                                        json={"text": PUBLISH_TEXT, "visibility": "public"})).json()
+        assert transfer["code"] == publish["code"] == "approval_required", (transfer, publish)
+        paid, posted = transfer["approval_id"], publish["approval_id"]
+
+        async with playwright_api.async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                for width, height, who in ((1280, 900, "alice@example.com"), (390, 844, "bob@example.com")):
+                    page = await browser.new_page(viewport={"width": width, "height": height})
+                    await page.goto(f"{sc.admin}/ui/")
+                    await page.fill("#token", idp.token(who, ["approvers"]))
+                    await page.click("#signin-button")
+                    await page.locator("#pending", has_text="2 pending").wait_for(timeout=20_000)
+
+                    # The transfer: amount and payee set apart above the body, the body pretty-printed, masked.
+                    card = page.locator(f"#{paid}")
+                    values = card.locator(".values")
+                    assert await values.is_visible()
+                    terms = await values.locator("dt").all_inner_texts()
+                    shown = await values.locator("dd").all_inner_texts()
+                    pairs = dict(zip(terms, shown, strict=True))
+                    assert pairs["amount"] == "5000" and pairs["payee"] == "ACME Corp", pairs
+                    body = card.locator(".body-text")
+                    assert await body.is_visible()
+                    text = await body.inner_text()
+                    assert '\n  "payee": "ACME Corp",\n' in text and '\n  "amount": 5000,\n' in text
+                    assert '"password": "[masked]"' in text and MASKED_SECRET not in text
+                    assert await card.locator(".masked-note").inner_text() == "Masked: password"
+                    size = len(json.dumps({"amount": 5000, "currency": "EUR", "payee": "ACME Corp",
+                                           "password": MASKED_SECRET, "reference": "invoice 2291"},
+                                          separators=(",", ":")).encode())
+                    meta = await card.locator(".body-hash").inner_text()
+                    assert re.fullmatch(rf"{size} bytes, sha256 [0-9a-f]{{64}}, application/json", meta), meta
+
+                    # The publish call: the text to be published, as text (never as markup).
+                    post = page.locator(f"#{posted} .body-text")
+                    assert PUBLISH_TEXT.replace('"', '\\"') in await post.inner_text()
+                    assert await page.locator(f"#{posted} script").count() == 0
+
+                    # A masked value is nowhere in the page, and at 390 px nothing is wider than the screen.
+                    assert MASKED_SECRET not in await page.content()
+                    if width == 390:
+                        assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+                        right = await page.evaluate(f"""() => {{
+                            const card = document.getElementById('{paid}').getBoundingClientRect().right;
+                            const pre = document.querySelector('#{paid} .body-text').getBoundingClientRect().right;
+                            return pre <= card + 0.5; }}""")
+                        assert right
+                    await card.scroll_into_view_if_needed()
+                    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                    await page.screenshot(path=str(ARTIFACTS / f"approver-body-{width}.png"), full_page=True)
+                    await page.close()
+            finally:
+                await browser.close()
+    finally:
+        await sc.sidecar.stop()
+    for name in ("approver-body-1280.png", "approver-body-390.png"):
         assert (ARTIFACTS / name).stat().st_size > 10_000

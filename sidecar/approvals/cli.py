@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from ..secret import Secret
+from .preview import describe, key_values
 
 TOKEN_ENV = "AGENT_SIDECAR_APPROVER_TOKEN"
 ADMIN_ENV = "AGENT_SIDECAR_ADMIN"
@@ -61,13 +62,14 @@ def _when(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(epoch))
 
 
-def _line(approval: dict[str, Any]) -> str:
+def _line(approval: dict[str, Any], values: bool = True) -> str:
     binding = approval["binding"]
     progress = f"{len(approval['approvals'])}/{approval['approvers_required']}"
     group = f" group={approval['group']}" if approval.get("group") else ""
     return (f"{approval['id']}  {approval['status']:<8} {approval['risk']:<8} {binding['method']} {binding['target']}  "
             f"agent={binding['agent']} task={binding['task_id'] or '-'} approvals={progress}{group} "
-            f"expires={_when(approval['expires_at'])}\n    reasons: {'; '.join(approval['reasons'])}")
+            f"expires={_when(approval['expires_at'])}\n    reasons: {'; '.join(approval['reasons'])}"
+            + "".join(f"\n    {label}: {value}" for label, value in (key_values(approval.get("body")) if values else [])))
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -85,7 +87,12 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     document = _call(args, "GET", f"/v1/approvals/{args.id}", authenticated=False)
-    print(json.dumps(document, indent=2) if args.json else _line(document))
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return 0
+    print(_line(document, values=False))
+    for line in describe(document.get("body")):
+        print(f"    {line}")
     return 0
 
 

@@ -9,7 +9,7 @@ refuses the verdict (``audit_unavailable``) and changes nothing.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jwt
@@ -18,6 +18,7 @@ from ..audit import AuditError, AuditSink
 from ..observability.metrics import Metrics
 from ..problems import Refusal
 from .approvers import Approver, ApproverVerifier, bearer_token
+from .preview import PreviewSettings
 from .store import Approval, ApprovalStore, Verdict, apply_verdict, copy_of, outcome
 from .webhook import WebhookNotifier
 
@@ -26,11 +27,12 @@ log = logging.getLogger("sidecar.approvals")
 
 @dataclass(frozen=True)
 class HoldSettings:
-    """How the request path holds calls: the cap on ``Prefer: wait`` and who to tell."""
+    """How the request path holds calls: the cap on ``Prefer: wait``, who to tell, what they see of the body."""
 
     max_wait_seconds: float = 60.0
     default_expiry_seconds: int = 900
     notifier: WebhookNotifier | None = None
+    preview: PreviewSettings = field(default_factory=PreviewSettings)  # what approvers see of a held body
 
 
 class ApprovalDesk:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from ..problems import Refusal
+from .preview import BodyPreview
 
 MAX_COMMENT = 1000
 PENDING_LIST_LIMIT = 500
@@ -65,6 +66,8 @@ class Approval:
     denial: dict[str, Any] | None = None
     intent: str | None = None
     used_at: float | None = None
+    # What the approver sees of the body (sidecar/approvals/preview.py); None in records stored before it existed.
+    body: BodyPreview | None = None
 
     def effective_status(self, now: float) -> str:
         if self.status in ("pending", "approved") and now >= self.expires_at:
@@ -86,7 +89,10 @@ class Approval:
     def from_json(cls, text: str | bytes) -> Approval:
         doc = json.loads(text)
         doc["binding"] = RequestBinding(**doc["binding"])
-        return cls(**doc)
+        if isinstance(doc.get("body"), dict):
+            doc["body"] = BodyPreview.from_doc(doc["body"])
+        # A field added by a later version is ignored, so a shared store can be read during a rolling upgrade.
+        return cls(**{name: value for name, value in doc.items() if name in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Tell approvers that a call is waiting: a JSON POST to a configured webhook.
 
-The payload carries the approval id, a one-line summary and the approver page's URL, and
-never a credential: no token, no header the agent sent, no query string. Delivery runs on
+The payload carries the approval id, a one-line summary, the approver page's URL and the body
+preview (pretty-printed, the fields in ``approvals.mask_fields`` masked, the measured and
+highlighted values set apart), and never a credential: no token, no header the agent sent, no
+query string, no masked value. Delivery runs on
 a background task fed by a bounded queue, so a slow or dead receiver never holds up the
 request path; each event is retried with exponential backoff, then dropped and counted.
 """
@@ -13,9 +15,11 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from .preview import key_values
 from .store import Approval
 
 if TYPE_CHECKING:
@@ -32,7 +36,7 @@ def requested_event(approval: Approval, page_url: str) -> dict[str, Any]:
         "type": "approval.requested",
         "approval_id": approval.id,
         "summary": f"{approval.binding.method} {where} by {approval.binding.agent}{task} needs approval "
-                   f"({approval.risk} risk): {'; '.join(approval.reasons)[:500]}",
+                   f"({approval.risk} risk): {'; '.join(approval.reasons)[:500]}{_values(approval)}",
         "route": approval.route,
         "risk": approval.risk,
         "reasons": approval.reasons,
@@ -41,7 +45,17 @@ def requested_event(approval: Approval, page_url: str) -> dict[str, Any]:
         "group": approval.group,
         "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(approval.expires_at)),
         "url": f"{page_url}#{approval.id}",
+        # Masked and bounded when the call was held (sidecar/approvals/preview.py); None for records from before.
+        "body": asdict(approval.body) if approval.body is not None else None,
     }
+
+
+def _values(approval: Approval) -> str:
+    """`` [amount 5000, $.payee ACME]``: the values set apart, for receivers that show only the summary."""
+    if approval.body is None:
+        return ""
+    pairs = key_values(asdict(approval.body))[:8]
+    return f" [{', '.join(f'{label} {value[:80]}' for label, value in pairs)}]" if pairs else ""
 
 
 class WebhookNotifier:

@@ -13,6 +13,7 @@ from ..observability.metrics import Metrics
 from ..stores import open_store
 from .approvers import ApproverVerifier
 from .desk import ApprovalDesk, HoldSettings
+from .preview import PreviewSettings
 from .store import ApprovalStore
 from .webhook import WebhookNotifier
 
@@ -55,6 +56,8 @@ def build_approvals(config: Config, metrics: Metrics, audit: AuditSink) -> Appro
                                    queue_size=hook.queue_size)
     store = build_store(config)
     desk = ApprovalDesk(store, verifier=verifier, audit=audit, metrics=metrics, notifier=notifier)
+    preview = PreviewSettings(max_bytes=settings.body_preview_bytes, mask_fields=settings.mask_fields,
+                              highlight_fields=settings.highlight_fields)
     hold = HoldSettings(max_wait_seconds=float(settings.max_wait_seconds),
-                        default_expiry_seconds=settings.default_expiry_seconds, notifier=notifier)
+                        default_expiry_seconds=settings.default_expiry_seconds, notifier=notifier, preview=preview)
     return ApprovalParts(store=store, desk=desk, hold=hold)

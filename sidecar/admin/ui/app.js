@@ -2,6 +2,8 @@
 // textContent (never innerHTML): request fields come from the agent and are untrusted.
 //
 // The queue is ordered by expiry (soonest first) with a live countdown and a pending count.
+// Each card shows the held call's body as the sidecar kept it (masked, bounded, pretty-printed)
+// with the amount, records and payee-like fields set apart above it.
 // A critical-risk call needs a comment and a second, explicit confirmation. A comment being
 // typed survives the 5-second refresh, new held calls arriving, and a reload of the tab.
 "use strict";
@@ -68,6 +70,56 @@ function clockTime(at) {
   return isNaN(date.getTime()) ? String(at) : date.toISOString().slice(11, 19);
 }
 
+function bytes(count) { return count === 1 ? "1 byte" : count + " bytes"; }
+
+// 5000 as "5000", 1234.5 as "1234.5"; never in exponent form for the amounts approvers read.
+function numberText(value) {
+  return Number.isInteger(value) ? String(value) : String(Number(value.toFixed(6)));
+}
+
+// The body as the sidecar kept it: the measured and highlighted values set apart, then the
+// pretty-printed body (masked fields already replaced server-side), or why it is not shown.
+function showBody(node, body) {
+  const values = node.querySelector(".values");
+  const note = node.querySelector(".body-note");
+  const text = node.querySelector(".body-text");
+  const masked = node.querySelector(".masked-note");
+  const tell = (message) => { note.textContent = message; note.hidden = false; };
+  if (!body) { tell("Body not recorded (held before this sidecar kept body previews)."); return; }
+  const pairs = [];
+  for (const [name, value] of Object.entries(body.measures || {})) {
+    pairs.push({ label: name, title: "measured by the route: " + name, value: numberText(value), kind: "measure" });
+  }
+  for (const item of body.highlights || []) {
+    pairs.push({ label: item.path.replace(/^\$\./, ""), title: item.path + (item.why === "reason"
+      ? " (named by the policy's reasons)" : " (approvals.highlight_fields)"), value: item.value, kind: item.why });
+  }
+  for (const pair of pairs) {
+    const term = document.createElement("dt");
+    term.textContent = pair.label;
+    term.title = pair.title;
+    const value = document.createElement("dd");
+    value.textContent = pair.value;
+    value.className = "value-" + pair.kind;
+    values.append(term, value);
+  }
+  values.hidden = pairs.length === 0;
+  if (body.kind === "empty" || body.size === 0) {
+    tell("No body.");
+  } else if (body.kind === "opaque") {
+    tell("The body is neither JSON nor a form: only its size and hash are shown.");
+  } else if (body.text == null) {
+    tell("Body previews are off (approvals.body_preview_bytes is 0): only its size and hash are shown.");
+  } else {
+    text.textContent = body.text + (body.truncated ? "\n\u2026 (cut: the whole body is " + bytes(body.size) + ")" : "");
+    text.hidden = false;
+  }
+  if ((body.masked || []).length) {
+    masked.textContent = "Masked: " + body.masked.map((path) => path.replace(/^\$\./, "")).join(", ");
+    masked.hidden = false;
+  }
+}
+
 function fill(node, selector, text) { node.querySelector(selector).textContent = text == null ? "" : String(text); }
 
 function isCritical(approval) { return approval.risk === "critical"; }
@@ -91,7 +143,10 @@ function render(approval) {
   const given = approval.approvals.map((a) => a.approver).join(", ");
   fill(node, ".approvers", approval.approvals.length + " of " + approval.approvers_required +
        (approval.group ? " from group " + approval.group : "") + (given ? " (so far: " + given + ")" : ""));
-  fill(node, ".body-hash", binding.body_sha256);
+  const body = approval.body;
+  fill(node, ".body-hash", body ? bytes(body.size) + ", sha256 " + body.sha256 + (body.content_type ? ", " + body.content_type : "")
+                                : "sha256 " + binding.body_sha256);
+  showBody(node, body);
   const reasons = node.querySelector(".reasons");
   for (const reason of approval.reasons) {
     const item = document.createElement("li");
