@@ -165,3 +165,68 @@ async def test_the_ca_endpoint_serves_the_certificate_the_leaves_chain_to(
     assert ca.read_bytes() == sc.sidecar.tls.ca.cert_pem
     state_ca = sc.sidecar.config.state_dir / "tls-ca"
     assert (state_ca / "ca-key.pem").stat().st_mode & 0o077 == 0
+
+
+def _handshake_over(sock: Any, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:
+    while True:
+        try:
+            tls.do_handshake()
+            sock.sendall(outgoing.read())
+            return
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed during the handshake")
+            incoming.write(data)
+
+
+def _connect_with_an_early_client_hello(port: int, ca: Path) -> bytes:
+    """CONNECT and the ClientHello in one write, as a client that does not wait for the 200 does."""
+    import socket
+
+    context = trusting(ca)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=CRM_HOST)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    client_hello = outgoing.read()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"CONNECT {CRM_HOST}:443 HTTP/1.1\r\nHost: {CRM_HOST}:443\r\n\r\n".encode() + client_hello)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"closed before the CONNECT was answered: {received!r}")
+            received += data
+        head, _, rest = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        incoming.write(rest)
+        _handshake_over(sock, tls, incoming, outgoing)
+        tls.write(f"GET /customers/9 HTTP/1.1\r\nHost: {CRM_HOST}\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(outgoing.read())
+        answer = b""
+        while True:
+            try:
+                chunk = tls.read(65536)
+            except ssl.SSLWantReadError:
+                chunk = None
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return answer
+            if chunk == b"":
+                return answer
+            if chunk:
+                answer += chunk
+                continue
+            data = sock.recv(65536)
+            if not data:
+                return answer
+            incoming.write(data)
+
+
+async def test_a_client_hello_sent_with_the_connect_is_not_lost(intercepting: tuple[RunningSidecar, Path],
+                                                                https_tool: HttpsTool) -> None:
+    sc, ca = intercepting
+    answer = await asyncio.to_thread(_connect_with_an_early_client_hello, sc.sidecar.config.proxy.port, ca)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert [(r.method, r.path_qs) for r in https_tool.seen] == [("GET", "/customers/9")]
