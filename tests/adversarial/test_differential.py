@@ -356,6 +356,18 @@ def _jsonrpc(body: bytes) -> bool:
                                and isinstance(item.get("method"), str) for item in items)
 
 
+def expected_policy_body(generated: Generated) -> tuple[Any, bool]:
+    """What the policy must see of a forwarded body: JSON whatever its label, a form as names to values, else
+    null and unreadable (an empty body is null and readable)."""
+    if not generated.body:
+        return None, True
+    media = (generated.content_type or "").split(";", 1)[0].strip().lower()
+    if media == "application/x-www-form-urlencoded":
+        return dict(parse_qsl(generated.body.decode("utf-8"), keep_blank_values=True)), True
+    parses, value = strict_json(generated.body)
+    return (value, True) if parses else (None, False)
+
+
 # The codes the policy gives; any other refusal of a call the model finds nothing wrong with is a disagreement.
 POLICY_CODES = frozenset({"denied", "approval_required"})
 
@@ -373,7 +385,14 @@ def check(stack: Stack, generated: Generated, outcome: Outcome) -> None:
         event("forwarded")
         assert not generated.must_refuse, f"forwarded although it must be refused: {generated.must_refuse}"
         assert generated.method in ALLOWED_METHODS
-        assert_forwarded(stack, outcome, target=generated.upstream_target, body=generated.body, method=generated.method)
+        received = assert_forwarded(stack, outcome, target=generated.upstream_target, body=generated.body,
+                                    method=generated.method)
+        decision = stack.decision_event(received.header("x-agent-decision")[0])
+        assert decision is not None
+        body, readable = expected_policy_body(generated)
+        judged = decision["input"]["request"]
+        assert judged["body"] == body, f"the policy saw body {judged['body']!r}, the model reads {body!r}"
+        assert judged.get("body_readable", True) is readable, judged.get("body_readable")
         return
     code = assert_refused(outcome, code=None, mcp_route=mcp_route, head=generated.method == "HEAD")
     event(f"refused {code}")
