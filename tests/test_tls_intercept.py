@@ -18,6 +18,7 @@ import pytest
 
 from conftest import SidecarFactory
 from harness import RunningSidecar, send_connect
+from sidecar.proxy.listener import GuardedServer
 from tls_intercept_support import (AGENT_SECRET, CRM_HOST, HttpsTool, assert_minted_credential, audit_flushed,
                                    intercepting_route, sidecar_ca, trusting)
 
@@ -230,3 +231,27 @@ async def test_a_client_hello_sent_with_the_connect_is_not_lost(intercepting: tu
     answer = await asyncio.to_thread(_connect_with_an_early_client_hello, sc.sidecar.config.proxy.port, ca)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert [(r.method, r.path_qs) for r in https_tool.seen] == [("GET", "/customers/9")]
+
+
+async def test_an_intercepted_connection_counts_once_against_max_connections(
+        make_sidecar: SidecarFactory, https_tool: HttpsTool, tmp_path: Path) -> None:
+    sc = await make_sidecar(routes=[intercepting_route("crm", CRM_HOST, https_tool.url, https_tool.ca)],
+                            limits={"max_body_bytes": 1048576, "max_connections": 2})
+    ca = await sidecar_ca(sc, tmp_path)
+    server = sc.sidecar.runners[0].server
+    assert isinstance(server, GuardedServer)
+    first, second = agent(sc, ca), agent(sc, ca)
+    async with first, second:
+        for client in (first, second):
+            assert (await client.get(f"https://{CRM_HOST}/customers/1")).status_code == 200
+        assert server.open_connections() == 2
+        # A third connection is one too many, whatever it carries.
+        async with httpx.AsyncClient(trust_env=False) as third:
+            refused = await third.get(f"{sc.proxy}/anything")
+        assert refused.status_code == 503 and refused.json()["code"] == "overloaded"
+    # Closed by the agents: nothing is left counted (the handlers stop as the loop runs on).
+    for _ in range(500):
+        if server.open_connections() == 0 and not server.handed_over:
+            break
+        await asyncio.sleep(0.01)  # a poll of the server's own state with a deadline, not a timing assumption
+    assert server.open_connections() == 0 and not server.handed_over and server.handshaking == 0

@@ -52,21 +52,18 @@ class GuardedRequestHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._serving = False
         self._first_bytes_seen = False
-        self._decrypted_counted = False
         # Set on handlers of decrypted connections only; the interceptor routes their requests by these.
         self.tls_session = tls_session
         self.served_host: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.tls_session is not None:
-            # The TCP connection was admitted already (and counted) as the handler it was taken from.
+            # The TCP connection was admitted already, as the handler it was taken from; this one counts for it now.
             self.served_host = served_host(transport)
-            self._guard.decrypted += 1
-            self._decrypted_counted = True
             super().connection_made(transport)
             return
         super().connection_made(transport)
-        if len(self._guard.connections) - self._guard.decrypted > self._guard.limits.max_connections:
+        if self._guard.open_connections() > self._guard.limits.max_connections:
             self._refuse_connection(Refusal("overloaded", "too many open connections", headers={"Retry-After": "1"}))
 
     def data_received(self, data: bytes) -> None:
@@ -81,9 +78,6 @@ class GuardedRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
-        if self._decrypted_counted:
-            self._decrypted_counted = False
-            self._guard.decrypted -= 1
         super().connection_lost(exc)
 
     # ---------------------------------------------------------------- TLS interception
@@ -122,6 +116,13 @@ class GuardedRequestHandler(RequestHandler):
         self._cancel_head_timer()
         self.transport = None  # so that stopping below (and a response written later) cannot touch the socket
         self.force_close()
+        # The server forgets this handler once it has stopped; until then it is not counted twice.
+        self._guard.handed_over.add(self)
+        task = self._task_handler
+        if task is not None and not task.done():
+            task.add_done_callback(lambda _: self._guard.handed_over.discard(self))
+        else:
+            self._guard.handed_over.discard(self)
         self._guard.connection_lost(self, None)
         return transport
 
@@ -182,7 +183,14 @@ class GuardedServer(web.Server):
         self.on_refusal = on_refusal
         self.tls = tls
         self.tls_handshake_timeout = tls_handshake_timeout
-        self.decrypted = 0  # handlers of decrypted streams: their TCP connections were counted once already
+        # Handlers whose connection went to TLS interception, until they have stopped: their TCP connection
+        # is counted by the handler of its decrypted stream.
+        self.handed_over: set[RequestHandler] = set()
+        self.handshaking = 0  # connections between the hand-over and the end of their TLS handshake
+
+    def open_connections(self) -> int:
+        """TCP connections open on the proxy port, each counted once whatever handles it."""
+        return len(self.connections) - len(self.handed_over) + self.handshaking
 
     def __call__(self) -> RequestHandler:
         return GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -190,11 +198,21 @@ class GuardedServer(web.Server):
     def hand_over(self, transport: asyncio.Transport, session: TlsSession, context: ssl.SSLContext, initial: bytes) -> None:
         """Terminate TLS on ``transport``; once the handshake is done a fresh handler serves the decrypted stream."""
         handler = GuardedRequestHandler(self, tls_session=session, loop=self._loop, **self._kwargs)
-        handshake = adopt(transport, handler, context, initial, self.tls_handshake_timeout)
-        handshake.add_done_callback(_handshake_outcome)
+        try:
+            handshake = adopt(transport, handler, context, initial, self.tls_handshake_timeout)
+        except Exception as exc:  # noqa: BLE001 - fail closed: the connection goes, nothing was read
+            log.warning("TLS interception could not start: %s", type(exc).__name__)
+            transport.abort()
+            return
+        self.handshaking += 1  # the outcome is reported through the loop, after this
+        handshake.add_done_callback(self._handshake_outcome)
+
+    def _handshake_outcome(self, handshake: asyncio.Future[None]) -> None:
+        self.handshaking -= 1
+        _log_handshake(handshake)
 
 
-def _handshake_outcome(handshake: asyncio.Future[None]) -> None:
+def _log_handshake(handshake: asyncio.Future[None]) -> None:
     if handshake.cancelled():
         return
     error = handshake.exception()
