@@ -67,6 +67,16 @@ def test_masked_by_key_name_at_any_depth_ignoring_case_and_separators() -> None:
     assert not any(secret in document for secret in SECRETS)
 
 
+def test_masking_the_audited_input_never_changes_the_document_the_policy_read() -> None:
+    document = {"request": {"body": transfer_body()}, "rows": [{"id": 1}, {"id": 2}]}
+    original = json.dumps(document)
+    masked = PreviewSettings().mask(document)
+    assert json.dumps(document) == original  # a copy where something is masked, never an edit in place
+    assert masked["request"]["body"]["Password"] == MASKED and masked["rows"] is document["rows"]
+    assert not any(secret in json.dumps(masked) for secret in SECRETS)
+    assert PreviewSettings().mask(document["rows"]) is document["rows"]  # nothing masked: nothing copied
+
+
 def test_a_masked_field_hides_its_whole_value_and_configured_names_add_to_the_defaults() -> None:
     body = json.dumps({"credentials": {"user": "u", "pin": "1234"}, "Card-PIN": "9876", "note": "ok"}).encode()
     default = json.loads(PreviewSettings().build(call_of(body), []).text or "")
@@ -121,6 +131,21 @@ def test_a_form_body_is_masked_like_json() -> None:
     assert preview.kind == "form" and preview.text is not None
     assert json.loads(preview.text) == {"amount": "40", "payee": "ACME", "api_key": MASKED}
     assert preview.measures == {"amount": 40.0}
+
+
+def test_an_mcp_tool_call_is_measured_on_its_arguments_and_masked_in_them() -> None:
+    from dataclasses import replace
+
+    from sidecar.documents import McpCall
+
+    arguments = {"amount": 70, "to": "ACME Corp", "api_key": SECRETS[2]}
+    message = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "send_payment", "arguments": arguments}}
+    call = replace(call_of(json.dumps(message).encode()), mcp_calls=(McpCall("tools/call", 7, "send_payment", arguments),))
+    preview = PreviewSettings().build(call, [])
+    assert preview.measures == {"amount": 70.0}
+    assert preview.masked == ["$.params.arguments.api_key"]
+    assert [(h["path"], h["value"]) for h in preview.highlights] == [("$.params.arguments.to", "ACME Corp")]
+    assert SECRETS[2] not in json.dumps(asdict(preview))
 
 
 def test_control_and_bidi_characters_are_shown_as_escapes() -> None:

@@ -193,6 +193,14 @@ async def test_the_approver_sees_the_body_with_the_payee_and_amount_set_apart(tm
                     meta = await card.locator(".body-hash").inner_text()
                     assert re.fullmatch(rf"{size} bytes, sha256 [0-9a-f]{{64}}, application/json", meta), meta
 
+                    # Critical: the confirmation names the values being approved.
+                    if width == 1280:
+                        await card.locator(".comment").fill("checked the payee with finance")
+                        await card.locator(".approve").click()
+                        confirm = await card.locator(".confirm-text").inner_text()
+                        assert "/payments/transfers [amount 5000, payee ACME Corp] (critical risk" in confirm, confirm
+                        await card.locator(".confirm-no").click()
+
                     # The publish call: the text to be published, as text (never as markup).
                     post = page.locator(f"#{posted} .body-text")
                     assert PUBLISH_TEXT.replace('"', '\\"') in await post.inner_text()

@@ -43,6 +43,7 @@ MAX_DEPTH = 64
 MAX_LISTED = 50  # masked paths and highlighted fields kept per approval
 MAX_VALUE_CHARS = 200
 MAX_PATH_CHARS = 200
+MAX_CACHED_KEYS = 10_000
 
 DEFAULT_MASK_FIELDS: tuple[str, ...] = (
     "password", "passwd", "passphrase", "secret", "token", "api_key", "apikey", "access_key", "secret_key",
@@ -75,16 +76,25 @@ class PreviewSettings:
     highlight_fields: tuple[str, ...] = DEFAULT_HIGHLIGHT_FIELDS
 
     @functools.cached_property
-    def _mask(self) -> frozenset[str]:
-        return frozenset(n for n in (normalized(f) for f in self.mask_fields) if n)
+    def _mask(self) -> tuple[str, ...]:
+        return tuple(sorted({n for n in (normalized(f) for f in self.mask_fields) if n}))
+
+    @functools.cached_property
+    def _verdicts(self) -> dict[str, bool]:
+        return {}  # key -> masked: bodies repeat their keys (arrays of objects), and this runs on every audited call
 
     def masks(self, key: str) -> bool:
-        name = normalized(key)
-        return any(name == m or name.endswith(m) for m in self._mask) if name else False
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            name = normalized(key)
+            verdict = bool(name) and name.endswith(self._mask)
+            if len(self._verdicts) < MAX_CACHED_KEYS:
+                self._verdicts[key] = verdict
+        return verdict
 
     def mask(self, value: Any) -> Any:
-        """A copy of ``value`` with every masked field's value replaced (used for the audit's policy input too)."""
-        return _masked(value, self, [], "$", 0)
+        """``value`` with every masked field's value replaced, sharing what needs no change (the audited policy input)."""
+        return _masked_only(value, self, 0)
 
     def build(self, call: InterceptedCall, reasons: Sequence[str]) -> BodyPreview:
         return build_preview(call, reasons, self)
@@ -149,6 +159,25 @@ def _masked(value: Any, settings: PreviewSettings, paths: list[str], path: str, 
         return result
     if isinstance(value, list):
         return [_masked(item, settings, paths, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+    return value
+
+
+def _masked_only(value: Any, settings: PreviewSettings, depth: int) -> Any:
+    """As :func:`_masked` without the paths, and returning ``value`` itself when nothing in it is masked."""
+    if depth > MAX_DEPTH:
+        return TOO_DEEP
+    if isinstance(value, dict):
+        changed: dict[str, Any] | None = None
+        for key, item in value.items():
+            new = MASKED if settings.masks(str(key)) else _masked_only(item, settings, depth + 1)
+            if new is not item:
+                if changed is None:
+                    changed = dict(value)
+                changed[key] = new
+        return value if changed is None else changed
+    if isinstance(value, list):
+        items = [_masked_only(item, settings, depth + 1) for item in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
     return value
 
 

@@ -77,6 +77,20 @@ function numberText(value) {
   return Number.isInteger(value) ? String(value) : String(Number(value.toFixed(6)));
 }
 
+// The values set apart: the measures (amount, records, ...), then the highlighted fields.
+function keyValues(body) {
+  if (!body) { return []; }
+  const pairs = [];
+  for (const [name, value] of Object.entries(body.measures || {})) {
+    pairs.push({ label: name, title: "measured by the route: " + name, value: numberText(value), kind: "measure" });
+  }
+  for (const item of body.highlights || []) {
+    pairs.push({ label: item.path.replace(/^\$\./, ""), title: item.path + (item.why === "reason"
+      ? " (named by the policy's reasons)" : " (approvals.highlight_fields)"), value: item.value, kind: item.why });
+  }
+  return pairs;
+}
+
 // The body as the sidecar kept it: the measured and highlighted values set apart, then the
 // pretty-printed body (masked fields already replaced server-side), or why it is not shown.
 function showBody(node, body) {
@@ -86,14 +100,7 @@ function showBody(node, body) {
   const masked = node.querySelector(".masked-note");
   const tell = (message) => { note.textContent = message; note.hidden = false; };
   if (!body) { tell("Body not recorded (held before this sidecar kept body previews)."); return; }
-  const pairs = [];
-  for (const [name, value] of Object.entries(body.measures || {})) {
-    pairs.push({ label: name, title: "measured by the route: " + name, value: numberText(value), kind: "measure" });
-  }
-  for (const item of body.highlights || []) {
-    pairs.push({ label: item.path.replace(/^\$\./, ""), title: item.path + (item.why === "reason"
-      ? " (named by the policy's reasons)" : " (approvals.highlight_fields)"), value: item.value, kind: item.why });
-  }
+  const pairs = keyValues(body);
   for (const pair of pairs) {
     const term = document.createElement("dt");
     term.textContent = pair.label;
@@ -195,8 +202,9 @@ function ask(approval, verdict, node) {
     return;
   }
   const binding = approval.binding;
+  const values = keyValues(approval.body).slice(0, 4).map((pair) => pair.label + " " + pair.value).join(", ");
   const text = (verdict === "approve" ? "Approve " : "Deny ") + binding.method + " " + binding.target +
-    " (critical risk" + (verdict === "approve" && approval.approvers_required > 1
+    (values ? " [" + values + "]" : "") + " (critical risk" + (verdict === "approve" && approval.approvers_required > 1
       ? ", " + approval.approvers_required + " approvers needed" : "") + ")?";
   confirmation(node, { text: text, verdict: verdict, run: () => decide(approval.id, verdict, node) });
 }
