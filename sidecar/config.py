@@ -442,6 +442,10 @@ def _intercept_tls(reader: _Reader, section: dict[str, Any], key: str, match: Ro
     intercept = reader.typed(section, key, "intercept_tls", bool, False)
     if intercept and match.host is None:
         raise reader.fail(f"{key}.intercept_tls", "needs match.host (the host whose TLS is intercepted)")
+    tls = section.get("tls")
+    if intercept and isinstance(tls, dict) and tls.get("verify") is False:
+        raise reader.fail(f"{key}.tls.verify", "cannot be false with intercept_tls: the agent's TLS is ended at the "
+                                               "sidecar, so the sidecar's own TLS to the upstream must be verified")
     return intercept
 
 

@@ -104,6 +104,7 @@ def test_no_ca_without_an_intercepting_route(tmp_path: Path) -> None:
     ([{"name": "x", "match": {"path_prefix": "/x"}, "upstream": "https://a.example", "intercept_tls": True}], None,
      "routes[0].intercept_tls: needs match.host"),
     (intercepting(), {"ca_cert": "ca.pem"}, "tls_interception.ca_key: is required"),
+    ([{**intercepting()[0], "tls": {"verify": False}}], None, "routes[0].tls.verify: cannot be false with intercept_tls"),
     (intercepting(), {"ca_cert": "missing.pem", "ca_key": "missing-key.pem"}, "tls_interception.ca_cert: no such file"),
 ])
 def test_config_errors(tmp_path: Path, routes: Any, tls: Any, message: str) -> None:
