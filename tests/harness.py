@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,3 +246,24 @@ async def send_connect(proxy_port: int, authority: str) -> tuple[Any, Any, bytes
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
     return reader, writer, head
+
+
+@contextlib.asynccontextmanager
+async def serving_asgi(app: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app (an MCP SDK server, say) with uvicorn on a free loopback port; yield its base URL."""
+    import asyncio
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            serving.result()  # it could not start: say why
+        await asyncio.sleep(0.01)  # readiness poll of an in-process server, not a timing assumption
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving

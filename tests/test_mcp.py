@@ -11,12 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import MCPServer
 
-from harness import EchoTool, free_port
+from harness import EchoTool, serving_asgi
 
 
 @dataclass
@@ -40,15 +39,8 @@ async def mcp_server() -> AsyncIterator[McpUpstream]:
         calls.append("delete_record")
         return f"deleted {record_id}"
 
-    port = free_port()
-    app = server.streamable_http_app(stateless_http=True, json_response=True)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(uv.serve())
-    while not uv.started:
-        await asyncio.sleep(0.01)  # readiness poll of an in-process server, not a timing assumption
-    yield McpUpstream(f"http://127.0.0.1:{port}", calls)
-    uv.should_exit = True
-    await task
+    async with serving_asgi(server.streamable_http_app(stateless_http=True, json_response=True)) as url:
+        yield McpUpstream(url, calls)
 
 
 async def mcp_sidecar(make_sidecar: Any, upstream: str) -> Any:
@@ -164,16 +156,10 @@ async def test_tool_annotations_learned_from_tools_list_reach_the_policy(make_si
         calls.append("tidy_up")
         return f"tidied {scope}"
 
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(server.streamable_http_app(stateless_http=True, json_response=False),
-                                       host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    serving = asyncio.create_task(uv.serve())
-    while not uv.started:
-        await asyncio.sleep(0.01)  # readiness poll of an in-process server, not a timing assumption
-    try:
+    async with serving_asgi(server.streamable_http_app(stateless_http=True, json_response=False)) as upstream:
         sc = await make_sidecar(
             policy={"engine": "embedded", "rego_dir": str(SHIPPED_POLICY), "timeout_ms": 2000},
-            routes=[{"name": "tools", "match": {"path_prefix": "/tools"}, "upstream": f"http://127.0.0.1:{port}",
+            routes=[{"name": "tools", "match": {"path_prefix": "/tools"}, "upstream": upstream,
                      "labels": {"protocol": "mcp", "environment": "dev"}, "mcp": {"trust_server_annotations": True}}])
         task = await open_task(sc.admin, "look things up and tidy up")
         client = create_mcp_http_client(headers={"X-Agent-Task": task})
@@ -189,9 +175,6 @@ async def test_tool_annotations_learned_from_tools_list_reach_the_policy(make_si
         assert calls == ["lookup"]
         assert await audited_annotations(sc.audit_path, want=2) == {
             "lookup": {"readOnlyHint": True}, "tidy_up": {"destructiveHint": True}}
-    finally:
-        uv.should_exit = True
-        await serving
 
 
 async def audited_annotations(path: Any, want: int) -> dict[str, Any]:

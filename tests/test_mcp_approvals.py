@@ -3,20 +3,18 @@ with a new JSON-RPC id and no extra header, and the approval a human granted is 
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import create_mcp_http_client, streamable_http_client
 from mcp.server.mcpserver import MCPServer
 
 from approvals_support import ApproverIdP, approve
-from harness import SHIPPED_POLICY, free_port, open_task
+from harness import SHIPPED_POLICY, open_task, serving_asgi
 
 
 @pytest.fixture
@@ -29,15 +27,16 @@ async def records_server() -> AsyncIterator[tuple[str, list[int]]]:
         deleted.append(record_id)
         return f"deleted {record_id}"
 
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(server.streamable_http_app(stateless_http=True, json_response=True),
-                                       host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    serving = asyncio.create_task(uv.serve())
-    while not uv.started:
-        await asyncio.sleep(0.01)  # readiness poll of an in-process server, not a timing assumption
-    yield f"http://127.0.0.1:{port}", deleted
-    uv.should_exit = True
-    await serving
+    async with serving_asgi(server.streamable_http_app(stateless_http=True, json_response=True)) as url:
+        yield url, deleted
+
+
+async def records_sidecar(make_sidecar: Any, upstream: str, idp: ApproverIdP, store: dict[str, Any]) -> Any:
+    """A sidecar with the shipped policy, approvers, and the records server as an MCP route."""
+    return await make_sidecar(policy={"engine": "embedded", "rego_dir": str(SHIPPED_POLICY), "timeout_ms": 2000},
+                              approvals=idp.config(), store=store,
+                              routes=[{"name": "records", "match": {"path_prefix": "/records"}, "upstream": upstream,
+                                       "protocol": "mcp", "labels": {"environment": "dev"}}])
 
 
 def approval_id_in(result: Any) -> str:
@@ -59,10 +58,7 @@ async def test_a_plain_retry_of_the_same_tool_call_uses_its_approval_once(
         make_sidecar: Any, records_server: tuple[str, list[int]], tmp_path: Path, store: dict[str, Any]) -> None:
     upstream, deleted = records_server
     idp = ApproverIdP(tmp_path)
-    sc = await make_sidecar(policy={"engine": "embedded", "rego_dir": str(SHIPPED_POLICY), "timeout_ms": 2000},
-                            approvals=idp.config(), store=store,
-                            routes=[{"name": "records", "match": {"path_prefix": "/records"}, "upstream": upstream,
-                                     "protocol": "mcp", "labels": {"environment": "dev"}}])
+    sc = await records_sidecar(make_sidecar, upstream, idp, store)
     task = await open_task(sc.admin, "remove the duplicate customer record 7")
     approver = idp.token("alice@example.com", ["approvers"])
     client = create_mcp_http_client(headers={"X-Agent-Task": task})
@@ -113,10 +109,7 @@ async def test_a_call_a_human_denied_is_answered_as_denied_and_nobody_is_asked_a
 
     upstream, deleted = records_server
     idp = ApproverIdP(tmp_path)
-    sc = await make_sidecar(policy={"engine": "embedded", "rego_dir": str(SHIPPED_POLICY), "timeout_ms": 2000},
-                            approvals=idp.config(),
-                            routes=[{"name": "records", "match": {"path_prefix": "/records"}, "upstream": upstream,
-                                     "protocol": "mcp", "labels": {"environment": "dev"}}])
+    sc = await records_sidecar(make_sidecar, upstream, idp, {"backend": "sqlite"})
     task = await open_task(sc.admin, "remove the duplicate customer record 7")
     approver = idp.token("alice@example.com", ["approvers"])
     client = create_mcp_http_client(headers={"X-Agent-Task": task})

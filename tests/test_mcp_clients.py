@@ -28,11 +28,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from mcp.server.mcpserver import MCPServer
 
 from approvals_support import ApproverIdP, approve, audit_events, eventually
-from harness import ROOT, SHIPPED_POLICY, free_port
+from harness import ROOT, SHIPPED_POLICY, serving_asgi
 
 CLIENTS_DIR = ROOT / "tests" / "mcp_clients"
 INSTALL = ROOT / "scripts" / "install-mcp-clients.sh"
@@ -114,18 +113,11 @@ async def tool_server() -> AsyncIterator[ToolServer]:
         tools.calls.append("export_contacts")
         return "name,email"
 
-    port = free_port()
     # Stateful sessions and SSE answers, the SDK server's defaults: the sidecar pins each listed tool as its
     # SSE event passes (the tests at the end of this file pin the edge cases).
-    uv = uvicorn.Server(uvicorn.Config(server.streamable_http_app(), host="127.0.0.1", port=port,
-                                       log_level="warning", lifespan="on"))
-    serving = asyncio.create_task(uv.serve())
-    while not uv.started:
-        await asyncio.sleep(0.01)  # readiness poll of an in-process server, not a timing assumption
-    tools.url = f"http://127.0.0.1:{port}"
-    yield tools
-    uv.should_exit = True
-    await serving
+    async with serving_asgi(server.streamable_http_app()) as url:
+        tools.url = url
+        yield tools
 
 
 class ClientProcess:
