@@ -37,6 +37,7 @@ from adversarial_kit import (
     canonical_path,
     exchange,
     expected_upstream_target,
+    query_fields,
     query_has_method_field,
 )
 from hypothesis import HealthCheck, event, given, note, settings
@@ -393,6 +394,10 @@ def check(stack: Stack, generated: Generated, outcome: Outcome) -> None:
         judged = decision["input"]["request"]
         assert judged["body"] == body, f"the policy saw body {judged['body']!r}, the model reads {body!r}"
         assert judged.get("body_readable", True) is readable, judged.get("body_readable")
+        query: dict[str, list[str]] = {}
+        for name, value in query_fields(received.target.partition("?")[2]):
+            query.setdefault(name, []).append(value)
+        assert judged["query"] == query, f"the policy saw query {judged['query']!r}, the model reads {query!r}"
         return
     code = assert_refused(outcome, code=None, mcp_route=mcp_route, head=generated.method == "HEAD")
     event(f"refused {code}")
