@@ -16,10 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import SidecarFactory
 from harness import RunningSidecar, send_connect
 from sidecar.proxy.listener import GuardedServer
-from tls_intercept_support import (AGENT_SECRET, CRM_HOST, HttpsTool, assert_minted_credential, audit_flushed,
+from tls_intercept_support import (SidecarFactory, AGENT_SECRET, CRM_HOST, HttpsTool, assert_minted_credential, audit_flushed,
                                    intercepting_route, sidecar_ca, trusting)
 
 

@@ -18,10 +18,9 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import MCPServer
 
-from conftest import SidecarFactory
 from harness import free_port
 from tls_certs import make_ca_and_server
-from tls_intercept_support import AGENT_SECRET, audit_flushed, intercepting_route, sidecar_ca, trusting
+from tls_intercept_support import AGENT_SECRET, SidecarFactory, audit_flushed, intercepting_route, sidecar_ca, trusting
 
 MCP_HOST = "mcp.example.com"
 Scope = MutableMapping[str, Any]

@@ -17,9 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import SidecarFactory
 from harness import RunningSidecar
-from tls_intercept_support import (AGENT_SECRET, CRM_HOST, HttpsTool, assert_minted_credential, audit_flushed,
+from tls_intercept_support import (SidecarFactory, AGENT_SECRET, CRM_HOST, HttpsTool, assert_minted_credential, audit_flushed,
                                    intercepting_route, sidecar_ca, trusting)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from aiohttp import web
 
 from harness import RunningSidecar, serve_app
 from tls_certs import make_ca_and_server
+
+# tests/conftest.py's make_sidecar, typed here: `from conftest import` is ambiguous once a subdirectory has its own.
+SidecarFactory = Callable[..., Awaitable[RunningSidecar]]
 
 AGENT_SECRET = "Bearer agent-standing-secret"
 CRM_HOST = "crm.example.com"
