@@ -116,8 +116,8 @@ CASES = load_corpus()
 def test_the_corpus_covers_every_class_of_issue_13() -> None:
     prefixes = {case.name.split("-", 1)[0] for case in CASES}
     assert {"pct", "fragment", "chars", "dots", "absolute", "method", "header", "override", "parser", "dupkey",
-            "unlabelled", "form", "encoding", "mcp", "sniff"} <= prefixes, sorted(prefixes)
-    assert len(CASES) >= 60
+            "unlabelled", "form", "encoding", "mcp", "sniff", "prefix", "reqline", "body"} <= prefixes, sorted(prefixes)
+    assert len(CASES) >= 200
 
 
 def test_the_raw_upstream_records_exactly_what_an_ordinary_call_sends(stack: Stack) -> None:
