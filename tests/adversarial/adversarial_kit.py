@@ -54,7 +54,7 @@ ALLOWED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "O
 
 # Headers that must never reach an upstream: they change what the call means to an ordinary server.
 NEVER_UPSTREAM = frozenset({
-    "forwarded", "x-real-ip", "x-http-method-override", "x-http-method", "x-method-override",
+    "forwarded", "x-real-ip", "x-client-ip", "true-client-ip", "x-http-method-override", "x-http-method", "x-method-override",
     "x-original-url", "x-rewrite-url", "x-agent-task", "x-agent-approval", "x-agent-delegation",
     "transfer-encoding",
 })

@@ -129,8 +129,8 @@ query_part = st.lists(
 METHODS = ["GET"] * 6 + ["POST"] * 4 + ["PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "PROPFIND", "FOO", "get"]
 HEADER_NAMES = ["Accept", "User-Agent", "X-Request-Id", "X_Custom", "X-HTTP-Method-Override", "X-HTTP-Method",
                 "X-Method-Override", "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP", "X-Original-URL",
-                "X-Rewrite-URL", "Authorization", "Content-Encoding", "X-Agent-Decision", "Content-Type", "X Bad", "X-A\"b"]
-HEADER_VALUES = ["1", "DELETE", "text/plain", "for=10.0.0.1;host=payments.example.com", "/payments/transfers", "gzip",
+                "X-Rewrite-URL", "Authorization", "Content-Encoding", "X-Agent-Decision", "Content-Type", "X Bad", "X-A\"b", "Connection", "X-Client-IP", "True-Client-IP"]
+HEADER_VALUES = ["1", "DELETE", "text/plain", "keep-alive, X-Forwarded-For", "close, Content-Type", "Content-Length", "for=10.0.0.1;host=payments.example.com", "/payments/transfers", "gzip",
                  "Bearer agent-secret", "text/html, */*", "a b", "x\x00y", "caf\u00e9", "a\rb", "a\x7fb"]
 CONTENT_TYPES = [None, "application/json", "application/json", "text/plain", "text/json", "application/octet-stream",
                  "application/x-www-form-urlencoded", "application/vnd.crm+json", "application/json; charset=utf-8"]
@@ -252,6 +252,8 @@ SINGLETONS = ("content-type", "user-agent", "host", "content-length", "content-l
               "max-forwards", "server", "transfer-encoding")
 
 
+# A Connection option naming one of these would make the upstream read the body or target without it.
+CONTENT_HEADERS = frozenset({"content-type", "content-length", "content-encoding", "transfer-encoding", "host"})
 HEADER_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
@@ -275,6 +277,8 @@ def model(generated: Generated) -> None:
             reasons.append(("header_not_allowed", name))
         elif lowered == "content-encoding" and value.lower() != "identity":
             reasons.append(("unsupported_encoding", name))
+        elif lowered == "connection" and {t.strip().lower() for t in value.split(",")} & CONTENT_HEADERS:
+            reasons.append(("header_not_allowed", f"Connection: {value}"))
         elif lowered == "x-agent-decision":
             reasons.append(("credential_header", name))
         elif lowered == "authorization" and names.count("authorization") > 1:
