@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import EchoTool, RunningSidecar, sidecar_config, start_sidecar  # noqa: E402
+from harness import EchoTool, RunningSidecar, SidecarFactory, sidecar_config, start_sidecar  # noqa: E402
 
 
 @pytest.fixture
@@ -20,7 +20,6 @@ async def echo_tool() -> AsyncIterator[EchoTool]:
     await tool.stop()
 
 
-SidecarFactory = Callable[..., Awaitable[RunningSidecar]]
 
 
 @pytest.fixture

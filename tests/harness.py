@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +207,10 @@ class RunningSidecar:
     @property
     def audit_path(self) -> Path:
         return self.sidecar.config.audit_path
+
+
+# The make_sidecar fixture (tests/conftest.py): starts a sidecar from sidecar_config(**options).
+SidecarFactory = Callable[..., Awaitable[RunningSidecar]]
 
 
 async def start_sidecar(tmp: Path, config: dict[str, Any]) -> RunningSidecar:

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from approvals_support import (AGENT, APPROVAL_POLICY, ApproverIdP, approve, audit_event, audit_events, eventually,
                                list_pending, open_task)
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import EchoTool, RunningSidecar
 
 ALICE = "alice@example.com"

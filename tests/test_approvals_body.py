@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from approvals_support import ApproverIdP, eventually, open_task
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import SHIPPED_POLICY, EchoTool
 from sidecar.approvals.preview import MASKED, PreviewSettings, describe
 from sidecar.approvals.store import Approval

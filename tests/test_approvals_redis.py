@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from approvals_support import APPROVAL_POLICY, ApproverIdP, approve, eventually, list_pending
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import EchoTool, RunningSidecar
 
 ALICE = "alice@example.com"

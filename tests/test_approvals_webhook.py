@@ -10,7 +10,7 @@ import httpx
 from aiohttp import web
 
 from approvals_support import APPROVAL_POLICY, ApproverIdP, eventually, open_task
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import free_port
 
 

@@ -10,7 +10,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from approvals_support import AGENT, APPROVAL_POLICY, ApproverIdP, approve, audit_events, eventually, open_task
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import EchoTool
 from sidecar.audit.show import render, task_timeline
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from approvals_support import APPROVAL_POLICY, ApproverIdP, eventually, open_task
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import ROOT, EchoTool
 
 CHROMIUM = "/usr/bin/chromium"

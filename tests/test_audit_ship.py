@@ -11,7 +11,7 @@ import httpx
 from aiohttp import web
 
 from approvals_support import eventually
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import free_port
 from sidecar.audit.chain import GENESIS, event_hash
 from sidecar.audit.ship import AuditShipper, encode_upload

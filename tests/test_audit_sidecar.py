@@ -11,7 +11,7 @@ import jwt
 import pytest
 
 from approvals_support import APPROVAL_POLICY, ApproverIdP, approve, audit_event, audit_events, eventually, open_task
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import EchoTool, RunningSidecar
 from sidecar.audit import chain_files, verify_files
 from sidecar.cli import main

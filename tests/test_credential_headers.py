@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import EchoTool, sidecar_config, start_sidecar
 from sidecar.config import (CONVENTIONAL_CREDENTIAL_HEADERS, DEFAULT_CREDENTIAL_HEADERS, ConfigError,
                             load_config)

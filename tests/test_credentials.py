@@ -16,7 +16,7 @@ import pytest
 from jwcrypto import jwk as jose_jwk
 from jwcrypto import jwt as jose_jwt
 
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import EchoTool, RunningSidecar, sidecar_config
 from sidecar.app import build_sidecar
 from sidecar.config import ConfigError, parse_config

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from approvals_support import APPROVAL_POLICY, ApproverIdP, approve, audit_events, eventually
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import EchoTool, RunningSidecar, open_task
 
 ALICE = "alice@example.com"

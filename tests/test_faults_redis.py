@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from approvals_support import eventually
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import RunningSidecar
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import RunningSidecar, free_port
 from sidecar.verifier import CredentialRejected, MemoryReplayCache, RedisReplayCache, ReplayCache, ToolVerifier
 from test_verifier import AiohttpTool, routes_to

@@ -14,7 +14,7 @@ import jwt
 import pytest
 from aiohttp import web
 
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import EchoTool, RunningSidecar, free_port, serve_app
 from sidecar.credentials.jwks import FileJwks, UrlJwks
 from sidecar.identity import TokenFileIdentity

@@ -10,7 +10,7 @@ import harness
 import httpx
 import jwt
 
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import EchoTool, RunningSidecar, sidecar_config, start_sidecar
 from sidecar.credentials import generate_key
 from token_vectors import Issuer, claims_for, refusal_tokens

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import EchoTool
 
 FAST_LIMITS = {"max_body_bytes": 1024 * 1024, "header_timeout_seconds": 0.3, "body_timeout_seconds": 0.3,

@@ -10,7 +10,7 @@ import subprocess
 import httpx
 import pytest
 
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import RunningSidecar
 from sidecar.observability.health import READINESS
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from approvals_support import audit_events, eventually
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import EchoTool, RunningSidecar
 from sidecar.audit import chain_files
 from sidecar.cli import main

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from conftest import SidecarFactory
+from harness import SidecarFactory
 from harness import RunningSidecar, free_port
 from sidecar.verifier import AGENT_CALL, ToolVerifier, VerifierASGIMiddleware, aiohttp_middleware
 
