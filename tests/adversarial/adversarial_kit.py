@@ -46,8 +46,9 @@ T = TypeVar("T")
 
 # Each route's upstream has a base path unlike its prefix, so a target forwarded without the prefix
 # swapped for the base path is caught.
-BASES = {"crm": "/api/crm", "payments": "/api/payments", "tools": "/api/tools", "plain": "/api/plain"}
-PREFIXES = {"crm": "/crm", "payments": "/payments", "tools": "/tools", "plain": "/plain"}
+BASES = {"crm": "/api/crm", "payments": "/api/payments", "tools": "/api/tools", "plain": "/api/plain",
+         "readonly": "/api/readonly"}
+PREFIXES = {"crm": "/crm", "payments": "/payments", "tools": "/tools", "plain": "/plain", "readonly": "/readonly"}
 CRM_HOST = "crm.example.com"
 
 ALLOWED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -74,6 +75,9 @@ def route_config(upstream: str, *, mcp_protocol: bool) -> list[dict[str, Any]]:
          "labels": {"environment": "prod", "reversible": False}},
         tools,
         {"name": "plain", "match": {"path_prefix": "/plain"}, "upstream": upstream + BASES["plain"]},
+        # A route that lists its methods: anything else is method_not_allowed there.
+        {"name": "readonly", "match": {"path_prefix": "/readonly"}, "upstream": upstream + BASES["readonly"],
+         "methods": ["GET", "HEAD", "PROPFIND"]},
     ]
 
 

@@ -173,7 +173,8 @@ def requests(draw: st.DrawFn) -> Generated:
     absolute = draw(st.integers(0, 9)) == 0
     userinfo = "" if mild or not absolute else draw(st.sampled_from(["", "", "", "user@", "a:b@"]))
     prefix = draw(st.sampled_from(["/crm", "/crm", "/payments", "/plain", "/cr%6D"] if mild else
-                                  ["/crm", "/crm", "/payments", "/tools", "/plain", "/cr%6D", "/nope", "/CRM", "/crmx"]))
+                                  ["/crm", "/crm", "/payments", "/tools", "/plain", "/readonly", "/cr%6D", "/nope", "/CRM",
+                                   "/crmx"]))
     atoms = MILD_ATOMS if mild else weighted_atom()
     segments = draw(st.lists(st.lists(atoms, min_size=1 if mild else 0, max_size=3).map("".join), max_size=4))
     path = ("" if absolute else prefix) + "".join("/" + s for s in segments)
@@ -257,10 +258,13 @@ CONTENT_HEADERS = frozenset({"content-type", "content-length", "content-encoding
 HEADER_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
+# Routes that list their methods (adversarial_kit.route_config); the others take ALLOWED_METHODS.
+ROUTE_METHODS = {"readonly": frozenset({"GET", "HEAD", "PROPFIND"})}
+
+
 def model(generated: Generated) -> None:
     reasons = generated.must_refuse
-    if generated.method not in ALLOWED_METHODS:
-        reasons.append(("method_not_allowed", generated.method))
+    method_refused = ("method_not_allowed", generated.method)
     names = [name.lower() for name, _ in generated.headers] + (["content-type"] if generated.content_type else [])
     for singleton in SINGLETONS:
         if names.count(singleton) > 1:
@@ -312,6 +316,8 @@ def model(generated: Generated) -> None:
                 reasons.append(("no_route", generated.target))
             else:
                 generated.route, generated.upstream_target = found
+    if generated.method not in ROUTE_METHODS.get(generated.route or "", ALLOWED_METHODS):
+        reasons.append(method_refused)
     media = (generated.content_type or "").split(";", 1)[0].strip().lower()
     # On an MCP route only the bodiless Streamable HTTP methods (GET opens the event stream, DELETE ends the
     # session) may come without a message; any body there must be well-formed JSON-RPC 2.0.
@@ -389,7 +395,6 @@ def check(stack: Stack, generated: Generated, outcome: Outcome) -> None:
     if outcome.forwarded or (outcome.answer.status < 400 and not mcp_route):
         event("forwarded")
         assert not generated.must_refuse, f"forwarded although it must be refused: {generated.must_refuse}"
-        assert generated.method in ALLOWED_METHODS
         received = assert_forwarded(stack, outcome, target=generated.upstream_target, body=generated.body,
                                     method=generated.method)
         decision = stack.decision_event(received.header("x-agent-decision")[0])
