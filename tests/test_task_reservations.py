@@ -304,3 +304,14 @@ async def test_stopping_tries_every_queued_record_once_more() -> None:
     backlog.add({"decision_id": "d-2"}, write_of("d-2"))
     await backlog.flush(5.0)
     assert written == ["d-1", "d-2"] and len(backlog) == 0
+
+
+async def test_a_retried_confirmation_counts_the_call_once(make_store: StoreFactory) -> None:
+    store = make_store()
+    task_id = await open_task(store)
+    call = reserved(refund(), "d-1")
+    assert await store.reserve(task_id, call, version=0)
+    await store.confirm(task_id, call)
+    await make_store().confirm(task_id, call)  # the background retry of a write whose answer was lost
+    history = (await summary_of(make_store(), task_id)).as_input()
+    assert history["calls"] == 1 and history["totals"]["amount"] == 49 and history["in_flight"]["calls"] == 0

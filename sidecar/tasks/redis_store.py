@@ -167,9 +167,10 @@ class RedisTaskStore:
     async def confirm(self, task_id: str, reservation: Reservation) -> None:
         key = self._task_key(task_id)
 
-        def add(current: bytes) -> str:
+        def add(current: bytes) -> str | None:
             summary = summary_from_json(current)
-            summary.confirm(reservation)
+            if not summary.confirm(reservation):
+                return None  # confirmed already (a retry after a lost answer): nothing to write
             return summary_to_json(summary, in_flight=False)
 
         # The completed record and the end of the reservation in one MULTI: no reader sees both or neither.

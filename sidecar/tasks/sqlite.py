@@ -173,12 +173,13 @@ class SqliteTaskStore:
     async def confirm(self, task_id: str, reservation: Reservation) -> None:
         found = await self.get(task_id)
         if found is not None:
-            found[1].confirm(reservation)
+            found[1].confirm(reservation)  # once: a retry after a slow disk only saves again
             await self._save_summary(task_id, found[1])
 
     async def release(self, task_id: str, reservation_id: str) -> None:
         found = await self.get(task_id)
-        if found is not None and found[1].release(reservation_id):
+        if found is not None:
+            found[1].release(reservation_id)
             await self._save_summary(task_id, found[1])
 
     async def _save_summary(self, task_id: str, summary: TaskSummary) -> None:

@@ -16,6 +16,8 @@ RECENT_CALLS = 20
 MAX_KEYS = 32
 # Calls of one task allowed and not yet answered; past this many a call of the task is refused (task_contended).
 MAX_IN_FLIGHT_PER_TASK = 256
+# Reservations confirmed or released lately, remembered so that a retried write never counts a call twice.
+SETTLED_KEPT = 64
 
 
 def iso(epoch: float) -> str:
@@ -91,6 +93,7 @@ class TaskSummary:
     recent: deque[CallRecord] = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))
     version: int = 0
     in_flight: dict[str, Reservation] = field(default_factory=dict)
+    settled: list[str] = field(default_factory=list)  # ids of the last SETTLED_KEPT reservations confirmed or released
 
     def add(self, record: CallRecord) -> None:
         """A new call that is complete as recorded (held, denied, or allowed and answered)."""
@@ -101,13 +104,25 @@ class TaskSummary:
         self.in_flight[reservation.id] = reservation
         self.version += 1
 
-    def confirm(self, reservation: Reservation) -> None:
-        """The upstream answered: the reserved call joins the completed history (even if its reservation expired)."""
+    def confirm(self, reservation: Reservation) -> bool:
+        """The upstream answered: the reserved call joins the completed history (even if its reservation expired).
+        False when it was settled already (a retried write)."""
+        if reservation.id in self.settled:
+            return False
         self.in_flight.pop(reservation.id, None)
         self._count_call(reservation.record)
+        self._settle(reservation.id)
+        return True
 
     def release(self, reservation_id: str) -> bool:
+        if reservation_id in self.settled:
+            return False
+        self._settle(reservation_id)
         return self.in_flight.pop(reservation_id, None) is not None
+
+    def _settle(self, reservation_id: str) -> None:
+        self.settled.append(reservation_id)
+        del self.settled[:-SETTLED_KEPT]
 
     def drop_expired(self, now: float) -> list[Reservation]:
         expired = [r for r in self.in_flight.values() if not r.live(now)]
