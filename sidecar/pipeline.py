@@ -188,7 +188,12 @@ class RequestPath:
         try:
             response, result = await self.forwarder.forward(request, call, credential, decision.decision_id, tap)
         except Refusal as refusal:  # the upstream could not be reached or did not answer in time
-            await self._settle_released(call, reservation, refusal.code)
+            refusal.decision_id = decision.decision_id
+            self._record_upstream(trace, decision, None, 0, error=refusal.code)
+            if refusal.extra.get("upstream_may_have_acted"):
+                await self._settle_confirmed(call, reservation)  # it may have acted: the call counts in its task
+            else:
+                await self._settle_released(call, reservation, refusal.code)
             raise
         except Exception as exc:  # noqa: BLE001 - recorded as forwarded, never as a refusal
             # Past the decision and the credential: the upstream may have acted, so the call counts as forwarded.

@@ -96,9 +96,14 @@ class HttpForwarder:
                 allow_redirects=False, ssl=self._ssl.get(call.route.name, True), timeout=timeout,
             )
         except asyncio.TimeoutError:
-            raise Refusal("upstream_timeout", f"upstream {call.route.name} did not answer in time") from None
+            raise Refusal("upstream_timeout", f"upstream {call.route.name} did not answer in time",
+                          extra={"upstream_may_have_acted": True}) from None
         except aiohttp.ClientError as exc:
-            raise Refusal("upstream_error", f"upstream {call.route.name} failed: {type(exc).__name__}") from None
+            # Failing to connect sent nothing; anything later (a reset, a closed connection) may come after the
+            # upstream read the request, and perhaps acted on it.
+            sent = not isinstance(exc, aiohttp.ClientConnectorError)
+            raise Refusal("upstream_error", f"upstream {call.route.name} failed: {type(exc).__name__}",
+                          extra={"upstream_may_have_acted": sent}) from None
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in response_headers(upstream.headers):
