@@ -46,7 +46,9 @@ def test_config_errors_name_file_and_key(tmp_path: Path, case: dict[str, Any]) -
 
 def test_the_shipped_example_config_is_valid() -> None:
     config = load_config(ROOT / "examples" / "sidecar.yaml")
-    assert [r.name for r in config.routes] == ["crm", "payments", "publish"]
+    assert [r.name for r in config.routes] == ["crm", "payments", "publish", "tools"]
+    tools = config.routes[3]
+    assert tools.is_mcp and tools.labels["protocol"] == "mcp" and tools.mcp.tools["delete_record"] == {"destructiveHint": True}
     assert config.proxy.port == 15001 and config.admin.port == 15000 and config.metrics.port == 15090
     assert config.max_body_bytes == 1048576 and config.policy.timeout_ms == 250
     assert config.policy.embedded_workers == 1
