@@ -372,12 +372,24 @@ class RequestPath:
         if not obliged:
             return
         decision = obliged[0]
-        if call.task_id is not None and await self.tasks.finish(call.task_id, "revoked") is not None:
-            self.metrics.revocations.labels("obligation").inc()
-            self._append({"type": "task.revoked", "task_id": call.task_id, "cause": "obligation",
-                          "decision_id": decision.decision_id, "reasons": list(decision.reasons)})
+        if call.task_id is not None:
+            await self._revoke_task_audited_first(call.task_id, decision)
         reasons = [*decision.reasons, "the task was revoked by a policy obligation"]
         raise Refusal("denied", "; ".join(reasons), reasons=reasons, decision_id=decision.decision_id)
+
+    async def _revoke_task_audited_first(self, task_id: str, decision: Decision) -> None:
+        """The revocation takes effect only once its audit event is written (with audit.fail_closed)."""
+        receipt = self._append({"type": "task.revoked", "task_id": task_id, "cause": "obligation",
+                                "decision_id": decision.decision_id, "reasons": list(decision.reasons)})
+        written = receipt is not None and await receipt is not None
+        if not written and self.audit_fail_closed:
+            raise Refusal("audit_unavailable", "the audit log cannot be written; the task was not revoked and "
+                          "nothing is forwarded", decision_id=decision.decision_id)
+        if await self.tasks.finish(task_id, "revoked") is not None:
+            self.metrics.revocations.labels("obligation").inc()
+        else:
+            self._append_quietly({"type": "task.end_not_applied", "task_id": task_id, "cause": "obligation",
+                                  "decision_id": decision.decision_id})
 
     def _tool_hints(self, call: InterceptedCall, tool: str | None) -> dict[str, Any] | None:
         server = self.tool_catalog.annotations(call.route.name, tool, call.task_id)

@@ -198,3 +198,37 @@ async def test_readiness_is_red_while_the_disk_is_full_and_green_within_seconds_
     await allowed_call(sc, "/crm/customers/3")
     result = verify_whole_chain(sc.audit_path.parent)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+OBLIGING_POLICY = '''package sidecar.authz
+
+decision := {"allow": false, "reasons": ["anomaly: revoke"], "risk": "critical", "obligations": ["revoke_task"]}
+'''
+
+
+async def test_a_policy_obligation_revokes_a_task_only_once_the_revocation_is_audited(
+        make_sidecar: SidecarFactory, tmp_path: Path) -> None:
+    policy = tmp_path / "obliging" / "sidecar" / "authz"
+    policy.mkdir(parents=True)
+    (policy / "decision.rego").write_text(OBLIGING_POLICY)
+    sc = await make_sidecar(policy={"engine": "embedded", "rego_dir": str(tmp_path / "obliging"), "timeout_ms": 2000})
+    task = await open_task(sc.admin)
+    fill_the_disk(sc.audit_path)
+    async with httpx.AsyncClient() as client:
+        refused = await client.get(f"{sc.proxy}/crm/customers/1", headers={"X-Agent-Task": task})
+        still = await client.get(f"{sc.admin}/v1/tasks/{task}")
+    assert refused.status_code == 503 and refused.json()["code"] == "audit_unavailable"
+    assert still.json()["status"] == "open"
+
+    free_the_disk(sc.audit_path)
+
+    async def revoked() -> dict[str, Any] | None:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"{sc.proxy}/crm/customers/1", headers={"X-Agent-Task": task})
+        return response.json() if response.status_code == 403 else None
+
+    denied = await eventually(revoked, what="the revocation once the audit log can be written")
+    assert denied["code"] == "denied" and "revoked by a policy obligation" in denied["detail"]
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{sc.admin}/v1/tasks/{task}")).json()["status"] == "revoked"
+    assert [e["task_id"] for e in audit_events(sc.audit_path) if e["type"] == "task.revoked"] == [task]
