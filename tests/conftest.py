@@ -43,6 +43,17 @@ async def sidecar(make_sidecar: SidecarFactory) -> RunningSidecar:
 
 
 @pytest.fixture
+async def gate_tool() -> AsyncIterator[Any]:
+    """An upstream that holds calls at a gate the test opens (tests/task_concurrency_support.py)."""
+    from task_concurrency_support import GateTool
+
+    tool = GateTool()
+    await tool.start()
+    yield tool
+    await tool.stop()
+
+
+@pytest.fixture
 def redis_server() -> Any:
     """A real redis-server on 127.0.0.1, stopped after the test."""
     from redis_server import RedisServer

@@ -24,14 +24,6 @@ from task_concurrency_support import GateTool, deployment_config, task_history, 
 
 
 @pytest.fixture
-async def gate_tool() -> AsyncIterator[GateTool]:
-    tool = GateTool()
-    await tool.start()
-    yield tool
-    await tool.stop()
-
-
-@pytest.fixture
 async def sidecars() -> AsyncIterator[list[RunningSidecar]]:
     started: list[RunningSidecar] = []
     yield started

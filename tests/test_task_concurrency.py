@@ -28,14 +28,6 @@ Deploy = Callable[..., Awaitable[Deployment]]
 
 
 @pytest.fixture
-async def gate_tool() -> AsyncIterator[GateTool]:
-    tool = GateTool()
-    await tool.start()
-    yield tool
-    await tool.stop()
-
-
-@pytest.fixture
 async def deployment(request: pytest.FixtureRequest, tmp_path: Path, gate_tool: GateTool) -> AsyncIterator[Deploy]:
     started: list[Deployment] = []
 

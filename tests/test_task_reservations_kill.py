@@ -4,7 +4,6 @@ confirmed call. A real `agent-sidecar run --config FILE` subprocess, on SQLite o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,6 @@ from test_approvals_durable import SidecarProcess, processes, ready  # noqa: F40
 
 # The route's upstream timeout: its reservations expire 5 s + the margin after their decision.
 GATE_TIMEOUT_SECONDS = 5.0
-
-
-@pytest.fixture
-async def gate_tool() -> AsyncIterator[GateTool]:
-    tool = GateTool()
-    await tool.start()
-    yield tool
-    await tool.stop()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
