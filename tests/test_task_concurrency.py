@@ -94,7 +94,12 @@ async def test_calls_sent_at_once_never_pass_a_task_limit(backend: str, limit_na
         assert allowed == limit.admits, statuses
     refused = [a.json() for a in answers if a.status_code not in (200, 503)]
     assert refused and all(r["code"] in ("approval_required", "denied", "unknown_task") for r in refused), refused
-    history = await task_history(running.admin, task)
+    # The agent has its answer as soon as it is relayed; the record settles right after it: wait for that.
+    async def settled() -> dict[str, Any] | None:
+        found = await task_history(running.admin, task)
+        return found if found["in_flight"]["calls"] == 0 else None
+
+    history = await eventually(settled, what="every allowed call confirmed")
     assert history["in_flight"] == {"calls": 0, "totals": {}}  # every allowed call answered and confirmed
     assert [r["state"] for r in history["recent"]] == ["completed"] * len(history["recent"])
     if limit_name == "amount":
