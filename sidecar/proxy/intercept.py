@@ -49,8 +49,7 @@ class Interceptor:
                                           also_drop=("content-encoding",) if codings else ())
         raw_body = await self._read_body(request)
         body = decode_content(raw_body, codings, route.content_encodings, self.max_body_bytes)
-        hdr.single(request.headers, "content-type")  # two types: the upstream may read either body
-        content_type = forwarded_content_type(forward_headers)
+        content_type = hdr.single(request.headers, "content-type") or ""  # two types: either body could be read
         view = read_body(body, content_type)
         upstream = _split_upstream(route.upstream)
         return InterceptedCall(
@@ -177,11 +176,6 @@ class Interceptor:
 @functools.lru_cache(maxsize=256)  # route upstreams: a fixed set
 def _split_upstream(url: str) -> SplitResult:
     return urlsplit(url)
-
-
-def forwarded_content_type(headers: tuple[tuple[str, str], ...]) -> str:
-    """The Content-Type the upstream will see (none if the agent's Connection header named it away)."""
-    return next((value for name, value in headers if name.lower() == "content-type"), "")
 
 
 # Streamable HTTP without a message: GET opens the server's event stream, DELETE ends the session.
