@@ -44,3 +44,8 @@ def group_cpu_ms(pids: list[int]) -> float:
 
 def group_rss_mib(pids: list[int]) -> float:
     return sum(rss_mib(pid) for pid in pids)
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors the process has open (entries of /proc/<pid>/fd)."""
+    return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())

@@ -1,10 +1,15 @@
-"""Closed-loop peak with wrk (C, one thread): the same mix of GETs and 1 KB POSTs inside tasks."""
+"""wrk (C, one thread) with the same mix of GETs and 1 KB POSTs inside tasks: -c1 for latency, -c32 for the peak.
+
+Latency percentiles are wrk's own (every answer, whatever its status); "allowed" calls are the answers
+with a 2xx status, so a proxy that refuses part of the load is not credited with it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import shutil
+import statistics
 from pathlib import Path
 
 from .loadgen import GET_SHARE, post_body
@@ -37,19 +42,28 @@ end
 
 
 def parse(output: str) -> dict[str, float]:
-    result = {"calls_per_s": 0.0, "p50": 0.0, "p99": 0.0, "errors": 0.0}
+    """wrk's summary as numbers: calls/s, allowed (2xx) calls/s, p50/p99 in ms, totals and errors."""
+    result = {"calls_per_s": 0.0, "allowed_per_s": 0.0, "p50": 0.0, "p99": 0.0, "errors": 0.0, "requests": 0.0,
+              "allowed": 0.0, "non_2xx": 0.0, "socket_errors": 0.0, "seconds": 0.0}
     rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
     if rps:
         result["calls_per_s"] = float(rps.group(1))
+    total = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b", output)
+    if total:
+        result["requests"] = float(total.group(1))
+        result["seconds"] = float(total.group(2)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[total.group(3)]
     for label, key in (("50%", "p50"), ("99%", "p99")):
         found = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
         if found:
             result[key] = float(found.group(1)) * UNITS[found.group(2)]
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    result["errors"] = float(bad.group(1)) if bad else 0.0
-    if errors:
-        result["errors"] += sum(float(g) for g in errors.groups())
+    result["non_2xx"] = float(bad.group(1)) if bad else 0.0
+    result["socket_errors"] = sum(float(g) for g in errors.groups()) if errors else 0.0
+    result["errors"] = result["non_2xx"] + result["socket_errors"]
+    result["allowed"] = max(0.0, result["requests"] - result["non_2xx"])
+    if result["seconds"] > 0:
+        result["allowed_per_s"] = result["allowed"] / result["seconds"]
     return result
 
 
@@ -60,6 +74,30 @@ async def run_wrk(port: int, tasks: list[str], workdir: Path, *, connections: in
         "wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--latency", "-s", str(script),
         f"http://127.0.0.1:{port}/", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output, _ = await process.communicate()
-    result = parse(output.decode(errors="replace"))
+    text = output.decode(errors="replace")
+    if process.returncode != 0 or "requests in" not in text:
+        raise RuntimeError(f"wrk failed (exit {process.returncode}): {text[-500:]}")
+    result = parse(text)
     result["connections"] = float(connections)
     return result
+
+
+def wrk_summary(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Several rounds of one variant: the median of each rate and percentile, the sum of each count.
+
+    CPU (``proxy_cpu_ms`` and ``policy_cpu_ms``, when the runner measured them around each run) is
+    divided by the allowed calls of the same runs: CPU-ms per 1,000 allowed calls.
+    """
+    if not runs:
+        return {}
+    found = {key: statistics.median(run.get(key, 0.0) for run in runs)
+             for key in ("calls_per_s", "allowed_per_s", "p50", "p99")}
+    for key in ("requests", "allowed", "non_2xx", "socket_errors", "errors", "seconds", "proxy_cpu_ms", "policy_cpu_ms"):
+        found[key] = sum(run.get(key, 0.0) for run in runs)
+    found["rounds"] = float(len(runs))
+    found["p99_worst"] = max(run.get("p99", 0.0) for run in runs)
+    if found["allowed"] > 0:
+        found["proxy_cpu_ms_per_1000"] = found["proxy_cpu_ms"] * 1000 / found["allowed"]
+        found["policy_cpu_ms_per_1000"] = found["policy_cpu_ms"] * 1000 / found["allowed"]
+        found["cpu_ms_per_1000"] = found["proxy_cpu_ms_per_1000"] + found["policy_cpu_ms_per_1000"]
+    return found
