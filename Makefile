@@ -5,10 +5,11 @@ PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 OPA_BINDINGS = opa-golib-python-bindings==0.4.4
 
-.PHONY: venv venv-test run test test-python test-rego typecheck bench bench-smoke clean system-deps fuzz mcp-clients
+.PHONY: venv venv-demo venv-test run test test-python test-rego typecheck bench bench-smoke clean system-deps fuzz mcp-clients
 
-# Two stamps: the runtime (`make run`) and the runtime plus the test extras (`make test`).
-# Each is redone when pyproject.toml changes; the test stamp builds on the runtime one.
+# Three stamps: the runtime, the runtime plus the demo extra (`make run`: the MCP SDK for the demo's
+# MCP server and client), and the runtime plus the test extras (`make test`; they include the demo
+# extra). Each is redone when pyproject.toml changes; the other two build on the runtime one.
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	@# Debian ships venv's ensurepip separately (python3.11-venv).
@@ -21,15 +22,21 @@ $(VENV)/.installed: pyproject.toml
 	-$(PIP) install -q --ignore-requires-python --no-deps $(OPA_BINDINGS)
 	touch $@
 
+$(VENV)/.installed-demo: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[demo]'
+	touch $@
+
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
 
+venv-demo: $(VENV)/.installed-demo
+
 venv-test: $(VENV)/.installed-test
 
-run: venv
+run: venv-demo
 	GOGC=$${GOGC:-400} $(PY) -m sidecar.demo
 
 system-deps:

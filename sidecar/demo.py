@@ -1,25 +1,31 @@
 """`make run`: the sidecar on its embedded defaults, a demo tool, and the whole story a newcomer can follow.
 
-Starts a demo upstream tool on 127.0.0.1:18080 and the sidecar from examples/demo.yaml (embedded
-OPA, rego/, state in .state/, a generated development signing key, a development approver key),
-then plays: an allowed call, a denied call, a held call; a human approver (a second identity,
+Starts a demo upstream tool on 127.0.0.1:18080, a demo MCP server on 127.0.0.1:18081 (the official
+`mcp` SDK, streamable HTTP; the `demo` extra) and the sidecar from examples/demo.yaml (embedded OPA,
+rego/, state in .state/, a generated development signing key, a development approver key), then
+plays one task: an allowed call, a denied call, a held call; a human approver (a second identity,
 not the agent) approves it with `agent-sidecar approvals approve`; the retried call goes through
-exactly once; the task is completed, which revokes its credentials; and `agent-sidecar audit
-show` tells the task's story. It prints each command so a person can do every step by hand,
-then keeps serving.
+exactly once. Then the same task through MCP, with the SDK's own client: tools/list, an allowed
+read tool, a destructive tool held, approved by the same human, and the plain retry reaching the
+tool exactly once. The task is completed, which revokes its credentials; and `agent-sidecar audit
+show` tells the task's story. It prints each command so a person can do every step by hand, then
+keeps serving.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import shlex
 import signal
+import socket
 import sys
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,9 @@ from .credentials.keys import public_jwk, thumbprint
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "examples" / "demo.yaml"
 TOOL_PORT = 18080
+MCP_PORT = 18081  # the demo MCP server; examples/demo.yaml's route `tools` points at it
+MCP_ROUTE_PREFIX = "/tools"  # the agent's MCP URL is the sidecar's proxy + /tools/mcp
+MCP_PROBLEM = "dev.agent-sidecar/problem"  # where a refused tools/call carries the problem document
 APPROVER = "dev-approver@example.com"  # the human; the agent is the config's identity.static
 APPROVER_GROUPS = ["approvers"]
 APPROVER_TOKEN_HOURS = 12
@@ -162,6 +171,86 @@ def demo_tool() -> web.Application:
     return DemoTool().app()
 
 
+# ---------------------------------------------------------------- the demo MCP server
+
+
+def mcp_sdk_missing() -> str | None:
+    """Why the MCP part cannot play (the `mcp` SDK is the `demo` extra), or None when it can."""
+    try:
+        import mcp.server.mcpserver  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        return f"{exc}; install the demo extra: {_shown(Path(sys.executable).parent / 'pip')} install -e '.[demo]'"
+    return None
+
+
+@dataclass
+class DemoMcpTools:
+    """An MCP server on the official SDK (streamable HTTP) with a read tool and a destructive one; it
+    counts what reached it, so the demo can show that an approved call ran exactly once."""
+
+    ran: dict[str, int] = field(default_factory=dict)  # "tool(arguments)" -> times the tool ran
+
+    def times(self, tool: str, **arguments: Any) -> int:
+        return self.ran.get(_call_text(tool, arguments), 0)
+
+    def app(self) -> Any:
+        """The server's ASGI app (stateless, JSON answers): POST /mcp."""
+        from mcp.server.mcpserver import MCPServer
+        from mcp.types import ToolAnnotations
+
+        server = MCPServer("crm-tools", log_level="WARNING")  # it configures the root logger: keep the story readable
+
+        @server.tool(annotations=ToolAnnotations(read_only_hint=True))
+        def get_customer(customer_id: int) -> str:
+            """Look a customer up by id."""
+            self._count("get_customer", customer_id=customer_id)
+            return json.dumps({"id": customer_id, "name": "Ada Lovelace", "duplicate_of": 42})
+
+        @server.tool(annotations=ToolAnnotations(destructive_hint=True))
+        def delete_customer(customer_id: int) -> str:
+            """Delete a customer record for good."""
+            times = self._count("delete_customer", customer_id=customer_id)
+            return f"deleted customer {customer_id} (this tool ran delete_customer for it {times} time(s))"
+
+        return server.streamable_http_app(stateless_http=True, json_response=True)
+
+    def _count(self, tool: str, **arguments: Any) -> int:
+        call = _call_text(tool, arguments)
+        self.ran[call] = self.ran.get(call, 0) + 1
+        return self.ran[call]
+
+
+def _call_text(tool: str, arguments: dict[str, Any]) -> str:
+    return f"{tool}({', '.join(f'{key}={value!r}' for key, value in sorted(arguments.items()))})"
+
+
+@contextlib.asynccontextmanager
+async def serving_mcp(tools: DemoMcpTools, port: int) -> AsyncIterator[str]:
+    """Serve the demo MCP server with uvicorn, in this event loop, on 127.0.0.1 only; yield its URL."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # the demo handles Ctrl-C itself and stops this server
+
+    listening = socket.create_server(("127.0.0.1", port))  # bound here: a taken port is a plain OSError
+    server = Server(uvicorn.Config(tools.app(), log_config=None, log_level="warning", access_log=False, lifespan="on"))
+    serving = asyncio.create_task(server.serve(sockets=[listening]))
+    while not server.started:
+        if serving.done():
+            listening.close()
+            serving.result()  # it could not start: raise why
+            raise RuntimeError(f"the demo MCP server on 127.0.0.1:{port} stopped at start-up")
+        await asyncio.sleep(0.01)  # readiness poll of an in-process server
+    try:
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        server.should_exit = True
+        await serving
+
+
 # ---------------------------------------------------------------- the story
 
 
@@ -207,62 +296,82 @@ class Story:
     tool: DemoTool
     proxy: str
     admin: str
+    mcp_tools: DemoMcpTools | None = None  # None: the MCP part is skipped, for the reason in mcp_missing
+    mcp_upstream: str = ""
+    mcp_missing: str | None = None
     task_id: str = ""
     approval_id: str = ""
+    steps: int = 0
+
+    def step(self, title: str) -> str:
+        """The next step's numbered title."""
+        self.steps += 1
+        return f"{self.steps}. {title}"
 
 
 async def play(story: Story) -> None:
     proxy, admin = story.proxy, story.admin
     async with httpx.AsyncClient(timeout=30) as agent:
         task = (await agent.post(f"{admin}/v1/tasks", json={
-            "intent": "look up customer 42 and tidy their record", "ttl_seconds": 3600})).json()
+            "intent": "look up customers 42 and 7 and tidy their records", "ttl_seconds": 3600})).json()
         story.task_id = task["id"]
         print(f"\nOpened task {task['id']}: {task['intent']!r}")
 
         print(f"\n--> GET {proxy}/crm/customers/42  (X-Agent-Task, and the agent's own 'Authorization: Bearer agent-own-secret')")
-        show("1. allowed: the tool got a credential minted for this one call; the agent's header was stripped",
+        show(story.step("allowed: the tool got a credential minted for this one call; the agent's header was stripped"),
              await agent.get(f"{proxy}/crm/customers/42",
                              headers={"X-Agent-Task": task["id"], "Authorization": "Bearer agent-own-secret"}))
 
         print(f"\n--> POST {proxy}/crm/customers  (no task)")
-        show("2. denied, with the policy's reasons (problem+json)",
+        show(story.step("denied, with the policy's reasons (problem+json)"),
              await agent.post(f"{proxy}/crm/customers", json={"name": "Ada"}))
 
         print(f"\n--> DELETE {proxy}/crm/customers/42  (X-Agent-Task)")
         held = await agent.delete(f"{proxy}/crm/customers/42", headers={"X-Agent-Task": task["id"]})
-        show("3. held for human approval: not forwarded; an approval id to retry with", held)
+        show(story.step("held for human approval: not forwarded; an approval id to retry with"), held)
         story.approval_id = str(held.json().get("approval_id", ""))
         if story.approver is None or not story.approval_id:
             print("\n(no approvers configured: the held call stays held)")
-            return
-        await _finish(story, agent)
+        else:
+            await _approve_and_retry(story, agent)
+
+        await play_mcp(story)
+        await _complete(story, agent)
 
 
-async def _finish(story: Story, agent: httpx.AsyncClient) -> None:
-    proxy, admin, task_id, approval_id = story.proxy, story.admin, story.task_id, story.approval_id
+async def _approve(story: Story, approval_id: str, why: str, comment: str) -> bool:
+    """A human approves ``approval_id`` with the real CLI and the development approver token."""
     assert story.approver is not None
     token_file = _shown(story.approver.token_path)
-    code, _ = await _run_cli(
-        f"4. approved by a human, {APPROVER} (a second identity: the agent can never approve its own call)",
-        ["approvals", "approve", approval_id, "--token-file", token_file, "-m", "customer 42 is a duplicate"], admin)
+    code, _ = await _run_cli(story.step(f"approved by a human, {APPROVER} ({why})"),
+                             ["approvals", "approve", approval_id, "--token-file", token_file, "-m", comment], story.admin)
     if code != 0:
         print("(the approval was refused; the held call stays held)")
-        return
+    return code == 0
 
+
+async def _approve_and_retry(story: Story, agent: httpx.AsyncClient) -> None:
+    proxy, task_id, approval_id = story.proxy, story.task_id, story.approval_id
+    if not await _approve(story, approval_id, "a second identity: the agent can never approve its own call",
+                          "customer 42 is a duplicate"):
+        return
     retry = {"X-Agent-Task": task_id, "X-Agent-Approval": approval_id}
     print(f"\n--> DELETE {proxy}/crm/customers/42  (X-Agent-Task, X-Agent-Approval: {approval_id})")
-    show("5. the retried call went through, with a credential minted for it; the tool received it once",
+    show(story.step("the retried call went through, with a credential minted for it; the tool received it once"),
          await agent.delete(f"{proxy}/crm/customers/42", headers=retry))
     print(f"\n--> DELETE {proxy}/crm/customers/42  (the same approval again)")
-    show("6. exactly once: the approval is spent, the second retry is refused and never forwarded",
+    show(story.step("exactly once: the approval is spent, the second retry is refused and never forwarded"),
          await agent.delete(f"{proxy}/crm/customers/42", headers=retry))
     print(f"\nthe tool received DELETE /crm/customers/42 {story.tool.received.get('DELETE /crm/customers/42', 0)} time(s)")
 
+
+async def _complete(story: Story, agent: httpx.AsyncClient) -> None:
+    admin, task_id = story.admin, story.task_id
     credential = story.tool.tokens.get("DELETE /crm/customers/42")
     introspection = _introspection_token(story.config)
     before = await _introspect(agent, admin, introspection, credential)
     print(f"\n--> POST {admin}/v1/tasks/{task_id}/complete")
-    show("7. the task is complete: every credential issued for it is revoked",
+    show(story.step("the task is complete: every credential issued for it is revoked"),
          await agent.post(f"{admin}/v1/tasks/{task_id}/complete"))
     after = await _introspect(agent, admin, introspection, credential)
     if before is not None and after is not None:
@@ -270,7 +379,104 @@ async def _finish(story: Story, agent: httpx.AsyncClient) -> None:
               f"before completion active={before}, after completion active={after}")
 
     audit_argv = ["audit", "show", "--task", task_id, "--config", _shown(story.config.source)]
-    await _run_cli("8. the task's whole story, from the hash-chained audit log", audit_argv, admin)
+    await _run_cli(story.step("the task's whole story, from the hash-chained audit log"), audit_argv, admin)
+
+
+# ---------------------------------------------------------------- the story, through MCP
+
+
+async def play_mcp(story: Story) -> None:
+    """The same task through MCP, as an agent runs it: the SDK's client, the task as a static header.
+    tools/list, an allowed read tool, a destructive tool held, approved, and the plain retry run once."""
+    tools = story.mcp_tools
+    if tools is None:
+        print(f"\n(the MCP part is skipped: {story.mcp_missing})")
+        return
+    from mcp.client.session import ClientSession
+    # Re-exported here (as the tests and the SDK's examples import it), not listed in the module's __all__.
+    from mcp.client.streamable_http import create_mcp_http_client  # type: ignore[attr-defined]
+    from mcp.client.streamable_http import streamable_http_client
+
+    url = f"{story.proxy}{MCP_ROUTE_PREFIX}/mcp"
+    print(f"\nThe same task through MCP. The agent's MCP client (the mcp SDK: ClientSession, streamable HTTP) "
+          f"connects to {url} with X-Agent-Task as a static header; the sidecar judges each JSON-RPC request "
+          f"and forwards to the demo MCP server at {story.mcp_upstream}.")
+    client = create_mcp_http_client(headers={"X-Agent-Task": story.task_id})
+    client.event_hooks["request"].append(_print_sent)
+    client.event_hooks["response"].append(_print_received)
+    async with client, streamable_http_client(url, http_client=client) as streams:
+        async with ClientSession(streams[0], streams[1]) as session:
+            print("\n--> session.initialize()  (the SDK's handshake: initialize, then notifications/initialized)")
+            await session.initialize()
+
+            print("\n--> session.list_tools()")
+            listed = await session.list_tools()
+            print(f"\n=== {story.step('MCP tools/list: a read; the sidecar pins each tool definition for the task')}")
+            for tool in listed.tools:
+                hints = tool.annotations.model_dump(by_alias=True, exclude_none=True) if tool.annotations else {}
+                print(f"    {tool.name}: {tool.description!r}  server's hints {json.dumps(hints)}")
+            print("    (the route pins get_customer readOnlyHint and delete_customer destructiveHint in "
+                  "examples/demo.yaml: a server's claim that a tool is read-only is not believed by default)")
+
+            read = {"customer_id": 7}
+            print(f"\n--> session.call_tool('get_customer', {read})")
+            show_tool_result(story.step("MCP allowed: get_customer is read-only, forwarded with a credential minted "
+                                        "for the call"), await session.call_tool("get_customer", read))
+            print(f"\nthe MCP server ran get_customer(customer_id=7) {tools.times('get_customer', **read)} time(s)")
+
+            delete = {"customer_id": 7}
+            print(f"\n--> session.call_tool('delete_customer', {delete})")
+            held = await session.call_tool("delete_customer", delete)
+            show_tool_result(story.step("MCP held for human approval: delete_customer is destructive; the model reads "
+                                        "an error result (HTTP 200), the tool is not called"), held)
+            print(f"\nthe MCP server ran delete_customer(customer_id=7) {tools.times('delete_customer', **delete)} time(s)")
+            approval_id = str(((held.meta or {}).get(MCP_PROBLEM) or {}).get("approval_id", ""))
+            if story.approver is None or not approval_id:
+                print("\n(no approvers configured: the held tool call stays held)")
+                return
+            if not await _approve(story, approval_id, "the same human, in the same queue as the REST call",
+                                  "customer 7 duplicates 42"):
+                return
+
+            print(f"\n--> session.call_tool('delete_customer', {delete})  again, as a plain retry: the SDK sends a "
+                  "new JSON-RPC id and no approval header")
+            show_tool_result(story.step("MCP approved call went through: the same tool with the same arguments "
+                                        "used the approval, once"), await session.call_tool("delete_customer", delete))
+            print(f"\nthe MCP server ran delete_customer(customer_id=7) {tools.times('delete_customer', **delete)} "
+                  "time(s); the same call again would be held afresh, as a new approval")
+
+
+async def _print_sent(request: Any) -> None:
+    """The MCP client's request as it leaves for the sidecar: the HTTP method, the URL, the JSON-RPC message."""
+    try:
+        message = json.loads(request.content) if request.content else None
+    except ValueError:
+        message = None
+    if isinstance(message, dict):
+        shown = {key: message[key] for key in ("id", "method", "params") if key in message}
+        if message.get("method") != "tools/call":
+            shown.pop("params", None)  # initialize's capabilities and client info: long, and not the point
+        print(f"    sent:     {request.method} {request.url}  {json.dumps(shown)}")
+    else:
+        print(f"    sent:     {request.method} {request.url}")
+
+
+async def _print_received(response: Any) -> None:
+    print(f"    received: HTTP {response.status_code} {response.headers.get('content-type', '')}")
+
+
+def show_tool_result(title: str, result: Any) -> None:
+    """A CallToolResult as the agent's model gets it: isError, the text, and the sidecar's problem if refused."""
+    from mcp.types import TextContent
+
+    print(f"\n=== {title}")
+    print(f"<-- CallToolResult isError={bool(result.is_error)}")
+    for block in result.content:
+        print(f"    text: {block.text[:600]}" if isinstance(block, TextContent) else f"    {block.type} block")
+    problem = (result.meta or {}).get(MCP_PROBLEM)
+    if isinstance(problem, dict):
+        brief = {key: problem[key] for key in ("code", "approval_id", "decision_id", "reasons") if key in problem}
+        print(f"    _meta[{MCP_PROBLEM!r}]: {json.dumps(brief)[:900]}")
 
 
 def _introspection_token(config: Config) -> str | None:
@@ -323,6 +529,18 @@ def by_hand(story: Story) -> str:
             "  # the agent retries with the approval: forwarded once; again: approval_used",
             f"  curl -s -X DELETE {proxy}/crm/customers/7 -H \"X-Agent-Task: $TASK\" -H 'X-Agent-Approval: ap-...'",
         ]
+    if story.mcp_tools is not None:
+        call = '{{"jsonrpc": "2.0", "id": {id}, "method": "tools/call", "params": {{"name": "{tool}", "arguments": {{"customer_id": 7}}}}}}'
+        lines += [
+            "",
+            f"  # the same task through MCP: JSON-RPC over streamable HTTP to the demo MCP server ({story.mcp_upstream})",
+            f"  mcp() {{ curl -s {proxy}{MCP_ROUTE_PREFIX}/mcp -H 'content-type: application/json' \\",
+            "      -H 'accept: application/json, text/event-stream' -H \"X-Agent-Task: $TASK\" -d \"$1\"; echo; }",
+            "  mcp '{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"tools/list\"}'",
+            f"  mcp '{call.format(id=2, tool='get_customer')}'     # allowed",
+            f"  mcp '{call.format(id=3, tool='delete_customer')}'  # held: isError, approval id in the text",
+            "  # approve it as above, then send the same call again (any id, no header): it runs once",
+        ]
     lines += [
         "",
         "  # the task ends: its credentials are revoked; then its story",
@@ -356,17 +574,30 @@ async def main(argv: list[str] | None = None) -> int:
         print(f"agent-sidecar: config error: {exc}", file=sys.stderr)
         return 2
     tool = DemoTool()
-    runner = web.AppRunner(tool.app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", options.tool_port).start()
-    await sidecar.start()
-    story = Story(config=config, approver=approver, tool=tool, proxy=f"http://{config.proxy}",
-                  admin=f"http://{config.admin}")
-    print(f"demo tool on http://127.0.0.1:{options.tool_port}; sidecar proxy {story.proxy}, admin {story.admin}, "
-          f"metrics http://{config.metrics}; config {_shown(config.source)}")
-    if approver is not None:
-        print(f"development approver {APPROVER}: key and JWKS in {_shown(approver.key_path.parent)}/ (never use in production)")
-    try:
+    async with contextlib.AsyncExitStack() as running:
+        runner = web.AppRunner(tool.app(), access_log=None)
+        await runner.setup()
+        running.push_async_callback(runner.cleanup)
+        story = Story(config=config, approver=approver, tool=tool, proxy=f"http://{config.proxy}",
+                      admin=f"http://{config.admin}", mcp_missing=mcp_sdk_missing())
+        try:
+            await web.TCPSite(runner, "127.0.0.1", options.tool_port).start()
+            if story.mcp_missing is None:
+                story.mcp_tools = DemoMcpTools()
+                story.mcp_upstream = await running.enter_async_context(serving_mcp(story.mcp_tools, options.mcp_port))
+        except OSError as exc:
+            print(f"agent-sidecar demo: the demo tool (127.0.0.1:{options.tool_port}) or the demo MCP server "
+                  f"(127.0.0.1:{options.mcp_port}) cannot listen: {exc}", file=sys.stderr)
+            return 2
+        await sidecar.start()
+        running.push_async_callback(sidecar.stop)
+        print(f"demo tool on http://127.0.0.1:{options.tool_port}; "
+              + (f"demo MCP server on {story.mcp_upstream}; " if story.mcp_upstream else "")
+              + f"sidecar proxy {story.proxy}, admin {story.admin}, metrics http://{config.metrics}; "
+              f"config {_shown(config.source)}")
+        if approver is not None:
+            print(f"development approver {APPROVER}: key and JWKS in {_shown(approver.key_path.parent)}/ "
+                  "(never use in production)")
         await play(story)
         print(by_hand(story), flush=True)
         if options.once:
@@ -376,9 +607,6 @@ async def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-    finally:
-        await sidecar.stop()
-        await runner.cleanup()
     return 0
 
 
@@ -387,6 +615,8 @@ def arguments() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="sidecar config (default: examples/demo.yaml)")
     parser.add_argument("--tool-port", type=int, default=TOOL_PORT, help="port of the demo tool the routes point at")
+    parser.add_argument("--mcp-port", type=int, default=MCP_PORT,
+                        help="port of the demo MCP server (127.0.0.1) the route `tools` points at")
     parser.add_argument("--once", action="store_true", help="play the demo and exit instead of serving on")
     parser.add_argument("--approver-token", action="store_true",
                         help="write a fresh development approver token (and the key, if missing) and exit")
