@@ -50,6 +50,13 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_schema(args: argparse.Namespace) -> int:
+    from .config_schema import json_schema_text
+
+    sys.stdout.write(json_schema_text())
+    return 0
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
     from .audit import expand, verify_files
 
@@ -155,6 +162,10 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and everything it points at")
     check.add_argument("--config", required=True)
     check.set_defaults(func=_check_config)
+
+    config = sub.add_parser("config", help="config file tools").add_subparsers(dest="config_command", required=True)
+    schema = config.add_parser("schema", help="print the config file's JSON Schema (docs/config.schema.json)")
+    schema.set_defaults(func=_config_schema)
 
     audit = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_command", required=True)
     verify = audit.add_parser("verify", help="verify the hash chain of one or more audit files, in order")
