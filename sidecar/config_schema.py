@@ -8,8 +8,6 @@ what the loader accepts. Imported only when a config is loaded (pydantic costs ~
 and build), never by the modules that only use the dataclasses.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import re
@@ -315,7 +313,7 @@ class Policy(Section):
                                 "enforced.", None)
 
     @model_validator(mode="after")
-    def _sources(self, info: ValidationInfo) -> Policy:
+    def _sources(self, info: ValidationInfo) -> "Policy":
         base: Path = (info.context or {}).get("base", Path("."))
         bundle = self.bundle or None
         if bundle is not None and "://" in bundle and not bundle.startswith(("http://", "https://")):
@@ -366,7 +364,7 @@ class Identity(Section):
     issuer: str | None = _field("When set, the token's iss must match.", None)
 
     @model_validator(mode="after")
-    def _one_source(self) -> Identity:
+    def _one_source(self) -> "Identity":
         if not self.static and not self.token_file:
             raise _fail("needs static or token_file")
         if self.token_file and not self.jwks:
@@ -390,7 +388,7 @@ class AuditShip(Section):
     bearer_token_file: ExistingFile | None = _field("A bearer token for the sink, re-read when it changes.", None)
 
     @model_validator(mode="after")
-    def _backoff(self) -> AuditShip:
+    def _backoff(self) -> "AuditShip":
         if self.backoff_max_seconds < self.backoff_min_seconds:
             raise _fail("must not be less than backoff_min_seconds", "backoff_max_seconds")
         return self
@@ -416,7 +414,7 @@ class Store(Section):
         "redis://, rediss:// or unix:// URL; required with backend: redis.", None)
 
     @model_validator(mode="after")
-    def _redis(self) -> Store:
+    def _redis(self) -> "Store":
         if self.backend == "redis" and not self.redis_url:
             raise _fail("is required when backend is redis", "redis_url")
         return self
@@ -488,7 +486,7 @@ class Delegation(Section):
     max_depth: Positive = _field("The longest delegation chain accepted.", 8)
 
     @model_validator(mode="after")
-    def _with_jwks(self, info: ValidationInfo) -> Delegation:
+    def _with_jwks(self, info: ValidationInfo) -> "Delegation":
         if not self.jwks:
             return self
         if not self.issuers:
@@ -516,7 +514,7 @@ class TlsInterception(Section):
         "The agent's TLS handshake must finish this soon.", 10.0)
 
     @model_validator(mode="after")
-    def _pair(self) -> TlsInterception:
+    def _pair(self) -> "TlsInterception":
         if (self.ca_cert is None) != (self.ca_key is None):
             raise _fail("is required with the other (both or neither)", "ca_key" if self.ca_key is None else "ca_cert")
         for name, path in (("ca_cert", self.ca_cert), ("ca_key", self.ca_key)):
@@ -536,7 +534,7 @@ class Match(Section):
         "With host: only paths under this prefix.", None)
 
     @model_validator(mode="after")
-    def _something(self) -> Match:
+    def _something(self) -> "Match":
         if self.path_prefix is None and self.host is None:
             raise _fail("needs path_prefix or host")
         return self
@@ -557,7 +555,7 @@ class RouteCredentialFile(Section):
         [])
 
     @model_validator(mode="after")
-    def _consistent(self) -> RouteCredentialFile:
+    def _consistent(self) -> "RouteCredentialFile":
         stripped = {h.lower() for h in self.strip_headers}
         for name in self.pass_headers:
             if name.lower() == self.header.lower() or name.lower() in stripped:
@@ -624,7 +622,7 @@ class RouteFile(Section):
     mcp: Mcp | None = _field("For protocol: mcp.", None)
 
     @model_validator(mode="after")
-    def _consistent(self) -> RouteFile:
+    def _consistent(self) -> "RouteFile":
         label = self.labels.get("protocol")
         if label is not None and str(label).lower() == "mcp" and self.protocol == "http":
             raise _fail("is http but labels.protocol says mcp", "protocol")
@@ -661,7 +659,7 @@ class SidecarFile(Section):
         "The tools the agent may reach; anything else is denied.")
 
     @model_validator(mode="after")
-    def _unique_routes(self) -> SidecarFile:
+    def _unique_routes(self) -> "SidecarFile":
         names: dict[str, int] = {}
         prefixes: dict[str, int] = {}
         hosts: dict[tuple[str, str | None], int] = {}
