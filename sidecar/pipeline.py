@@ -26,6 +26,7 @@ from .context import AgentIdentity, build_input
 from .delegation import DelegationVerifier
 from .credentials import CredentialMinter
 from .documents import Decision, InterceptedCall, MintedCredential
+from .jsoncodec import JsonDocument
 from .observability.metrics import Metrics
 from .policy import Decider
 from .problems import Refusal
@@ -350,10 +351,10 @@ class RequestPath:
         targets = call.mcp_calls or (None,)
         for mcp_call in targets:
             tool = mcp_call.tool if mcp_call else None
-            document = build_input(call, agent, trace.task, mcp_call=mcp_call, approval=approval_doc,
-                                   delegation=trace.delegation,
-                                   mcp_annotations=self._tool_hints(call, tool) if mcp_call else None,
-                                   mcp_tool_changed=self.tool_catalog.changed(call.route.name, tool, call.task_id))
+            document = JsonDocument(build_input(
+                call, agent, trace.task, mcp_call=mcp_call, approval=approval_doc, delegation=trace.delegation,
+                mcp_annotations=self._tool_hints(call, tool) if mcp_call else None,
+                mcp_tool_changed=self.tool_catalog.changed(call.route.name, tool, call.task_id)))
             try:
                 decision = await self.decider.decide(document)
             except Refusal as refusal:
@@ -660,12 +661,18 @@ def _failed(refusal: Refusal) -> Decision:
 def _masked_input(document: dict[str, Any], preview: PreviewSettings) -> dict[str, Any]:
     """The policy input as audited: the body and MCP arguments with the masked fields' values replaced."""
     request, mcp_doc = document.get("request"), document.get("mcp")
-    if not isinstance(request, dict) or request.get("body") is None and not isinstance(mcp_doc, dict):
+    if not isinstance(request, dict):
         return document
+    body = request.get("body")
+    masked_body = preview.mask(body)
+    arguments = mcp_doc.get("arguments") if isinstance(mcp_doc, dict) else None
+    masked_arguments = preview.mask(arguments)
+    if masked_body is body and masked_arguments is arguments:
+        return document  # the very input the engine judged: its bytes are embedded as they are
     masked = dict(document)
-    masked["request"] = {**request, "body": preview.mask(request.get("body"))}
+    masked["request"] = {**request, "body": masked_body}
     if isinstance(mcp_doc, dict) and "arguments" in mcp_doc:
-        masked["mcp"] = {**mcp_doc, "arguments": preview.mask(mcp_doc["arguments"])}
+        masked["mcp"] = {**mcp_doc, "arguments": masked_arguments}
     return masked
 
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..jsoncodec import canonical
+
 GENESIS = "0" * 64
 DEFAULT_ROTATE_BYTES = 64 * 1024 * 1024
 
@@ -53,10 +55,6 @@ class AuditSink(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def canonical(event: dict[str, Any]) -> bytes:
-    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
 
 def event_hash(event: dict[str, Any]) -> str:

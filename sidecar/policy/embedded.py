@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..jsoncodec import dumps_sorted, loads
 from .engine import Evaluation, PolicyError
 from .loader import RUNTIME_DATA_PATH, PolicyBundle, PolicyLoadError, load_bundle, read_policy_dir
 
@@ -272,10 +273,37 @@ def _evaluate_on(engine: Any, path: str, input_document: dict[str, Any]) -> tupl
     """The decision at ``path`` and the seconds it took; runs on an evaluation thread."""
     import opa_bindings
 
+    document = path.replace("/", ".")
     started = time.perf_counter()
     try:
-        return engine.eval_document(path.replace("/", "."), input_document), time.perf_counter() - started
+        input_json = dumps_sorted(input_document)
+    except TypeError as exc:  # not JSON (a lone surrogate, an integer beyond 64 bits): never evaluated as something else
+        raise PolicyError("error", f"the input is not JSON: {exc}") from None
+    try:
+        return _eval_json(engine, document, input_json), time.perf_counter() - started
     except opa_bindings.OpaUndefinedError:
-        raise PolicyError("undefined", f"data.{path.replace('/', '.')} is undefined") from None
+        raise PolicyError("undefined", f"data.{document} is undefined") from None
     except opa_bindings.OpaError as exc:
         raise PolicyError("error", f"{exc.code}: {exc.message}") from None
+
+
+def _eval_json(engine: Any, document: str, input_json: bytes) -> Any:
+    """``engine.eval_document(document, input)`` with the input already serialised.
+
+    The binding's own ``eval_document`` serialises the input with the standard library's encoder,
+    which cost ~10x orjson on the ~4 KB input of every call; the policy input is serialised once
+    (sidecar.jsoncodec.JsonDocument) and those bytes are what the engine reads. This uses the
+    binding's internals (opa-golib-python-bindings 0.4.4, pinned in the Makefile); a binding without
+    them gets the input through its public API instead (tests/test_engines.py checks both agree).
+    """
+    import opa_bindings
+
+    call, evaluate, lock = (getattr(engine, name, None) for name in ("_call", "_lib", "_eval_lock"))
+    if call is None or evaluate is None or lock is None or not hasattr(engine, "_eval_result"):
+        return engine.eval_document(document, loads(input_json))
+    with lock:
+        engine._eval_reset()
+        results = engine._eval_result(call(evaluate.OpaEvalDocument, document.encode(), input_json, 0, 0))
+    if not results or not results[0].get("expressions"):
+        raise opa_bindings.OpaUndefinedError(f"data.{document}")
+    return results[0]["expressions"][0]["value"]

@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 
+from ..jsoncodec import dumps_sorted
 from .engine import Evaluation, PolicyError
 from .transport import AiohttpTransport
 
@@ -36,7 +37,11 @@ class RestEngine:
 
     async def _query(self, path: str, input_document: dict[str, Any], *, provenance: bool) -> dict[str, Any]:
         try:
-            response = await self._client.post(f"/v1/data/{path}", json={"input": input_document},
+            body = b'{"input":' + dumps_sorted(input_document) + b"}"
+        except TypeError as exc:  # not JSON (a lone surrogate, an integer beyond 64 bits)
+            raise PolicyError("error", f"the input is not JSON: {exc}") from None
+        try:
+            response = await self._client.post(f"/v1/data/{path}", content=body,
                                                params={"provenance": "true"} if provenance else None)
         except httpx.TimeoutException:
             raise PolicyError("timeout", "OPA did not answer in time") from None
