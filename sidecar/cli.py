@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import ConfigError, load_config
@@ -26,12 +27,23 @@ def _with_go_runtime_settings(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "sidecar", *argv], environment)
 
 
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed: about 15% less CPU per proxied call than asyncio's own loop
+    (docs/performance.md); asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def _run(args: argparse.Namespace) -> int:
     from .app import serve
 
     try:
         config = load_config(Path(args.config))
-        asyncio.run(serve(config))
+        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+            runner.run(serve(config))
     except ConfigError as exc:
         print(f"agent-sidecar: config error: {exc}", file=sys.stderr)
         return 2
