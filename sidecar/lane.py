@@ -9,14 +9,16 @@ request path makes one or two such round trips per call.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("sidecar.lane")
 
-_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+_Job = tuple[Callable[[], Any], "asyncio.AbstractEventLoop | None", "asyncio.Future[Any] | None"]
 
 
 class WorkerLane:
@@ -34,6 +36,13 @@ class WorkerLane:
         self._jobs.put((work, loop, future))
         return future
 
+    def post(self, work: Callable[[], None]) -> None:
+        """Queue ``work`` with nobody waiting for it: it reports back itself (``call_soon_threadsafe``), which
+        saves the future and the loop turn its callbacks would take (group commit settles many futures at once)."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the worker lane is stopped")
+        self._jobs.put((work, None, None))
+
     def stop(self) -> None:
         """Let queued work finish, then end the thread (without waiting for it)."""
         self._jobs.put(None)
@@ -41,6 +50,13 @@ class WorkerLane:
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             work, loop, future = job
+            if loop is None or future is None:
+                try:
+                    work()  # posted: reports back on its own
+                except Exception:  # noqa: BLE001 - the lane outlives a bad job; its poster hears nothing
+                    log.exception("a job posted to the %s lane failed", self._thread.name)
+                del job, work
+                continue
             try:
                 outcome: tuple[bool, Any] = (True, work())
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, like an executor would

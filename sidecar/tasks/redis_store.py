@@ -153,7 +153,8 @@ class RedisTaskStore:
 
         await self._guarded(lambda: self._update(f"{key}:summary", add, also=lambda pipe: pipe.incr(f"{key}:version")))
 
-    async def reserve(self, task_id: str, reservation: Reservation, *, version: int) -> bool:
+    async def reserve(self, task_id: str, reservation: Reservation, *, version: int, wait: bool = True) -> bool:
+        """The compare-and-set is the write: durable in Redis when it answers, ``wait`` or not."""
         key = self._task_key(task_id)
         keep_until = int(reservation.expires_at + IN_FLIGHT_KEEP_SECONDS)
         arguments: list[str | int] = [version, reservation.id, reservation_to_json(reservation), MAX_IN_FLIGHT_PER_TASK,
@@ -163,6 +164,9 @@ class RedisTaskStore:
         if outcome == -1:
             check_room_in_flight(MAX_IN_FLIGHT_PER_TASK)  # raises task_contended
         return bool(outcome == 1)
+
+    async def committed(self, reservation_id: str) -> None:
+        return None  # reserve answered only once Redis had applied it
 
     async def confirm(self, task_id: str, reservation: Reservation) -> None:
         key = self._task_key(task_id)

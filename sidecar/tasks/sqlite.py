@@ -30,7 +30,6 @@ import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,31 +74,38 @@ Work = Callable[[sqlite3.Connection], Any]
 Outcome = tuple[bool, Any]  # (True, result) or (False, the exception)
 
 
-@dataclass(eq=False)
 class _Op:
     """One statement group of a batch and the callers waiting for it. A history save carries the summary
     instead of its work: it is serialised once, when the batch leaves, with every change made until then."""
 
-    work: Work | None
-    waiters: list[asyncio.Future[Any]] = field(default_factory=list)
-    task_id: str | None = None
-    summary: TaskSummary | None = None
+    __slots__ = ("work", "waiters", "task_id", "summary", "single")
+
+    def __init__(self, work: Work | None, *, task_id: str | None = None, summary: TaskSummary | None = None,
+                 single: bool = True) -> None:
+        self.work = work
+        self.waiters: list[asyncio.Future[Any]] = []
+        self.task_id = task_id
+        self.summary = summary
+        self.single = single  # one statement: alone in its batch it needs no BEGIN ... COMMIT around it
 
 
-@dataclass(eq=False)
 class _Batch:
-    ops: list[_Op] = field(default_factory=list)
-    saves: dict[str, _Op] = field(default_factory=dict)  # task id -> its history save in this batch, still open
-    waiters: int = 0
-    full: bool = False  # commit with synchronous=FULL (a revocation is in it)
+    __slots__ = ("ops", "saves", "waiters", "full")
+
+    def __init__(self) -> None:
+        self.ops: list[_Op] = []
+        self.saves: dict[str, _Op] = {}  # task id -> its history save in this batch, still open
+        self.waiters = 0
+        self.full = False  # commit with synchronous=FULL (a revocation is in it)
 
 
 class GroupCommit:
     """The batches of one connection: gathered on the event loop, committed one at a time on a WorkerLane.
 
-    A write joins the batch being gathered. When the writer thread is idle the batch leaves at the end of
-    the current event-loop tick (everything submitted in that tick goes with it); while the thread commits
-    one batch, the next one gathers, and leaves the moment the first is committed. Each caller's future
+    A write joins the batch being gathered. When the writer thread is idle the batch leaves at once (no
+    loop turn is spent waiting for company), or, for a write that asks to ``linger``, at the end of the
+    current event-loop tick, with everything else submitted in that tick; while the thread commits one
+    batch, the next one gathers, and leaves the moment the first is committed. Each caller's future
     resolves after the commit of its batch, all of them in one event-loop callback.
 
     If a statement fails, the batch is rolled back and each of its statement groups is run again in a
@@ -118,27 +124,39 @@ class GroupCommit:
         self._idle: asyncio.Event | None = None  # set when no batch is on the thread and none is gathered
         self.transactions = 0  # committed on the writer thread (read by tests and benchmarks)
 
-    async def run(self, work: Work, *, full: bool = False, seal: str | None = None) -> Any:
+    async def run(self, work: Work, *, full: bool = False, seal: str | None = None, single: bool = True) -> Any:
         """Run ``work`` in the next batch; ``full`` commits that batch with synchronous=FULL; ``seal`` closes
-        that task's history save in the batch (a save submitted after ``work`` must be written after it)."""
-        await self._wait_for_room()
+        that task's history save in the batch (a save submitted after ``work`` must be written after it);
+        ``single=False`` when ``work`` runs more than one statement (it always gets a transaction)."""
+        if self._gathering.waiters >= self._max_waiters:
+            await self._wait_for_room()
         batch = self._gathering
         if seal is not None:
             batch.saves.pop(seal, None)
         batch.full = batch.full or full
-        return await self._join(batch, _Op(work))
+        return await self._join(batch, _Op(work, single=single))
 
     async def save(self, task_id: str, summary: TaskSummary) -> None:
         """Persist the task's history as it is when the batch leaves. Saves of one task in one batch are
         written once, as the latest snapshot; every caller is answered after that write is committed."""
-        await self._wait_for_room()
+        if self._gathering.waiters >= self._max_waiters:
+            await self._wait_for_room()
+        await self.save_soon(task_id, summary)
+
+    def save_soon(self, task_id: str, summary: TaskSummary, *, linger: bool = False) -> asyncio.Future[None]:
+        """``save`` joining the batch at once, room or not (the caller bounds how often it does this);
+        ``linger``: the batch waits for the end of this loop tick (for the writes that follow this one)."""
         batch = self._gathering
         op = batch.saves.get(task_id)
         if op is not None and op.summary is summary:
-            await self._join(batch, op, appended=True)  # coalesced: one UPDATE of the latest snapshot
-            return
+            return self._join(batch, op, appended=True, linger=linger)  # coalesced: one UPDATE of the latest
         op = batch.saves[task_id] = _Op(None, task_id=task_id, summary=summary)
-        await self._join(batch, op)
+        return self._join(batch, op, linger=linger)
+
+    @property
+    def full(self) -> bool:
+        """The batch being gathered has no room left: a caller that can wait should."""
+        return self._gathering.waiters >= self._max_waiters
 
     async def idle(self) -> None:
         """Until every submitted batch is committed (or failed)."""
@@ -153,24 +171,27 @@ class GroupCommit:
                 self._room = asyncio.Event()
             await self._room.wait()
 
-    def _join(self, batch: _Batch, op: _Op, appended: bool = False) -> asyncio.Future[Any]:
+    def _join(self, batch: _Batch, op: _Op, appended: bool = False, linger: bool = False) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         if not appended:
             batch.ops.append(op)
         future: asyncio.Future[Any] = loop.create_future()
         op.waiters.append(future)
         batch.waiters += 1
-        if not self._busy and not self._kick_scheduled:
-            self._kick_scheduled = True
-            loop.call_soon(self._kick)
+        if not self._busy:
+            if not linger:
+                self._send(loop)
+            elif not self._kick_scheduled:
+                self._kick_scheduled = True
+                loop.call_soon(self._kick)
         return future
 
     def _kick(self) -> None:
         self._kick_scheduled = False
         if not self._busy and self._gathering.ops:
-            self._send()
+            self._send(asyncio.get_running_loop())
 
-    def _send(self) -> None:
+    def _send(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._gathering = self._gathering, _Batch()
         if self._room is not None:
             self._room.set()
@@ -182,26 +203,31 @@ class GroupCommit:
             else:
                 assert op.work is not None
                 works.append(op.work)
+        # A batch of one statement runs in autocommit, which is a transaction of its own: two statements fewer.
+        alone = len(batch.ops) == 1 and batch.ops[0].single
+
+        def commit_and_report() -> None:  # on the writer thread
+            try:
+                outcomes = self._commit(works, batch.full, alone)
+            except BaseException as exc:  # noqa: BLE001 - every caller hears of it
+                outcomes = [(False, exc)] * len(works)
+            try:
+                loop.call_soon_threadsafe(self._committed, batch, outcomes)
+            except RuntimeError:
+                pass  # that loop is closed: nobody waits any more
+
         self._busy = True
         try:
-            done = self._lane.submit(lambda: self._commit(works, batch.full))
+            self._lane.post(commit_and_report)
         except RuntimeError as exc:  # the lane is stopped (the store is closed)
             self._busy = False
             self._went_idle()
             self._settle(batch, [(False, exc)] * len(batch.ops))
-            return
-        done.add_done_callback(lambda finished: self._committed(batch, finished))
 
-    def _committed(self, batch: _Batch, finished: asyncio.Future[list[Outcome]]) -> None:
+    def _committed(self, batch: _Batch, outcomes: list[Outcome]) -> None:
         self._busy = False
-        if finished.cancelled():
-            outcomes: list[Outcome] = [(False, RuntimeError("the batch was cancelled"))] * len(batch.ops)
-        elif finished.exception() is not None:
-            outcomes = [(False, finished.exception())] * len(batch.ops)
-        else:
-            outcomes = finished.result()
         if self._gathering.ops:
-            self._send()  # gathered while this one was committed: leaves at once
+            self._send(asyncio.get_running_loop())  # gathered while this one was committed: leaves at once
         else:
             self._went_idle()
         self._settle(batch, outcomes)
@@ -226,11 +252,18 @@ class GroupCommit:
 
     # ------------------------------------------------------------ on the writer thread
 
-    def _commit(self, works: list[Work], full: bool) -> list[Outcome]:
+    def _commit(self, works: list[Work], full: bool, alone: bool = False) -> list[Outcome]:
         db = self._db
         if full:
             db.execute("PRAGMA synchronous=FULL")  # not allowed inside a transaction: set around it
         try:
+            if alone:
+                try:
+                    result = works[0](db)
+                except Exception as exc:  # noqa: BLE001 - handed to its callers
+                    return [(False, exc)]
+                self.transactions += 1
+                return [(True, result)]
             try:
                 db.execute("BEGIN IMMEDIATE")
                 results = [work(db) for work in works]
@@ -271,6 +304,11 @@ def _rollback(db: sqlite3.Connection) -> None:
         pass  # a failed COMMIT may have rolled back already
 
 
+def _release_if_failed(saving: asyncio.Future[None], summary: TaskSummary, reservation_id: str) -> None:
+    if saving.cancelled() or saving.exception() is not None:
+        summary.release(reservation_id)  # never committed: it must not count, and its call is refused
+
+
 def _summary_update(task_id: str, snapshot: str) -> Work:
     def update(db: sqlite3.Connection) -> None:
         db.execute("UPDATE tasks SET summary = ? WHERE id = ?", (snapshot, task_id))
@@ -296,6 +334,9 @@ class SqliteTaskStore:
         self._writer = WorkerLane("task-store")
         self._batches = GroupCommit(self._db, self._writer)
         self._cached: OrderedDict[str, tuple[Task, TaskSummary]] = OrderedDict()
+        # Reservations saved with reserve(wait=False), until their caller asks whether they are committed
+        # (or confirms or releases them): at most one per call in flight.
+        self._uncommitted: dict[str, asyncio.Future[None]] = {}
         self._pruned_at = 0.0
 
     @property
@@ -312,7 +353,7 @@ class SqliteTaskStore:
             db.execute("INSERT INTO tasks (id, doc, summary, status, expires_at) VALUES (?, ?, ?, ?, ?)", row)
             self._maybe_prune(db)
 
-        await self._batches.run(insert)
+        await self._batches.run(insert, single=False)
         self._cache(task, TaskSummary())
         return task
 
@@ -354,26 +395,45 @@ class SqliteTaskStore:
         found[1].add(record)
         await self._batches.save(task_id, found[1])
 
-    async def reserve(self, task_id: str, reservation: Reservation, *, version: int) -> bool:
-        """Compare-and-set in memory (this process owns the store), then committed before this returns:
-        a restart after a kill -9 still counts the reservation until it expires."""
+    async def reserve(self, task_id: str, reservation: Reservation, *, version: int, wait: bool = True) -> bool:
+        """Compare-and-set in memory (this process owns the store), then committed: a restart after a kill -9
+        still counts the reservation until it expires.
+
+        ``wait=False`` answers once the compare-and-set is done and the save has joined the batch being
+        gathered (so that the credential record of the same call can join it too); the caller must then
+        ``await committed(reservation.id)`` before the call is forwarded. If that save fails, the
+        reservation is released here and ``committed`` raises store_unavailable."""
         found = await self.get(task_id)
         if found is None or not reserve_in(found[1], reservation, version):
             return False
+        summary = found[1]
+        if not wait and not self._batches.full:
+            saving = self._batches.save_soon(task_id, summary, linger=True)
+            self._uncommitted[reservation.id] = saving
+            saving.add_done_callback(lambda done: _release_if_failed(done, summary, reservation.id))
+            return True
         try:
-            await self._batches.save(task_id, found[1])
+            await self._batches.save(task_id, summary)
         except Refusal:
-            found[1].release(reservation.id)
+            summary.release(reservation.id)
             raise
         return True
 
+    async def committed(self, reservation_id: str) -> None:
+        """Until the reservation saved by ``reserve(wait=False)`` is committed (at once for any other)."""
+        saving = self._uncommitted.pop(reservation_id, None)
+        if saving is not None:
+            await asyncio.shield(saving)  # a cancelled caller does not cancel the write
+
     async def confirm(self, task_id: str, reservation: Reservation) -> None:
+        self._uncommitted.pop(reservation.id, None)  # the save of this confirmation comes after it in any case
         found = await self.get(task_id)
         if found is not None:
             found[1].confirm(reservation)  # once: a retry after a slow disk only saves again
             await self._batches.save(task_id, found[1])
 
     async def release(self, task_id: str, reservation_id: str) -> None:
+        self._uncommitted.pop(reservation_id, None)
         found = await self.get(task_id)
         if found is not None:
             found[1].release(reservation_id)
@@ -401,7 +461,7 @@ class SqliteTaskStore:
             return task
 
         # FULL: the revocation is fsynced before it is acknowledged; it waits at most for the batch in progress.
-        ended: Task | None = await self._batches.run(end, full=True, seal=task_id)
+        ended: Task | None = await self._batches.run(end, full=True, seal=task_id, single=False)
         self._cached.pop(task_id, None)  # a read that raced the update may have cached the task as open
         return ended
 

@@ -251,9 +251,17 @@ class TaskStore(Protocol):
         """Add a call complete as it is (held or denied): it counts at once."""
         ...
 
-    async def reserve(self, task_id: str, reservation: Reservation, *, version: int) -> bool:
+    async def reserve(self, task_id: str, reservation: Reservation, *, version: int, wait: bool = True) -> bool:
         """Add an allowed call's reservation if the history is still at ``version`` (the one its decision read);
-        False if it changed meanwhile (decide again). Refuse ``task_contended`` past MAX_IN_FLIGHT_PER_TASK."""
+        False if it changed meanwhile (decide again). Refuse ``task_contended`` past MAX_IN_FLIGHT_PER_TASK.
+
+        Durable when it returns, unless ``wait=False``: then a store may answer once the reservation counts
+        for the task's next decision, and the caller awaits ``committed`` before forwarding the call."""
+        ...
+
+    async def committed(self, reservation_id: str) -> None:
+        """Until a reservation made with ``wait=False`` is durable; store_unavailable (and the reservation
+        released) if it could not be written."""
         ...
 
     async def confirm(self, task_id: str, reservation: Reservation) -> None:
@@ -342,11 +350,14 @@ class MemoryTaskStore:
         if entry is not None:
             entry[1].add(record)
 
-    async def reserve(self, task_id: str, reservation: Reservation, *, version: int) -> bool:
+    async def reserve(self, task_id: str, reservation: Reservation, *, version: int, wait: bool = True) -> bool:
         entry = self._tasks.get(task_id)
         if entry is None:
             return False
         return reserve_in(entry[1], reservation, version)
+
+    async def committed(self, reservation_id: str) -> None:
+        return None
 
     async def confirm(self, task_id: str, reservation: Reservation) -> None:
         entry = self._tasks.get(task_id)
