@@ -281,6 +281,10 @@ async def run_inflight(job: dict[str, Any]) -> dict[str, Any]:
             statuses[status] = statuses.get(status, 0) + 1
     for conn in conns:
         conn.close()
+    # A connection the proxy closed before its request was written never answers and is never lost again:
+    # its waiter would wait forever. Every answer still open is abandoned here, the connections are closed.
+    for answer in answers:
+        answer.cancel()
     await asyncio.gather(*answers, return_exceptions=True)
     return {"sent": len(conns), "connect_errors": connect_errors, "answered_before_close": sum(statuses.values()),
             "statuses": statuses, "peak_open": peak_open, "send_seconds": sent_after}

@@ -253,11 +253,15 @@ class LoadGen:
         result: dict[str, Any] = json.loads(line)
         return result
 
-    async def run(self, **job: Any) -> dict[str, Any]:
+    async def run(self, *, job_timeout: float = 900, **job: Any) -> dict[str, Any]:
+        """One job; every job bounds itself, ``job_timeout`` is the backstop that turns a hang into an error."""
         assert self.process.stdin is not None
         self.process.stdin.write((json.dumps(job) + "\n").encode())
         await self.process.stdin.drain()
-        result = await self._read()
+        try:
+            result = await asyncio.wait_for(self._read(), job_timeout)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"load job {job['op']} did not answer in {job_timeout:.0f} s") from None
         if "failed" in result:
             raise RuntimeError(f"load job {job['op']} failed: {result['failed']}")
         return result

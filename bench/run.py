@@ -483,7 +483,7 @@ class Bench:
             await asyncio.sleep(0.5 if self.full else 0.1)
 
     async def upstream_peak(self) -> int:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             async with session.get(f"http://127.0.0.1:{self.upstream_port}/_stats") as response:
                 stats = await response.json()
         return int(stats["peak_holding"])
@@ -516,19 +516,26 @@ async def run(profile: Profile, out: Path | None, json_out: Path | None, *, poli
                 one_rule_dir, profile.micro_count)
 
         await phase("micro-benchmarks of the request-path steps", micro_steps)
+        counting: asyncio.Future[dict[str, Any]] | None = None
         if not policy_cost:
             results.instructions = {"source": f"not measured: the {profile.name} profile or --no-policy-cost skips it"}
         elif shutil.which("valgrind") is None:
             results.instructions = {"source": "not measured: valgrind is not installed (apt-get install valgrind)"}
         else:
-            async def instructions() -> None:
-                results.instructions = await count_instructions({SHIPPED: rego_dir, ONE_RULE_VARIANT: one_rule_dir},
-                                                                workdir)
-            await phase("instructions per evaluation (valgrind, about a minute)", instructions)
+            # Instruction counts do not depend on timing: they run while the servers start and the tasks open
+            # (nothing timed), and are awaited before the warm-up.
+            log("instructions per evaluation (valgrind, about a minute, while the servers start)")
+            counting = asyncio.ensure_future(count_instructions({SHIPPED: rego_dir, ONE_RULE_VARIANT: one_rule_dir},
+                                                                workdir))
         await phase("starting upstream, nginx, OPA Data API server, sidecars and the load generator",
                     lambda: bench.start(rego_dir, one_rule_dir))
         await bench.rss_at_rest()
         await phase("opening the workload's tasks", bench.open_workload_tasks)
+        if counting is not None:
+            async def instructions() -> None:
+                assert counting is not None
+                results.instructions = await counting
+            await phase("waiting for the instruction counts", instructions)
         await phase("warm-up (every task gets a history)", bench.warm_up)
         phases = [("concurrency 1", bench.concurrency_one), ("wrk -c1 and -c32", bench.wrk_rounds),
                   (f"fixed rate {profile.fixed_rate:.0f}/s", bench.fixed_rate),
