@@ -158,9 +158,9 @@ def test_schemas_are_valid_json_schema() -> None:
 
     from sidecar.policy.decide import load_schema, validator
 
-    for name in ("input.v1", "decision.v1"):
+    for name in ("input.v1", "input.v2", "decision.v1"):
         Draft202012Validator.check_schema(load_schema(name))
-    assert list(validator("input.v1").iter_errors(probe_input())) == []
+    assert list(validator("input.v2").iter_errors(probe_input())) == []
 
 
 

@@ -22,7 +22,7 @@ def agent_sidecar(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def refund_input(*, amount: float, earlier: float) -> dict[str, Any]:
-    """A complete input.v1 document: a refund in a task whose history already moved ``earlier``."""
+    """A complete input.v2 document: a refund in a task whose history already moved ``earlier``."""
     document = probe_input()
     document["request"].update(method="POST", host="payments.internal", path="/payments/refunds",
                                body={"amount": amount}, content_type="application/json")
@@ -30,7 +30,7 @@ def refund_input(*, amount: float, earlier: float) -> dict[str, Any]:
                         "upstream": "http://payments.internal"}
     document["task"] = {"id": "t-19", "intent": "refund duplicate charges", "labels": {}, "allowed_tools": [],
                         "created_at": "2025-06-01T11:00:00Z", "expires_at": "2099-06-01T13:00:00Z",
-                        "history": {"calls": 10, "totals": {"amount": earlier, "records": 0}}}
+                        "expires_at_epoch": 4084002000, "history": {"calls": 10, "totals": {"amount": earlier, "records": 0}}}
     return document
 
 
@@ -153,3 +153,12 @@ def test_shipped_library_passes_through_the_command() -> None:
     result = agent_sidecar("policy", "test", "rego")
     assert result.returncode == 0, result.stdout[-2000:]
     assert "FAIL" not in result.stdout
+
+
+def test_eval_names_an_input_of_the_previous_contract_version(tmp_path: Path) -> None:
+    document = refund_input(amount=10, earlier=0)
+    document["version"] = "v1"
+    result = agent_sidecar("policy", "eval", "--input", str(write_json(tmp_path / "in.json", document)))
+    assert result.returncode == 1, result.stderr
+    assert "  - malformed_input: input is not a v2 document; denied" in result.stdout
+    assert "  - input version: an input v1 document; this sidecar sends input v2" in result.stdout

@@ -86,3 +86,24 @@ def test_replay_without_decisions_is_an_error(tmp_path: Path, capsys: pytest.Cap
     empty.write_text("")
     assert main(["policy", "replay", "--audit", str(empty), "--policy", str(ROOT / "rego")]) == 2
     assert "no recorded decision" in capsys.readouterr().err
+
+
+def test_replay_counts_inputs_of_another_contract_version_apart(recorded: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A decision recorded with an input v1 document (before input v2) is not judged by a v2 policy: it is named."""
+    events = [e for e in audit_events(recorded / "audit.jsonl") if e.get("type") == "decision"]
+    old: dict[str, Any] = json.loads(json.dumps(events[0]))
+    old["decision_id"], old["input"]["version"] = "d-recorded-as-v1", "v1"
+    old["input"]["task"]["history"]["recent"] = [{"route": "crm", "method": "GET", "path": "/customers/1", "host": "x",
+                                                  "outcome": "allow", "at": "2025-06-01T11:59:59.000Z", "state": "completed"}]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(e) + "\n" for e in [old, *events]))
+    assert main(["policy", "replay", "--audit", str(mixed), "--policy", str(ROOT / "rego")]) == 0
+    out = capsys.readouterr().out
+    assert "replayed 6 recorded decisions" in out and "no decision would change" in out
+    assert "not replayed: 1 recorded decision(s) with an input v1 document (this sidecar sends v2" in out
+
+    only_old = tmp_path / "old.jsonl"
+    only_old.write_text(json.dumps(old) + "\n")
+    assert main(["policy", "replay", "--audit", str(only_old), "--policy", str(ROOT / "rego"), "--json"]) == 2
+    assert "1 with input v1" in capsys.readouterr().err

@@ -194,7 +194,7 @@ def decision_validator() -> Any:
 @pytest.fixture(scope="module")
 def input_validator() -> Any:
     jsonschema = pytest.importorskip("jsonschema")
-    schema = json.loads((SCHEMAS / "input.v1.json").read_text(encoding="utf-8"))
+    schema = json.loads((SCHEMAS / "input.v2.json").read_text(encoding="utf-8"))
     return jsonschema.Draft202012Validator(schema)
 
 
@@ -211,11 +211,11 @@ def policy_input(method: str, route: str, path: str, body: Any = None, *, task: 
                  history: dict[str, Any] | None = None, mcp: dict[str, Any] | None = None) -> dict[str, Any]:
     task_doc = {
         "id": "t-19", "intent": "demo", "labels": {}, "allowed_tools": [],
-        "created_at": "2025-06-01T11:00:00Z", "expires_at": "2025-06-01T13:00:00Z",
-        "history": history or {"calls": 0, "totals": {"amount": 0, "records": 0}, "recent": []},
+        "created_at": "2025-06-01T11:00:00Z", "expires_at": "2025-06-01T13:00:00Z", "expires_at_epoch": 1748782800,
+        "history": history or {"calls": 0, "totals": {"amount": 0, "records": 0}, "recent": {"calls": 0, "at_ms": {}}},
     }
     return {
-        "version": "v1",
+        "version": "v2",
         "request": {
             "method": method, "scheme": "http", "host": ROUTES[route]["host"], "port": 8080, "path": path,
             "query": {}, "headers": {}, "body": body, "body_sha256": "0" * 64, "body_size": 0,
@@ -262,7 +262,7 @@ DEMO_CASES = [
 @pytest.mark.parametrize("name,document,expected,risk", DEMO_CASES, ids=[c[0] for c in DEMO_CASES])
 def test_demo_decisions(engine: Any, decision_validator: Any, input_validator: Any, name: str,
                         document: dict[str, Any], expected: str, risk: str | None) -> None:
-    assert not list(input_validator.iter_errors(document)), "the test builds a valid input.v1 document"
+    assert not list(input_validator.iter_errors(document)), "the test builds a valid input.v2 document"
     decision = engine.eval_document("sidecar.authz.decision", document)
     assert not [e.message for e in decision_validator.iter_errors(decision)]
     assert outcome(decision) == expected, decision["reasons"]
@@ -285,8 +285,8 @@ RICH_INPUT: dict[str, Any] = {
     **policy_input("POST", "payments", "/refunds", {"amount": 49, "records": [1, 2], "limit": 3}, history={
         "calls": 3, "by_route": {"crm": 3}, "by_method": {"GET": 3}, "totals": {"amount": 480, "records": 5},
         "external_hosts_written": ["api.example.com"], "classifications_read": ["confidential"],
-        "recent": [{"route": "crm", "method": "GET", "path": "/", "host": "crm", "outcome": "allow",
-                    "at": "2025-06-01T11:59:59Z"}] * 20,
+        "recent": {"calls": 20, "at_ms": {"allow": [1_748_779_199_000] * 18, "deny": [1_748_779_199_500] * 2}},
+        "in_flight": {"calls": 1, "totals": {"amount": 49}},
     }),
     "mcp": {"method": "tools/call", "id": 1, "tool": "refund", "arguments": {"amount": 5},
             "annotations": {"readOnlyHint": True}},

@@ -134,7 +134,7 @@ def decisions_of(events: list[dict[str, Any]], task_id: str, route: str) -> list
 
 
 def saw(decision: dict[str, Any], route: str) -> bool:
-    return any(r["route"] == route for r in decision["input"]["task"]["history"]["recent"])
+    return bool(decision["input"]["task"]["history"]["by_route"].get(route))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,9 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..context import INPUT_VERSION
 from .decide import decision_errors, validator
 from .engine import PolicyError
 from .loader import PolicyLoadError
+
+# Every input contract version there has been (a schema each in sidecar/policy/schemas).
+INPUT_VERSIONS = ("v1", "v2")
 
 OUTCOME_WORDS = {
     "allow": "allow: a credential is minted for this one call and it is forwarded",
@@ -49,8 +53,13 @@ class Explanation:
 
 
 def input_errors(document: Any) -> list[str]:
-    """Every way an input breaks input.v1: the sidecar never sends such a document."""
-    found = sorted(validator("input.v1").iter_errors(document), key=lambda e: list(e.absolute_path))
+    """Every way an input breaks the input contract this sidecar sends (input v2): it never sends such a document.
+    A v1 document (recorded by an older sidecar) is named as such rather than listed field by field."""
+    version = document.get("version") if isinstance(document, dict) else None
+    if version != INPUT_VERSION and isinstance(version, str) and version in INPUT_VERSIONS:
+        return [f"version: an input {version} document; this sidecar sends input {INPUT_VERSION} "
+                f"(docs/policy.md, 'Input v1 and v2'), and a policy for {INPUT_VERSION} denies it as malformed_input"]
+    found = sorted(validator(f"input.{INPUT_VERSION}").iter_errors(document), key=lambda e: list(e.absolute_path))
     return [f"{'/'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message[:200]}" for e in found]
 
 

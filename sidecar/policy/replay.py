@@ -9,6 +9,11 @@ and the other way round: ``-rule``), with counts and a few example decision ids 
 of the call). Exit status: 0 nothing would change, 1 something would, 2 nothing could be replayed.
 
 The input carries the call's own time, so a time-dependent rule replays as it was decided.
+
+Only inputs of the contract version this sidecar sends (``version: "v2"``) are replayed. An input recorded
+under another version (v1, by a sidecar before input v2) is not evaluated: a v2 policy would deny it as
+``malformed_input`` (or, without a version check, misread its history), which says nothing about the
+candidate. Such decisions are counted apart, by version, and reported as not replayed.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..context import INPUT_VERSION
 from .decide import decision_errors
 from .engine import PolicyError
 from .loader import PolicyLoadError
@@ -46,6 +52,8 @@ class ReplayReport:
     files: int = 0
     recorded_revisions: Counter[str] = field(default_factory=Counter)
     changes: list[Change] = field(default_factory=list)
+    # Recorded decisions whose input is of another contract version, by version: not replayed.
+    other_versions: Counter[str] = field(default_factory=Counter)
 
     def groups(self) -> dict[tuple[str, str], dict[str, list[Change]]]:
         grouped: dict[tuple[str, str], dict[str, list[Change]]] = {}
@@ -112,6 +120,10 @@ def replay(files: list[Path], candidate: Path, *, decision_path: str, public_key
     try:
         events, _ = recorded_decisions(files)
         for event in events:
+            version = event["input"].get("version")
+            if version != INPUT_VERSION:
+                report.other_versions[str(version)] += 1
+                continue
             report.replayed += 1
             for name, entry in (event.get("bundles") or {}).items():
                 if isinstance(entry, dict):
@@ -135,6 +147,9 @@ def render(report: ReplayReport, examples: int = 3) -> str:
     lines = [f"replayed {report.replayed} recorded decisions from {report.files} file(s) against {report.candidate} "
              f"(revision {report.revision})",
              f"recorded by: {recorded}"]
+    lines += [f"not replayed: {count} recorded decision(s) with an input {version} document (this sidecar sends "
+              f"{INPUT_VERSION}; a {INPUT_VERSION} policy cannot judge them)"
+              for version, count in sorted(report.other_versions.items())]
     if not report.changes:
         lines.append("no decision would change")
         return "\n".join(lines) + "\n"
@@ -152,6 +167,7 @@ def as_json(report: ReplayReport, examples: int = 3) -> dict[str, Any]:
     return {
         "candidate": report.candidate, "revision": report.revision, "replayed": report.replayed,
         "changed": len(report.changes), "recorded_revisions": dict(report.recorded_revisions),
+        "not_replayed_input_versions": dict(report.other_versions),
         "groups": [{"from": before, "to": after, "rules": rules, "count": len(changes),
                     "examples": [c.decision_id for c in changes[:examples]]}
                    for (before, after), by_rule in report.groups().items()
@@ -176,7 +192,10 @@ def run_replay(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         print(f"agent-sidecar: {exc}", file=err)
         return 2
     if report.replayed == 0:
-        print("agent-sidecar: no recorded decision with an input in these files", file=err)
+        skipped = ", ".join(f"{count} with input {version}" for version, count in sorted(report.other_versions.items()))
+        print("agent-sidecar: no recorded decision with an input in these files"
+              + (f" that this sidecar's policy can judge ({skipped}; it sends input {INPUT_VERSION})" if skipped else ""),
+              file=err)
         return 2
     if args.json:
         out.write(json.dumps(as_json(report, args.examples), indent=2, sort_keys=True) + "\n")

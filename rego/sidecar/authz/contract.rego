@@ -1,9 +1,9 @@
 # The two contracts the rules rely on, checked before anything else counts.
 package sidecar.authz
 
-# The input: a v1 document naming a method and a route. Without them no rule
+# The input: a v2 document naming a method and a route. Without them no rule
 # can reason about the call, and an empty deny set must not read as "allow".
-input_errors contains "input is not a v1 document" if object.get(doc, "version", null) != "v1"
+input_errors contains "input is not a v2 document" if object.get(doc, "version", null) != "v2"
 
 input_errors contains "request.method is missing" if method == ""
 

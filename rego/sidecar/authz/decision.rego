@@ -10,8 +10,9 @@
 # findings' risks (data.sidecar.config.rule_risk, a note may carry its own),
 # and picks the credential TTL and the approval requirements.
 #
-# input.task.history, the bounded summary of the task's earlier calls that
-# the sidecar provides (a missing field reads as zero or empty):
+# input.task.history (input v2), the bounded summary of the task's earlier calls,
+# calls still in flight included, that the sidecar provides (a missing field reads
+# as zero or empty):
 #   {
 #     "calls": 12,                                   calls so far in the task
 #     "by_route": {"crm": 10, "payments": 2},        calls per route
@@ -20,14 +21,14 @@
 #     "totals": {"amount": 98, "records": 10},       per measure, summed over allowed calls (routes[].measures add more)
 #     "external_hosts_written": ["api.example.com"], hosts outside the cluster written to
 #     "classifications_read": ["confidential"],      data_classification labels of routes read
-#     "recent": [                                    the last calls, oldest first (20 by default)
-#       {"route": "crm", "method": "GET", "path": "/customers/42", "host": "crm.internal",
-#        "outcome": "allow", "at": "2025-06-01T11:59:58Z"}
-#     ]
+#     "recent": {                                    the last calls (20 by default)
+#       "calls": 12,                                 how many
+#       "at_ms": {"allow": [1748779198000, ...],     per outcome ("allow", "deny", "hold"), when each
+#                 "deny": [1748779199000]}           was decided, in Unix milliseconds, oldest first
+#     },
+#     "in_flight": {"calls": 1, "totals": {"amount": 49}}   the allowed calls not answered yet, apart
 #   }
-# "outcome" is "allow", "deny" or "hold"; "at" is an RFC 3339 timestamp (a
-# number is read as Unix seconds). The task itself may carry "expires_at_epoch"
-# (Unix seconds) next to "expires_at".
+# The task itself carries "expires_at_epoch" (Unix seconds) next to "expires_at".
 package sidecar.authz
 
 # Anything the rules cannot decide (no input, a policy bug) is a deny.

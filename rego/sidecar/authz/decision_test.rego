@@ -71,14 +71,14 @@ test_decision_defined_for_malformed_input if {
 		"request": {"method": 5, "path": ["x"], "host": null, "body": "text", "query": {"limit": "9"}, "headers": []},
 		"tool": {"route": 7, "labels": {"reversible": 0, "external": "maybe", "data_classification": ["x"]}},
 		"agent": "me",
-		"task": {"id": 1, "history": {"calls": "many", "totals": [], "recent": [1, {"at": "2025-02-30T00:00:00+99:00"}], "classifications_read": "confidential"}},
+		"task": {"id": 1, "history": {"calls": "many", "totals": [], "recent": {"calls": "x", "at_ms": {"allow": [1, "2025-02-30T00:00:00+99:00"], "deny": 3}}, "classifications_read": "confidential"}},
 		"mcp": {"method": "tools/call", "tool": 3, "arguments": [1], "annotations": {"destructiveHint": "yes"}},
 		"approval": {"status": 1, "approvals": "alice"},
 		"time": {"now_ns": "soon"},
 	}
 	d := decide(garbage)
 	outcome(d) == "deny"
-	reason_for(d, "malformed_input") == "malformed_input: input is not a v1 document; denied"
+	reason_for(d, "malformed_input") == "malformed_input: input is not a v2 document; denied"
 	d.credential.audience == "unknown-route"
 }
 
@@ -121,4 +121,11 @@ test_approvers_may_be_listed_by_name if {
 test_unknown_risk_name_counts_as_high if {
 	d := decide(call("POST", "payments", "/refunds", {"amount": 10})) with data.sidecar.config.rule_risk.production_write as "severe"
 	d.risk == "high"
+}
+
+# An input v1 document (an older sidecar, a recorded call) is not judged as if it were v2.
+test_v1_document_denied_as_malformed if {
+	d := decide(object.union(call("GET", "crm", "/customers/42", null), {"version": "v1"}))
+	outcome(d) == "deny"
+	reason_for(d, "malformed_input") == "malformed_input: input is not a v2 document; denied"
 }

@@ -157,12 +157,13 @@ history_amount := num(object.get(history, ["totals", "amount"], 0))
 
 history_records := num(object.get(history, ["totals", "records"], 0))
 
-# The comprehensions over the raw list read r.outcome, which is undefined (the
-# element skipped), never an error, for an element that is not an object: one
-# pass over the history fewer on every call.
-history_recent_raw := arr(object.get(history, "recent", []))
+# history.recent (v2): how many calls the window holds and, per outcome, when each
+# was decided in Unix milliseconds, oldest first.
+recent := obj(object.get(history, "recent", {}))
 
-history_recent := [r | some r in history_recent_raw; is_object(r)]
+recent_calls := num(object.get(recent, "calls", 0))
+
+recent_at_ms := obj(object.get(recent, "at_ms", {}))
 
 history_classifications := lower_strings(object.get(history, "classifications_read", []))
 

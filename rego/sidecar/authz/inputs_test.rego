@@ -1,4 +1,4 @@
-# Builders for complete input.v1 documents; tests override parts with object.union.
+# Builders for complete input.v2 documents; tests override parts with object.union.
 package sidecar.authz_test
 
 import data.sidecar.authz
@@ -32,7 +32,8 @@ empty_history := {
 	"totals": {"amount": 0, "records": 0},
 	"external_hosts_written": [],
 	"classifications_read": [],
-	"recent": [],
+	"recent": {"calls": 0, "at_ms": {}},
+	"in_flight": {"calls": 0, "totals": {}},
 }
 
 base_task := {
@@ -46,7 +47,7 @@ base_task := {
 }
 
 call(method, route, path, body) := {
-	"version": "v1",
+	"version": "v2",
 	"request": {
 		"method": method,
 		"scheme": "http",
@@ -88,10 +89,8 @@ with_task_fields(inp, fields) := object.union(inp, {"task": fields})
 
 with_query(inp, query) := object.union(inp, {"request": {"query": query}})
 
-# n recent calls, all at the given time, with the given outcome.
-recent_calls(n, at, outcome) := [{"route": "crm", "method": "GET", "path": "/customers", "host": "crm.internal", "outcome": outcome, "at": at} |
-	some _ in numbers.range(1, n)
-]
+# history.recent with n calls, all decided at the given time (Unix ms), with the given outcome.
+recent_calls(n, at_ms, outcome) := {"calls": n, "at_ms": {outcome: [at_ms | some _ in numbers.range(1, n)]}}
 
 decide(inp) := d if {
 	d := authz.decision with input as inp
