@@ -191,7 +191,8 @@ def soak_table(results: Results) -> list[str]:
         if soak is None:
             continue
         verdict = "**pass**" if soak["passed"] else "**fail**"
-        rows.append([name, f"{soak['calls']} at c={soak['concurrency']} ({soak['errors']} errors)",
+        rows.append([name, f"{soak['calls']} at c={soak['concurrency']}: {soak['calls'] - soak['errors']} answered 2xx, "
+                     f"{soak['errors']} refused or failed",
                      f"{soak['calls_per_s']:.0f}", f"{soak['cpu_ms_per_1000_allowed']:.0f}",
                      f"{soak['rss_before_mib']:.1f} → {soak['rss_peak_mib']:.1f} → {soak['rss_after_mib']:.1f} "
                      f"({_change(soak['rss_after_mib'], soak['rss_before_mib'])})",

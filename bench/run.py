@@ -434,7 +434,8 @@ class Bench:
             back = back_within(before, after)
             allowed = result["count"] - result["errors"]
             self.results.soak[target.name] = {
-                "calls": result["count"], "errors": result["errors"], "concurrency": self.profile.soak_concurrency,
+                "calls": result["count"], "errors": result["errors"], "allowed": allowed,
+                "concurrency": self.profile.soak_concurrency,
                 "wanted_calls": self.profile.soak_calls, "seconds": result["elapsed"],
                 "calls_per_s": result["count"] / max(result["elapsed"], 1e-9),
                 "cpu_ms_per_1000_allowed": cpu_ms * 1000 / max(allowed, 1),
@@ -522,20 +523,20 @@ async def run(profile: Profile, out: Path | None, json_out: Path | None, *, poli
         elif shutil.which("valgrind") is None:
             results.instructions = {"source": "not measured: valgrind is not installed (apt-get install valgrind)"}
         else:
-            # Instruction counts do not depend on timing: they run while the servers start and the tasks open
-            # (nothing timed), and are awaited before the warm-up.
+            # Instruction counts do not depend on timing: they run while the servers start (nothing timed), and
+            # are awaited before anything is measured.
             log("instructions per evaluation (valgrind, about a minute, while the servers start)")
             counting = asyncio.ensure_future(count_instructions({SHIPPED: rego_dir, ONE_RULE_VARIANT: one_rule_dir},
                                                                 workdir))
         await phase("starting upstream, nginx, OPA Data API server, sidecars and the load generator",
                     lambda: bench.start(rego_dir, one_rule_dir))
-        await bench.rss_at_rest()
-        await phase("opening the workload's tasks", bench.open_workload_tasks)
         if counting is not None:
             async def instructions() -> None:
                 assert counting is not None
                 results.instructions = await counting
             await phase("waiting for the instruction counts", instructions)
+        await bench.rss_at_rest()  # with nothing else of the bench running
+        await phase("opening the workload's tasks", bench.open_workload_tasks)
         await phase("warm-up (every task gets a history)", bench.warm_up)
         phases = [("concurrency 1", bench.concurrency_one), ("wrk -c1 and -c32", bench.wrk_rounds),
                   (f"fixed rate {profile.fixed_rate:.0f}/s", bench.fixed_rate),
