@@ -14,37 +14,43 @@ anomaly contains {
 # upstream, and repeated denials have their own rule. The times are oldest
 # first, so the rate is past the cap exactly when the cap-th latest allowed call
 # is inside the window: one number to compare, not twenty.
-rate_outcomes := {s | some s in strings(cfg.anomalies.rate_outcomes)}
+rate_outcomes := {s | some s in arr(cfg.anomalies.rate_outcomes); is_string(s)}
 
-denied_outcomes := {s | some s in strings(cfg.anomalies.denied_outcomes)}
+denied_outcomes := {s | some s in arr(cfg.anomalies.denied_outcomes); is_string(s)}
 
-# When each call that counts towards the rate was decided (Unix ms), oldest first.
-rate_times := arr(object.get(recent_at_ms, o, [])) if {
-	count(rate_outcomes) == 1
-	some o in rate_outcomes
-} else := sort([t | some o in rate_outcomes; some t in arr(object.get(recent_at_ms, o, []))])
+# When each call that counts towards the rate was decided (Unix ms), oldest
+# first. With one outcome (the default), its list as the sidecar sent it.
+rate_times := recent_times(cfg.anomalies.rate_outcomes[0]) if {
+	count(cfg.anomalies.rate_outcomes) == 1
+	is_string(cfg.anomalies.rate_outcomes[0])
+} else := sort([t | some o in rate_outcomes; some t in recent_times(o)])
 
-rate_window_start_ns := now_ns - (cfg.anomalies.rate_window_seconds * 1000000000)
+recent_times(outcome) := l if {
+	l := recent_at_ms[outcome]
+	is_array(l)
+} else := []
 
 anomaly contains {
 	"rule": "task_request_rate",
 	"reason": sprintf("task_request_rate: %s made %d calls within %ss > cap %s", [task_name, count(calls_in_window) + 1, fmt(cfg.anomalies.rate_window_seconds), fmt(cfg.anomalies.max_calls_in_window)]),
 } if {
 	has_task
-	now_ns > 0
 	cap := cfg.anomalies.max_calls_in_window
 	count(rate_times) >= cap
-	in_window(rate_times[count(rate_times) - cap])
-}
-
-calls_in_window := [t | some t in rate_times; in_window(t)]
-
-in_window(t) if {
+	now_ns > 0
+	t := rate_times[count(rate_times) - cap]
 	is_number(t)
 	t * 1000000 >= rate_window_start_ns
 }
 
-recent_denied := sum([count(arr(object.get(recent_at_ms, o, []))) | some o in denied_outcomes])
+rate_window_start_ns := now_ns - (cfg.anomalies.rate_window_seconds * 1000000000)
+
+calls_in_window := [t | some t in rate_times; is_number(t); t * 1000000 >= rate_window_start_ns]
+
+recent_denied := count(recent_times(cfg.anomalies.denied_outcomes[0])) if {
+	count(cfg.anomalies.denied_outcomes) == 1
+	is_string(cfg.anomalies.denied_outcomes[0])
+} else := sum([count(recent_times(o)) | some o in denied_outcomes])
 
 anomaly contains {
 	"rule": "repeated_denials",

@@ -3,11 +3,11 @@ package sidecar.authz
 
 # The input: a v2 document naming a method and a route. Without them no rule
 # can reason about the call, and an empty deny set must not read as "allow".
-input_errors contains "input is not a v2 document" if object.get(doc, "version", null) != "v2"
+input_errors contains "input is not a v2 document" if not input.version == "v2"
 
 input_errors contains "request.method is missing" if method == ""
 
-input_errors contains "tool.route is missing" if in_str(["tool", "route"]) == ""
+input_errors contains "tool.route is missing" if not route_named
 
 deny contains {
 	"rule": "malformed_input",
@@ -84,7 +84,7 @@ deny contains {
 	"rule": "config_invalid",
 	"reason": sprintf("config_invalid: data.sidecar.config.%s; every call is denied until the policy data is fixed", [msg]),
 } if {
-	not data_checked_at_load
+	not data.sidecar.runtime.config_checked == true # data_checked_at_load, inlined: every call reads it
 	some msg in config_errors
 }
 

@@ -48,8 +48,25 @@ decision := {
 	"risk": risk,
 	"credential": credential,
 	"approval": approval_requirements,
-	"obligations": sort(obligations),
+	"obligations": decision_obligations,
 	"rules": sort(fired_rules),
+}
+
+# Rules that only ever apply to writes are kept in their own sets, which a read
+# never evaluates: write_deny, write_hold and write_notes.
+deny contains f if {
+	is_write
+	some f in write_deny
+}
+
+hold contains f if {
+	is_write
+	some f in write_hold
+}
+
+notes contains f if {
+	is_write
+	some f in write_notes
 }
 
 denied if count(deny) > 0
@@ -82,19 +99,32 @@ outcome_notes contains {
 	approval_granted
 }
 
-outcome_notes contains {
-	"rule": "allowed",
-	"reason": sprintf("allowed: %s is class %s; allowed at %s risk", [action, action_class, risk]),
-} if {
+outcome_notes contains {"rule": "allowed", "reason": allowed_reason} if {
 	not denied
 	count(hold) == 0
 }
 
-fired_rules := {f.rule | some f in findings} | {f.rule | some f in outcome_notes}
+allowed_reason := sprintf("allowed: %s is class %s; allowed at %s risk", [action, action_class, risk])
 
 findings := (deny | hold) | notes
 
-reasons := array.slice(
+# Most calls find nothing: then the call is allowed at low risk, and the rules,
+# reasons and risk are known without walking the finding sets.
+nothing_found if count(findings) == 0
+
+# Every obligation comes from a finding (an anomaly, an exfiltration chain, a
+# critical risk).
+decision_obligations := [] if {
+	nothing_found
+} else := sort(obligations)
+
+fired_rules := {"allowed"} if {
+	nothing_found
+} else := {f.rule | some f in findings} | {f.rule | some f in outcome_notes}
+
+reasons := [allowed_reason] if {
+	nothing_found
+} else := array.slice(
 	array.concat(
 		array.concat([f.reason | some f in deny], [f.reason | some f in hold]),
 		array.concat([f.reason | some f in notes], [f.reason | some f in outcome_notes]),
@@ -106,16 +136,16 @@ reasons := array.slice(
 
 risk_levels := ["low", "medium", "high", "critical"]
 
-risk_rank(level) := i if {
-	some i, l in risk_levels
-	l == level
-} else := 2
+risk_ranks := {"low": 0, "medium": 1, "high": 2, "critical": 3}
 
 finding_risk(f) := f.risk if {
 	f.risk in risk_levels
 } else := object.get(obj(cfg.rule_risk), f.rule, "high")
 
-risk := risk_levels[max({0} | {risk_rank(finding_risk(f)) | some f in findings})]
+# An unknown level counts as high.
+risk := "low" if {
+	nothing_found
+} else := risk_levels[max({0} | {object.get(risk_ranks, finding_risk(f), 2) | some f in findings})]
 
 # -- credential -------------------------------------------------------------
 
