@@ -197,12 +197,17 @@ class GroupCommit:
             self._room.set()
             self._room = None
         works: list[Work] = []
-        for op in batch.ops:
-            if op.summary is not None:  # serialised now, on the loop thread that owns the summary
-                works.append(_summary_update(op.task_id or "", summary_to_json(op.summary)))
-            else:
-                assert op.work is not None
-                works.append(op.work)
+        try:
+            for op in batch.ops:
+                if op.summary is not None:  # serialised now, on the loop thread that owns the summary
+                    works.append(_summary_update(op.task_id or "", summary_to_json(op.summary)))
+                else:
+                    assert op.work is not None
+                    works.append(op.work)
+        except Exception as exc:  # noqa: BLE001 - a history that cannot be serialised: nobody may hang on it
+            self._went_idle()
+            self._settle(batch, [(False, exc)] * len(batch.ops))
+            return
         # A batch of one statement runs in autocommit, which is a transaction of its own: two statements fewer.
         alone = len(batch.ops) == 1 and batch.ops[0].single
 
