@@ -21,6 +21,7 @@ from .approvals.desk import HoldSettings
 from .approvals.preview import PreviewSettings
 from .approvals.store import new_approval_id
 from .audit import AuditError, AuditSink
+from .audit.evidence import write_after, write_first
 from .audit.writer import Receipt as AuditReceipt
 from .context import AgentIdentity, build_input
 from .delegation import DelegationVerifier
@@ -380,17 +381,16 @@ class RequestPath:
 
     async def _revoke_task_audited_first(self, task_id: str, decision: Decision) -> None:
         """The revocation takes effect only once its audit event is written (with audit.fail_closed)."""
-        receipt = self._append({"type": "task.revoked", "task_id": task_id, "cause": "obligation",
-                                "decision_id": decision.decision_id, "reasons": list(decision.reasons)})
-        written = receipt is not None and await receipt is not None
-        if not written and self.audit_fail_closed:
-            raise Refusal("audit_unavailable", "the audit log cannot be written; the task was not revoked and "
-                          "nothing is forwarded", decision_id=decision.decision_id)
+        await write_first(self.audit, {"type": "task.revoked", "task_id": task_id, "cause": "obligation",
+                                       "decision_id": decision.decision_id, "reasons": list(decision.reasons)},
+                          Refusal("audit_unavailable", "the audit log cannot be written; the task was not revoked "
+                                  "and nothing is forwarded", decision_id=decision.decision_id),
+                          required=self.audit_fail_closed)
         if await self.tasks.finish(task_id, "revoked") is not None:
             self.metrics.revocations.labels("obligation").inc()
         else:
-            self._append_quietly({"type": "task.end_not_applied", "task_id": task_id, "cause": "obligation",
-                                  "decision_id": decision.decision_id})
+            write_after(self.audit, {"type": "task.end_not_applied", "task_id": task_id, "cause": "obligation",
+                                     "decision_id": decision.decision_id})
 
     def _tool_hints(self, call: InterceptedCall, tool: str | None) -> dict[str, Any] | None:
         server = self.tool_catalog.annotations(call.route.name, tool, call.task_id)

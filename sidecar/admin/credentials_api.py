@@ -7,7 +7,6 @@ completion (``audit_unavailable``) and the task stays open.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,12 +15,12 @@ from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from ..audit import AuditError, AuditSink
+from ..audit import AuditSink
+from ..audit.evidence import write_after, write_first
 from ..credentials.introspection import IntrospectionCallers, Introspector
 from ..problems import Refusal
 from ..tasks import Task, TaskStore
 
-log = logging.getLogger("sidecar.admin")
 
 MAX_INTROSPECTION_BODY = 32 * 1024
 
@@ -61,34 +60,18 @@ class CredentialsApi:
         event = {"type": "task.completed" if cause == "completed" else "task.revoked", "task_id": current.id,
                  "cause": cause, "agent": current.agent}
         if ending:
-            await self._audit_first(event)
+            await write_first(self.audit, event, Refusal(
+                "audit_unavailable", "the audit log cannot be written; the task was not ended"))
         try:
             task = await self.tasks.finish(task_id, "completed")
         except Refusal as refusal:
             if ending:
-                self._audit_after({**event, "type": "task.end_not_applied", "code": refusal.code})
+                write_after(self.audit, {**event, "type": "task.end_not_applied", "code": refusal.code})
             raise
         assert task is not None
         if ending and self.on_task_ended is not None:
             await self.on_task_ended(task, cause)
         return web.json_response({**task.public(), "credentials_revoked": True})
-
-    async def _audit_first(self, event: dict[str, Any]) -> None:
-        if self.audit is None:
-            return
-        try:
-            await self.audit.record(event)
-        except AuditError:
-            log.error("audit log cannot be written: %s for %s refused", event["type"], event["task_id"])
-            raise Refusal("audit_unavailable", "the audit log cannot be written; the task was not ended") from None
-
-    def _audit_after(self, event: dict[str, Any]) -> None:
-        if self.audit is None:
-            return
-        try:
-            self.audit.append(event, receipt=False)
-        except AuditError:
-            log.error("audit log cannot be written: %s for %s not recorded", event["type"], event["task_id"])
 
 
 async def _token_parameter(request: web.Request) -> str:

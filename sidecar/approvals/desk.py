@@ -8,13 +8,13 @@ refuses the verdict (``audit_unavailable``) and changes nothing.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jwt
 
-from ..audit import AuditError, AuditSink
+from ..audit import AuditSink
+from ..audit.evidence import write_after, write_first
 from ..observability.metrics import Metrics
 from ..problems import Refusal
 from .approvers import Approver, ApproverVerifier, bearer_token
@@ -22,7 +22,6 @@ from .preview import PreviewSettings
 from .store import Approval, ApprovalStore, Verdict, apply_verdict, copy_of, outcome
 from .webhook import WebhookNotifier
 
-log = logging.getLogger("sidecar.approvals")
 
 
 @dataclass(frozen=True)
@@ -54,11 +53,13 @@ class ApprovalDesk:
         verdict = Verdict(approver=approver.subject, groups=approver.groups, approve=approve, comment=comment)
         preview = await self._preview(approval_id, verdict)
         event = self._verdict_event(preview, approver, comment)
-        await self._audit_first(event)
+        await write_first(self.audit, event, Refusal(
+            "audit_unavailable", "the audit log cannot be written; the verdict was not recorded and nothing changed",
+            approval_id=approval_id))
         try:
             approval = await self.store.decide(approval_id, replace(verdict, expected=outcome(preview)))
         except Refusal as refusal:
-            self._audit_after({**event, "type": "approval.verdict_not_applied", "code": refusal.code})
+            write_after(self.audit, {**event, "type": "approval.verdict_not_applied", "code": refusal.code})
             raise
         if approval.status in ("approved", "denied") and self.metrics is not None:
             self.metrics.approvals_resolved.labels(approval.status).inc()
@@ -79,7 +80,7 @@ class ApprovalDesk:
                  "detail": refusal.detail[:300], "approver": claimed, "approver_verified": approver is not None}
         if refusal.extra.get("token_error"):
             event["token_error"] = refusal.extra["token_error"]
-        self._audit_after(event)
+        write_after(self.audit, event)
 
     async def _preview(self, approval_id: str, verdict: Verdict) -> Approval:
         """The approval as this verdict would leave it; the refusal if it may not be given."""
@@ -98,24 +99,6 @@ class ApprovalDesk:
             "task_id": preview.binding.task_id, "agent": preview.binding.agent, "approver": approver.subject,
             "comment": comment[:1000], "approvals": len(preview.approvals), "approvers_required": preview.approvers_required,
         }
-
-    async def _audit_first(self, event: dict[str, Any]) -> None:
-        if self.audit is None:
-            return
-        try:
-            await self.audit.record(event)
-        except AuditError:
-            log.error("audit log cannot be written: %s for %s refused", event["type"], event["approval_id"])
-            raise Refusal("audit_unavailable", "the audit log cannot be written; the verdict was not recorded and "
-                          "nothing changed", approval_id=event["approval_id"]) from None
-
-    def _audit_after(self, event: dict[str, Any]) -> None:
-        if self.audit is None:
-            return
-        try:
-            self.audit.append(event, receipt=False)
-        except AuditError:
-            log.error("audit log cannot be written: %s for %s not recorded", event["type"], event["approval_id"])
 
     async def refresh_pending_gauge(self) -> None:
         if self.metrics is None:
