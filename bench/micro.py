@@ -15,7 +15,7 @@ from sidecar.credentials import JwtMinter, KeyRing, generate_key
 from sidecar.documents import InterceptedCall
 from sidecar.policy.decide import decision_errors, to_decision
 from sidecar.policy.embedded import EmbeddedEngine
-from sidecar.tasks.store import CallRecord, Task, TaskSummary, iso
+from sidecar.tasks.store import CallRecord, Task, TaskSummary, iso_ms
 
 DECISION_PATH = "sidecar/authz/decision"
 AGENT = AgentIdentity("spiffe://bench/ns/agents/sa/bench-agent", verified=False)
@@ -34,14 +34,15 @@ def typical_call() -> InterceptedCall:
 
 
 def typical_task(now: float) -> dict[str, Any]:
-    """A task 20 calls in (the history's full window), spread over the last minute."""
+    """A task 20 calls in (the history's full window), spread over the last minute; as the task store
+    returns it, which build_input turns into input v2."""
     task = Task(id="t-0123456789abcdef", agent=AGENT.id, intent="answer the customer's ticket about invoice 7",
                 labels={}, created_at=now - 120, expires_at=now + 600)
     summary = TaskSummary()
     for n in range(20):
         method = "GET" if n % 3 else "POST"
         summary.add(CallRecord(route="crm", method=method, path=f"/crm/customers/{n}", host="127.0.0.1",
-                               outcome="allow", at=iso(now - 60 + n * 3), classification="confidential",
+                               outcome="allow", at=iso_ms(now - 60 + n * 3), classification="confidential",
                                write=method != "GET"))
     return task.as_input(summary)
 

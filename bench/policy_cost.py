@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
              typical, True, "off"),
             ("a constant rule, empty input (the binding's fixed cost)", "sidecar.authz.risk_levels", empty, True, "off"),
         ]
-        print(f"input: {len(json.dumps(document))} bytes of JSON (a call inside a task with 20 recent calls)")
+        print(f"input {document['version']}: {len(json.dumps(document))} bytes of JSON "
+              "(a GET inside a task with 20 recent calls)")
         print("| evaluation | instructions per evaluation |\n| --- | --- |")
         for label, rule, input_file, checked, gogc in rows:
             print(f"| {label} | {per_evaluation(args.rego, rule, input_file, checked=checked, gogc=gogc):,} |",

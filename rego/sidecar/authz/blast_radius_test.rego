@@ -1,5 +1,7 @@
 package sidecar.authz_test
 
+import data.sidecar.authz
+
 test_bulk_write_held if {
 	ids := numbers.range(1, 150)
 	d := decide(call("POST", "crm", "/customers/bulk-update", {"ids": ids, "tier": "gold"}))
@@ -53,4 +55,12 @@ test_classification_risk_is_tunable if {
 	d := decide(call("POST", "crm", "/customers", {"name": "Ada"})) with data.sidecar.config.classification_risk.confidential as "high"
 	d.risk == "high"
 	d.credential.ttl_seconds == 30
+}
+
+test_records_query_params_match_ignoring_case if {
+	inp := with_query(call("GET", "crm", "/customers", null), {"PER_PAGE": ["500"]})
+	fired(decide(inp), "bulk_records")
+	d := authz.decision with input as with_query(call("GET", "crm", "/customers", null), {"Rows": ["500"]}) with data.sidecar.config.records_query_params as ["ROWS"]
+	fired(d, "bulk_records")
+	not fired(decide(with_query(call("GET", "crm", "/customers", null), {"rows": ["500"]})), "bulk_records")
 }

@@ -9,10 +9,18 @@ input_errors contains "request.method is missing" if method == ""
 
 input_errors contains "tool.route is missing" if not route_named
 
+# The errors are listed only for an input that is not valid (one step per call).
+input_valid if {
+	input.version == "v2"
+	method != ""
+	route_named
+}
+
 deny contains {
 	"rule": "malformed_input",
 	"reason": sprintf("malformed_input: %s; denied", [msg]),
 } if {
+	not input_valid
 	some msg in input_errors
 }
 

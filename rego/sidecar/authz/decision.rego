@@ -41,14 +41,29 @@ default decision := {
 	"rules": ["policy_error"],
 }
 
+# Most calls find nothing: then the call is allowed at low risk with no
+# obligation, and the decision is written down without walking the finding sets
+# (every obligation comes from a finding: an anomaly, an exfiltration chain, a
+# critical risk). It is the document the general branch gives for no finding.
 decision := {
+	"allow": true,
+	"require_approval": false,
+	"reasons": [allowed_reason],
+	"risk": "low",
+	"credential": credential,
+	"approval": approval_requirements,
+	"obligations": [],
+	"rules": ["allowed"],
+} if {
+	nothing_found
+} else := {
 	"allow": allow,
 	"require_approval": require_approval,
 	"reasons": reasons,
 	"risk": risk,
 	"credential": credential,
 	"approval": approval_requirements,
-	"obligations": decision_obligations,
+	"obligations": sort(obligations),
 	"rules": sort(fired_rules),
 }
 
@@ -108,23 +123,15 @@ allowed_reason := sprintf("allowed: %s is class %s; allowed at %s risk", [action
 
 findings := (deny | hold) | notes
 
-# Most calls find nothing: then the call is allowed at low risk, and the rules,
-# reasons and risk are known without walking the finding sets.
-nothing_found if count(findings) == 0
+nothing_found if {
+	count(deny) == 0
+	count(hold) == 0
+	count(notes) == 0
+}
 
-# Every obligation comes from a finding (an anomaly, an exfiltration chain, a
-# critical risk).
-decision_obligations := [] if {
-	nothing_found
-} else := sort(obligations)
+fired_rules := {f.rule | some f in findings} | {f.rule | some f in outcome_notes}
 
-fired_rules := {"allowed"} if {
-	nothing_found
-} else := {f.rule | some f in findings} | {f.rule | some f in outcome_notes}
-
-reasons := [allowed_reason] if {
-	nothing_found
-} else := array.slice(
+reasons := array.slice(
 	array.concat(
 		array.concat([f.reason | some f in deny], [f.reason | some f in hold]),
 		array.concat([f.reason | some f in notes], [f.reason | some f in outcome_notes]),
@@ -150,7 +157,7 @@ risk := "low" if {
 # -- credential -------------------------------------------------------------
 
 audience := a if {
-	a := object.get(cfg.audiences, route, "")
+	a := cfg.audiences[route]
 	is_string(a)
 	a != ""
 } else := route

@@ -331,12 +331,22 @@ record_counts contains count(body) if {
 	is_array(body)
 }
 
+# A query parameter named in records_query_params, ignoring case: a knob entry in
+# lower case (all of the shipped ones) is matched by one lookup, any other by
+# comparing it lower-cased.
 record_counts contains num(v) if {
 	some k, values in query
-	some name in arr(cfg.records_query_params)
-	is_string(name)
-	lower(k) == lower(name)
+	records_query_param(lower(k))
 	some v in arr(values)
+}
+
+records_query_param(name) if name in cfg.records_query_params
+
+records_query_param(name) if {
+	some p in cfg.records_query_params
+	is_string(p)
+	p != lower(p)
+	lower(p) == name
 }
 
 count_of(x) := count(x) if {
@@ -355,7 +365,7 @@ action := sprintf("MCP tool %s on %s", [clip(mcp_tool), route]) if {
 	mcp_tool_call
 } else := sprintf("MCP %s on %s", [clip(mcp_method), route]) if {
 	has_mcp
-} else := sprintf("%s %s on %s", [clip(method), clip(path), route])
+} else := sprintf("%s %s on %s", [substring(method, 0, 120), substring(path, 0, 120), route])
 
 task_name := sprintf("task %s", [clip(task_id)])
 

@@ -11,44 +11,53 @@ anomaly contains {
 }
 
 # Only allowed calls count towards the rate: held and denied calls reach no
-# upstream, and repeated denials have their own rule. History is oldest first,
-# so the rate is past the cap exactly when the cap-th latest allowed call is
-# inside the window: one timestamp to parse, not twenty.
-# The outcome lists are hoisted into rules: a function call inside a comprehension
-# is evaluated again for every element.
-rate_outcomes := {s | some s in strings(cfg.anomalies.rate_outcomes)}
+# upstream, and repeated denials have their own rule. The times are oldest
+# first, so the rate is past the cap exactly when the cap-th latest allowed call
+# is inside the window: one number to compare, not twenty.
+rate_outcomes := {s | some s in arr(cfg.anomalies.rate_outcomes); is_string(s)}
 
-denied_outcomes := {s | some s in strings(cfg.anomalies.denied_outcomes)}
+denied_outcomes := {s | some s in arr(cfg.anomalies.denied_outcomes); is_string(s)}
 
-recent_allowed := [r | some r in history_recent_raw; rate_outcomes[r.outcome]]
+# When each call that counts towards the rate was decided (Unix ms), oldest
+# first. With one outcome (the default), its list as the sidecar sent it.
+rate_times := recent_times(cfg.anomalies.rate_outcomes[0]) if {
+	count(cfg.anomalies.rate_outcomes) == 1
+	is_string(cfg.anomalies.rate_outcomes[0])
+} else := sort([t | some o in rate_outcomes; some t in recent_times(o)])
 
-rate_window_start_ns := now_ns - (cfg.anomalies.rate_window_seconds * 1000000000)
+recent_times(outcome) := l if {
+	l := recent_at_ms[outcome]
+	is_array(l)
+} else := []
 
 anomaly contains {
 	"rule": "task_request_rate",
 	"reason": sprintf("task_request_rate: %s made %d calls within %ss > cap %s", [task_name, count(calls_in_window) + 1, fmt(cfg.anomalies.rate_window_seconds), fmt(cfg.anomalies.max_calls_in_window)]),
 } if {
 	has_task
-	now_ns > 0
 	cap := cfg.anomalies.max_calls_in_window
-	count(recent_allowed) >= cap
-	at_ns(recent_allowed[count(recent_allowed) - cap].at) >= rate_window_start_ns
+	count(rate_times) >= cap
+	now_ns > 0
+	t := rate_times[count(rate_times) - cap]
+	is_number(t)
+	t * 1000000 >= rate_window_start_ns
 }
 
-calls_in_window := [r | some r in recent_allowed; at_ns(r.at) >= rate_window_start_ns]
+rate_window_start_ns := now_ns - (cfg.anomalies.rate_window_seconds * 1000000000)
 
-at_ns(at) := at * 1000000000 if {
-	is_number(at)
-} else := timestamp_ns(at)
+calls_in_window := [t | some t in rate_times; is_number(t); t * 1000000 >= rate_window_start_ns]
 
-recent_denied := [r | some r in history_recent_raw; denied_outcomes[r.outcome]]
+recent_denied := count(recent_times(cfg.anomalies.denied_outcomes[0])) if {
+	count(cfg.anomalies.denied_outcomes) == 1
+	is_string(cfg.anomalies.denied_outcomes[0])
+} else := sum([count(recent_times(o)) | some o in denied_outcomes])
 
 anomaly contains {
 	"rule": "repeated_denials",
-	"reason": sprintf("repeated_denials: %d of the last %d calls in %s were denied > cap %s", [count(recent_denied), count(history_recent), task_name, fmt(cfg.anomalies.max_denied_in_recent)]),
+	"reason": sprintf("repeated_denials: %s of the last %s calls in %s were denied > cap %s", [fmt(recent_denied), fmt(recent_calls), task_name, fmt(cfg.anomalies.max_denied_in_recent)]),
 } if {
 	has_task
-	count(recent_denied) > cfg.anomalies.max_denied_in_recent
+	recent_denied > cfg.anomalies.max_denied_in_recent
 }
 
 deny contains finding if some finding in anomaly

@@ -2,7 +2,10 @@
 # carries covers it.
 package sidecar.authz
 
-approval_level := obj(object.get(cfg, ["approval", risk], {}))
+approval_level := l if {
+	l := cfg.approval[risk]
+	is_object(l)
+} else := {}
 
 approval_group := g if {
 	g := approval_level.group

@@ -35,11 +35,10 @@ task_records_matter if sensitive_route
 # A write whose body the sidecar could not read, on a route whose blast radius
 # is read from the body (it has measures, it moves funds, or its data is
 # sensitive): amounts and records are unknown, so the call is not allowed.
-deny contains {
+write_deny contains {
 	"rule": "unreadable_body",
 	"reason": sprintf("unreadable_body: %s sends a body that is neither JSON nor a form to a route measured from its body; send it as JSON", [action]),
 } if {
-	is_write
 	body_unreadable
 	measured_from_body
 }
@@ -54,24 +53,22 @@ measured_from_body if production
 
 # Notes do not hold or deny; they raise the risk, which shortens the
 # credential's TTL and sizes any approval.
-notes contains {
+write_notes contains {
 	"rule": "classified_write",
 	"reason": sprintf("classified_write: %s writes %s data", [action, classification]),
 	"risk": cfg.classification_risk[classification],
 } if {
-	is_write
 	classification != ""
 }
 
-notes contains {
+write_notes contains {
 	"rule": "production_write",
 	"reason": sprintf("production_write: %s writes to environment %s", [action, environment]),
 } if {
-	is_write
 	production
 }
 
-notes contains {
+write_notes contains {
 	"rule": "irreversible_action",
 	"reason": sprintf("irreversible_action: %s is class execute and cannot be undone", [action]),
 } if {

@@ -18,9 +18,11 @@ is_read if action_class == "read"
 
 is_write if action_class != "read"
 
+# The knob lists are used as they are: only strings can equal the method, and
+# their type is checked (contract.rego) before any of them is read.
 destructive if {
 	not has_mcp
-	method in strings(cfg.high_impact.delete_methods)
+	method in cfg.high_impact.delete_methods
 	not mcp_session_close
 }
 
@@ -42,7 +44,7 @@ destructive if {
 
 read_only if {
 	not has_mcp
-	method in strings(cfg.read_methods)
+	method in cfg.read_methods
 }
 
 read_only if mcp_session_close

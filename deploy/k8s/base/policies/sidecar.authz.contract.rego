@@ -1,18 +1,26 @@
 # The two contracts the rules rely on, checked before anything else counts.
 package sidecar.authz
 
-# The input: a v1 document naming a method and a route. Without them no rule
+# The input: a v2 document naming a method and a route. Without them no rule
 # can reason about the call, and an empty deny set must not read as "allow".
-input_errors contains "input is not a v1 document" if object.get(doc, "version", null) != "v1"
+input_errors contains "input is not a v2 document" if not input.version == "v2"
 
 input_errors contains "request.method is missing" if method == ""
 
-input_errors contains "tool.route is missing" if in_str(["tool", "route"]) == ""
+input_errors contains "tool.route is missing" if not route_named
+
+# The errors are listed only for an input that is not valid (one step per call).
+input_valid if {
+	input.version == "v2"
+	method != ""
+	route_named
+}
 
 deny contains {
 	"rule": "malformed_input",
 	"reason": sprintf("malformed_input: %s; denied", [msg]),
 } if {
+	not input_valid
 	some msg in input_errors
 }
 
@@ -84,7 +92,7 @@ deny contains {
 	"rule": "config_invalid",
 	"reason": sprintf("config_invalid: data.sidecar.config.%s; every call is denied until the policy data is fixed", [msg]),
 } if {
-	not data_checked_at_load
+	not data.sidecar.runtime.config_checked == true # data_checked_at_load, inlined: every call reads it
 	some msg in config_errors
 }
 

@@ -10,8 +10,9 @@
 # findings' risks (data.sidecar.config.rule_risk, a note may carry its own),
 # and picks the credential TTL and the approval requirements.
 #
-# input.task.history, the bounded summary of the task's earlier calls that
-# the sidecar provides (a missing field reads as zero or empty):
+# input.task.history (input v2), the bounded summary of the task's earlier calls,
+# calls still in flight included, that the sidecar provides (a missing field reads
+# as zero or empty):
 #   {
 #     "calls": 12,                                   calls so far in the task
 #     "by_route": {"crm": 10, "payments": 2},        calls per route
@@ -20,14 +21,14 @@
 #     "totals": {"amount": 98, "records": 10},       per measure, summed over allowed calls (routes[].measures add more)
 #     "external_hosts_written": ["api.example.com"], hosts outside the cluster written to
 #     "classifications_read": ["confidential"],      data_classification labels of routes read
-#     "recent": [                                    the last calls, oldest first (20 by default)
-#       {"route": "crm", "method": "GET", "path": "/customers/42", "host": "crm.internal",
-#        "outcome": "allow", "at": "2025-06-01T11:59:58Z"}
-#     ]
+#     "recent": {                                    the last calls (20 by default)
+#       "calls": 12,                                 how many
+#       "at_ms": {"allow": [1748779198000, ...],     per outcome ("allow", "deny", "hold"), when each
+#                 "deny": [1748779199000]}           was decided, in Unix milliseconds, oldest first
+#     },
+#     "in_flight": {"calls": 1, "totals": {"amount": 49}}   the allowed calls not answered yet, apart
 #   }
-# "outcome" is "allow", "deny" or "hold"; "at" is an RFC 3339 timestamp (a
-# number is read as Unix seconds). The task itself may carry "expires_at_epoch"
-# (Unix seconds) next to "expires_at".
+# The task itself carries "expires_at_epoch" (Unix seconds) next to "expires_at".
 package sidecar.authz
 
 # Anything the rules cannot decide (no input, a policy bug) is a deny.
@@ -40,7 +41,22 @@ default decision := {
 	"rules": ["policy_error"],
 }
 
+# Most calls find nothing: then the call is allowed at low risk with no
+# obligation, and the decision is written down without walking the finding sets
+# (every obligation comes from a finding: an anomaly, an exfiltration chain, a
+# critical risk). It is the document the general branch gives for no finding.
 decision := {
+	"allow": true,
+	"require_approval": false,
+	"reasons": [allowed_reason],
+	"risk": "low",
+	"credential": credential,
+	"approval": approval_requirements,
+	"obligations": [],
+	"rules": ["allowed"],
+} if {
+	nothing_found
+} else := {
 	"allow": allow,
 	"require_approval": require_approval,
 	"reasons": reasons,
@@ -49,6 +65,23 @@ decision := {
 	"approval": approval_requirements,
 	"obligations": sort(obligations),
 	"rules": sort(fired_rules),
+}
+
+# Rules that only ever apply to writes are kept in their own sets, which a read
+# never evaluates: write_deny, write_hold and write_notes.
+deny contains f if {
+	is_write
+	some f in write_deny
+}
+
+hold contains f if {
+	is_write
+	some f in write_hold
+}
+
+notes contains f if {
+	is_write
+	some f in write_notes
 }
 
 denied if count(deny) > 0
@@ -81,17 +114,22 @@ outcome_notes contains {
 	approval_granted
 }
 
-outcome_notes contains {
-	"rule": "allowed",
-	"reason": sprintf("allowed: %s is class %s; allowed at %s risk", [action, action_class, risk]),
-} if {
+outcome_notes contains {"rule": "allowed", "reason": allowed_reason} if {
 	not denied
 	count(hold) == 0
 }
 
-fired_rules := {f.rule | some f in findings} | {f.rule | some f in outcome_notes}
+allowed_reason := sprintf("allowed: %s is class %s; allowed at %s risk", [action, action_class, risk])
 
 findings := (deny | hold) | notes
+
+nothing_found if {
+	count(deny) == 0
+	count(hold) == 0
+	count(notes) == 0
+}
+
+fired_rules := {f.rule | some f in findings} | {f.rule | some f in outcome_notes}
 
 reasons := array.slice(
 	array.concat(
@@ -105,21 +143,21 @@ reasons := array.slice(
 
 risk_levels := ["low", "medium", "high", "critical"]
 
-risk_rank(level) := i if {
-	some i, l in risk_levels
-	l == level
-} else := 2
+risk_ranks := {"low": 0, "medium": 1, "high": 2, "critical": 3}
 
 finding_risk(f) := f.risk if {
 	f.risk in risk_levels
 } else := object.get(obj(cfg.rule_risk), f.rule, "high")
 
-risk := risk_levels[max({0} | {risk_rank(finding_risk(f)) | some f in findings})]
+# An unknown level counts as high.
+risk := "low" if {
+	nothing_found
+} else := risk_levels[max({0} | {object.get(risk_ranks, finding_risk(f), 2) | some f in findings})]
 
 # -- credential -------------------------------------------------------------
 
 audience := a if {
-	a := object.get(cfg.audiences, route, "")
+	a := cfg.audiences[route]
 	is_string(a)
 	a != ""
 } else := route

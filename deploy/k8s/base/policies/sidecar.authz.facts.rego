@@ -1,6 +1,11 @@
 # Normalized facts about the call. The embedded engine raises on builtin type
 # errors (a string where a number was expected, a bad timestamp), so nothing
-# here trusts the shape of input: every value goes through a typed accessor.
+# here trusts the shape of input: every value is type-checked before use.
+#
+# Cost: every evaluation pays for each rule it touches (docs/performance.md,
+# "Policy cost"). The facts every call needs read input directly (a reference
+# into a value of the wrong type is undefined, never an error, and falls to the
+# else branch); the typed accessor functions below serve the rarer paths.
 package sidecar.authz
 
 default cfg := {}
@@ -55,20 +60,34 @@ clip(s) := substring(s, 0, 120)
 
 # -- request ----------------------------------------------------------------
 
-method := upper(in_str(["request", "method"]))
+method := upper(m) if {
+	m := input.request.method
+	is_string(m)
+} else := ""
 
-path := in_str(["request", "path"])
+path := p if {
+	p := input.request.path
+	is_string(p)
+} else := ""
 
 lpath := lower(path)
 
-host := lower(in_str(["request", "host"]))
+host := lower(h) if {
+	h := input.request.host
+	is_string(h)
+} else := ""
 
-route := r if {
-	r := in_str(["tool", "route"])
-	r != ""
-} else := "unknown-route"
+route_named if {
+	is_string(input.tool.route)
+	input.tool.route != ""
+}
 
-labels := in_obj(["tool", "labels"])
+route := input.tool.route if route_named else := "unknown-route"
+
+labels := l if {
+	l := input.tool.labels
+	is_object(l)
+} else := {}
 
 label(name) := lower(label_text(object.get(labels, name, "")))
 
@@ -84,28 +103,47 @@ classification := label("data_classification")
 
 environment := label("environment")
 
-sensitive_route if classification in lower_strings(cfg.sensitive_classifications)
+sensitive_classifications := lower_strings(cfg.sensitive_classifications)
+
+sensitive_route if classification in sensitive_classifications
 
 production if environment in lower_strings(cfg.production_environments)
 
-headers := in_obj(["request", "headers"])
+headers := h if {
+	h := input.request.headers
+	is_object(h)
+} else := {}
 
-body := object.get(doc, ["request", "body"], null)
+body := b if {
+	b := input.request.body
+} else := null
 
 # The sidecar could not read the body (neither JSON nor a form): what it carries is unknown.
-body_unreadable if object.get(doc, ["request", "body_readable"], true) == false
+body_unreadable if input.request.body_readable == false
 
-query := in_obj(["request", "query"])
+query := q if {
+	q := input.request.query
+	is_object(q)
+} else := {}
 
 # -- MCP --------------------------------------------------------------------
 
-has_mcp if is_object(doc.mcp)
+has_mcp if is_object(input.mcp)
 
-mcp_method := in_str(["mcp", "method"])
+mcp_method := m if {
+	m := input.mcp.method
+	is_string(m)
+} else := ""
 
-mcp_tool := lower(in_str(["mcp", "tool"]))
+mcp_tool := lower(t) if {
+	t := input.mcp.tool
+	is_string(t)
+} else := ""
 
-mcp_annotations := in_obj(["mcp", "annotations"])
+mcp_annotations := a if {
+	a := input.mcp.annotations
+	is_object(a)
+} else := {}
 
 mcp_tool_call if {
 	has_mcp
@@ -143,30 +181,55 @@ destination_external if {
 
 # -- task and history -------------------------------------------------------
 
-has_task if is_object(doc.task)
+has_task if is_object(input.task)
 
-task := in_obj(["task"])
+task := t if {
+	t := input.task
+	is_object(t)
+} else := {}
 
-task_id := in_str(["task", "id"])
+task_id := i if {
+	i := input.task.id
+	is_string(i)
+} else := ""
 
-history := in_obj(["task", "history"])
+history := h if {
+	h := input.task.history
+	is_object(h)
+} else := {}
 
-history_calls := num(object.get(history, "calls", 0))
+history_calls := n if {
+	n := input.task.history.calls
+	is_number(n)
+} else := num(object.get(history, "calls", 0))
 
 history_amount := num(object.get(history, ["totals", "amount"], 0))
 
-history_records := num(object.get(history, ["totals", "records"], 0))
+history_records := n if {
+	n := input.task.history.totals.records
+	is_number(n)
+} else := num(object.get(history, ["totals", "records"], 0))
 
-# The comprehensions over the raw list read r.outcome, which is undefined (the
-# element skipped), never an error, for an element that is not an object: one
-# pass over the history fewer on every call.
-history_recent_raw := arr(object.get(history, "recent", []))
+# history.recent (v2): how many calls the window holds and, per outcome, when each
+# was decided in Unix milliseconds, oldest first.
+recent := r if {
+	r := input.task.history.recent
+	is_object(r)
+} else := {}
 
-history_recent := [r | some r in history_recent_raw; is_object(r)]
+recent_calls := num(object.get(recent, "calls", 0))
+
+recent_at_ms := a if {
+	a := input.task.history.recent.at_ms
+	is_object(a)
+} else := {}
 
 history_classifications := lower_strings(object.get(history, "classifications_read", []))
 
-now_ns := in_num(["time", "now_ns"])
+now_ns := n if {
+	n := input.time.now_ns
+	is_number(n)
+} else := in_num(["time", "now_ns"])
 
 # An RFC 3339 timestamp in ns; undefined, never an error, when malformed
 # (time.parse_rfc3339_ns raises on a 30 February).
@@ -200,7 +263,10 @@ leap_exception(year) if {
 
 # The objects that may carry amounts and record counts: the JSON body, each
 # element of a JSON array body (a batch), and the MCP tool arguments.
-payloads := array.concat(as_objects(body), as_objects(object.get(doc, ["mcp", "arguments"], null)))
+payloads := [] if {
+	body == null
+	not has_mcp
+} else := array.concat(as_objects(body), as_objects(object.get(doc, ["mcp", "arguments"], null)))
 
 as_objects(x) := [x] if {
 	is_object(x)
@@ -237,11 +303,10 @@ is_amount(v) if {
 # in the sidecar config) found in this call; the sidecar extracted them from the
 # JSON paths the operator named. A measure it did not find falls back to the
 # fields above.
-request_measures := in_obj(["request", "measures"])
-
-measured(name) := request_measures[name] if {
-	is_number(request_measures[name])
-	request_measures[name] >= 0
+measured(name) := n if {
+	n := input.request.measures[name]
+	is_number(n)
+	n >= 0
 }
 
 has_amount if measured("amount")
@@ -266,18 +331,32 @@ record_counts contains count(body) if {
 	is_array(body)
 }
 
+# A query parameter named in records_query_params, ignoring case: a knob entry in
+# lower case (all of the shipped ones) is matched by one lookup, any other by
+# comparing it lower-cased.
 record_counts contains num(v) if {
 	some k, values in query
-	lower(k) in lower_strings(cfg.records_query_params)
+	records_query_param(lower(k))
 	some v in arr(values)
+}
+
+records_query_param(name) if name in cfg.records_query_params
+
+records_query_param(name) if {
+	some p in cfg.records_query_params
+	is_string(p)
+	p != lower(p)
+	lower(p) == name
 }
 
 count_of(x) := count(x) if {
 	is_array(x)
 } else := num(x)
 
-call_records := measured("records") if {
-	measured("records")
+call_records := n if {
+	n := input.request.measures.records
+	is_number(n)
+	n >= 0
 } else := max(record_counts | {0})
 
 # -- wording ----------------------------------------------------------------
@@ -286,7 +365,7 @@ action := sprintf("MCP tool %s on %s", [clip(mcp_tool), route]) if {
 	mcp_tool_call
 } else := sprintf("MCP %s on %s", [clip(mcp_method), route]) if {
 	has_mcp
-} else := sprintf("%s %s on %s", [clip(method), clip(path), route])
+} else := sprintf("%s %s on %s", [substring(method, 0, 120), substring(path, 0, 120), route])
 
 task_name := sprintf("task %s", [clip(task_id)])
 
@@ -296,4 +375,9 @@ fmt(n) := format_int(n, 10) if {
 	n == floor(n)
 } else := sprintf("%v", [n])
 
-clamp_int(x, lo, hi) := max({lo, min({hi, floor(num(x))})})
+clamp_int(x, lo, hi) := n if {
+	is_number(x)
+	n := floor(x)
+	n >= lo
+	n <= hi
+} else := max({lo, min({hi, floor(num(x))})})

@@ -2,7 +2,7 @@
 # exact call first. Every rule here holds for approval.
 package sidecar.authz
 
-hold contains {
+write_hold contains {
 	"rule": "high_impact_delete",
 	"reason": sprintf("high_impact_delete: %s deletes data", [action]),
 } if {
@@ -20,25 +20,23 @@ funds_movement if {
 	matches_any(cfg.high_impact.funds_tool_patterns, mcp_tool)
 }
 
-hold contains {
+write_hold contains {
 	"rule": "amount_over_call_limit",
 	"reason": sprintf("amount_over_call_limit: %s moves %s > per-call limit %s", [action, fmt(call_amount), fmt(cfg.limits.per_call_amount)]),
 } if {
-	is_write
 	call_amount > cfg.limits.per_call_amount
 }
 
-hold contains {
+write_hold contains {
 	"rule": "critical_amount",
 	"reason": sprintf("critical_amount: %s moves %s > critical amount %s", [action, fmt(call_amount), fmt(cfg.limits.critical_amount)]),
 } if {
-	is_write
 	call_amount > cfg.limits.critical_amount
 }
 
 # Without an amount the blast radius of a funds movement is unknown
 # (a form-encoded body, another field name): a human looks at it.
-hold contains {
+write_hold contains {
 	"rule": "funds_movement_without_amount",
 	"reason": sprintf("funds_movement_without_amount: %s moves funds but carries no amount in %s", [action, concat(", ", strings(cfg.amount_fields))]),
 } if {
@@ -64,7 +62,7 @@ external_publish if {
 	matches_any(cfg.high_impact.publish_tool_patterns, mcp_tool)
 }
 
-hold contains {
+write_hold contains {
 	"rule": "external_publish",
 	"reason": sprintf("external_publish: %s publishes to an external audience", [action]),
 } if {
@@ -78,11 +76,10 @@ policy_change if {
 	matches_any(cfg.high_impact.policy_tool_patterns, mcp_tool)
 }
 
-hold contains {
+write_hold contains {
 	"rule": "prod_policy_change",
 	"reason": sprintf("prod_policy_change: %s changes access policy in environment %s", [action, environment]),
 } if {
-	is_write
 	production
 	policy_change
 }

@@ -1,19 +1,26 @@
 # Intent: who may call what, and under which task. Every rule here denies.
 package sidecar.authz
 
-deny contains {
+write_deny contains {
 	"rule": "write_without_task",
 	"reason": sprintf("write_without_task: %s is a %s call and writes need a task (declare one and send X-Agent-Task)", [action, action_class]),
 } if {
-	is_write
 	not has_task
 }
 
 # The task's declared intent bounds what the agent may touch while working on it.
 # An absent or empty list declares no bound.
-task_allowed_routes := strings(object.get(task, ["labels", "allowed_routes"], []))
+task_allowed_routes := strings(r) if {
+	r := input.task.labels.allowed_routes
+	is_array(r)
+	count(r) > 0
+} else := []
 
-task_allowed_tools := lower_strings(object.get(task, "allowed_tools", []))
+task_allowed_tools := lower_strings(t) if {
+	t := input.task.allowed_tools
+	is_array(t)
+	count(t) > 0
+} else := set()
 
 deny contains {
 	"rule": "outside_task_intent",
@@ -53,11 +60,18 @@ tool_declared if {
 	concat(":", [lower(route), mcp_tool]) in task_allowed_tools
 }
 
-agent_id := in_str(["agent", "id"])
+agent_id := a if {
+	a := input.agent.id
+	is_string(a)
+} else := ""
 
 # data.sidecar.config.agent_routes maps an agent id to its routes; "*" is the
-# entry for agents not listed, and a "*" route allows every route.
-agent_routes := strings(object.get(cfg.agent_routes, agent_id, object.get(cfg.agent_routes, "*", [])))
+# entry for agents not listed, and a "*" route allows every route. (Only
+# strings can equal "*" or a route: the list is used as it is.)
+agent_routes := r if {
+	r := object.get(cfg.agent_routes, agent_id, object.get(cfg.agent_routes, "*", []))
+	is_array(r)
+} else := []
 
 agent_route_allowed if "*" in agent_routes
 
