@@ -182,6 +182,20 @@ def test_totals_carry_every_configured_measure_of_allowed_calls() -> None:
     assert history["calls"] == 5 and len(history["recent"]) == 5
 
 
+def test_totals_that_overflow_saturate_instead_of_becoming_infinite() -> None:
+    """1e308 + 1e308 is infinity, which JSON cannot carry: a total stays finite and over every cap."""
+    import sys
+
+    from sidecar.jsoncodec import JsonDocument, loads
+
+    summary = TaskSummary()
+    for _ in range(2):
+        summary.add(call(amount=1e308, measures={"amount": 1e308}))
+    history = summary.as_input()
+    assert history["totals"]["amount"] == sys.float_info.max
+    assert loads(JsonDocument({"history": history}).json)["history"]["totals"]["amount"] == sys.float_info.max
+
+
 def test_external_hosts_and_classifications_count_only_what_was_forwarded() -> None:
     summary = TaskSummary()
     summary.add(call(method="GET", write=False, route="crm", host="crm.internal", classification="confidential"))

@@ -12,15 +12,25 @@ from collections import deque
 from dataclasses import asdict, fields
 from typing import Any
 
+import orjson
+
 from .store import RECENT_CALLS, CallRecord, Reservation, Task, TaskSummary
 
 
+def _dumps(doc: dict[str, Any]) -> str:
+    """Compact JSON; orjson (a history is written on every call), the standard library for what orjson refuses."""
+    try:
+        return orjson.dumps(doc).decode()
+    except TypeError:  # an integer beyond 64 bits in a measure's total
+        return json.dumps(doc, separators=(",", ":"))
+
+
 def task_to_json(task: Task) -> str:
-    return json.dumps(asdict(task), separators=(",", ":"))
+    return _dumps(asdict(task))
 
 
 def task_from_json(text: str | bytes) -> Task:
-    doc: dict[str, Any] = json.loads(text)
+    doc: dict[str, Any] = orjson.loads(text)
     known = {f.name for f in fields(Task)}
     return Task(**{k: v for k, v in doc.items() if k in known})
 
@@ -39,11 +49,11 @@ def summary_to_json(summary: TaskSummary, *, in_flight: bool = True) -> str:
         doc["in_flight"] = [reservation_doc(r) for r in summary.in_flight.values()]
     else:
         del doc["in_flight"], doc["version"]
-    return json.dumps(doc, separators=(",", ":"))
+    return _dumps(doc)
 
 
 def summary_from_json(text: str | bytes) -> TaskSummary:
-    doc: dict[str, Any] = json.loads(text)
+    doc: dict[str, Any] = orjson.loads(text)
     summary = TaskSummary()
     for field in fields(TaskSummary):
         if field.name not in doc:
@@ -67,7 +77,7 @@ def reservation_doc(reservation: Reservation) -> dict[str, Any]:
 
 
 def reservation_to_json(reservation: Reservation) -> str:
-    return json.dumps(reservation_doc(reservation), separators=(",", ":"))
+    return _dumps(reservation_doc(reservation))
 
 
 def reservation_from_doc(doc: dict[str, Any]) -> Reservation:
@@ -75,4 +85,4 @@ def reservation_from_doc(doc: dict[str, Any]) -> Reservation:
 
 
 def reservation_from_json(text: str | bytes) -> Reservation:
-    return reservation_from_doc(json.loads(text))
+    return reservation_from_doc(orjson.loads(text))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import heapq
+import math
 import secrets
+import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field, replace
@@ -70,7 +72,10 @@ class Reservation:
 
 def _count(counts: dict[str, Any], key: str, value: float) -> None:
     key = key if key in counts or len(counts) < MAX_KEYS else "other"
-    counts[key] = counts.get(key, 0) + value
+    total = counts.get(key, 0) + value
+    # Two finite amounts can sum to infinity (1e308 + 1e308), which JSON cannot carry (orjson writes null,
+    # and a null total would slip past a cap): a total saturates at the largest float, over every cap.
+    counts[key] = total if math.isfinite(total) else sys.float_info.max
 
 
 @dataclass
