@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from sidecar.tasks import CallRecord, MemoryTaskStore, TaskStore
+from sidecar.tasks.store import Reservation
 from sidecar.tasks.redis_store import RedisTaskStore
 from sidecar.tasks.sqlite import SqliteTaskStore
 
@@ -88,6 +90,23 @@ async def test_finishing_a_task_revokes_every_credential_it_was_issued(make_stor
     assert again is not None and again.status == "completed"
     with pytest.raises(ValueError):
         await store.finish(other.id, "open")
+
+
+async def test_a_call_confirmed_while_its_task_is_revoked_leaves_nothing_in_flight(make_store: StoreFactory) -> None:
+    """The last allowed call answers as the next call's decision revokes the task (a cap reached): its
+    confirmation, the revocation and the denied call's record are written together, none erasing another."""
+    store = make_store()
+    task = await store.create(agent="spiffe://a", intent="read", labels={}, ttl_seconds=60, allowed_tools=[])
+    found = await store.get(task.id)
+    assert found is not None
+    reservation = Reservation("d-last", record(), time.time() + 30)
+    assert await store.reserve(task.id, reservation, version=found[1].version)
+    await asyncio.gather(store.finish(task.id, "revoked"), store.confirm(task.id, reservation),
+                         store.record(task.id, record("deny")))
+    ended = await store.get(task.id)
+    assert ended is not None and ended[0].status == "revoked"
+    history = ended[1].as_input()
+    assert history["in_flight"]["calls"] == 0 and history["calls"] == 2
 
 
 async def test_sqlite_keeps_tasks_and_revocations_across_a_restart(tmp_path: Path) -> None:

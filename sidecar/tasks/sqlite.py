@@ -30,6 +30,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -445,29 +446,32 @@ class SqliteTaskStore:
             await self._batches.save(task_id, found[1])
 
     async def finish(self, task_id: str, status: str) -> Task | None:
-        check_end_status(status)
-        cached = self._cached.pop(task_id, None)  # re-read from the database, as ended, on the next get
-        if cached is not None:
-            cached[1].version += 1  # a decision that read the task open must not reserve on it now
+        """End the task and revoke its credentials (synchronous=FULL).
 
-        def end(db: sqlite3.Connection) -> Task | None:
-            row = db.execute("SELECT doc, summary FROM tasks WHERE id = ?", (task_id,)).fetchone()
-            if row is None:
-                return None
-            task = task_from_json(row[0])
-            if task.status == "open":
-                task.status = status
-                summary = summary_from_json(row[1])
-                summary.version += 1
-                db.execute("UPDATE tasks SET doc = ?, status = ?, summary = ? WHERE id = ?",
-                           (task_to_json(task), status, summary_to_json(summary), task_id))
+        The summary written is this process's own copy, the one every reservation and confirmation of the
+        task was applied to, and it stays cached: re-reading the row while writes of the task are still
+        queued would put a second copy in play, and a later save of either would erase what the other saw
+        (a confirmation lost, a call left in flight for ever)."""
+        check_end_status(status)
+        found = await self.get(task_id)
+        if found is None:
+            return None
+        task, summary = found
+        summary.version += 1  # a decision that read the task open must not reserve on it now
+        ending = task.status == "open"
+        ended = replace(task, status=status) if ending else task
+        row = (task_to_json(ended), status, summary_to_json(summary), task_id)  # taken on the loop, which owns them
+
+        def end(db: sqlite3.Connection) -> None:
+            if ending:
+                db.execute("UPDATE tasks SET doc = ?, status = ?, summary = ? WHERE id = ? AND status = 'open'", row)
             db.execute("UPDATE task_credentials SET revoked_at = ?, cause = ? WHERE task_id = ? AND revoked_at IS NULL",
                        (time.time(), status, task_id))
-            return task
 
         # FULL: the revocation is fsynced before it is acknowledged; it waits at most for the batch in progress.
-        ended: Task | None = await self._batches.run(end, full=True, seal=task_id, single=False)
-        self._cached.pop(task_id, None)  # a read that raced the update may have cached the task as open
+        await self._batches.run(end, full=True, seal=task_id, single=False)
+        if self._cached.get(task_id, (None, None))[1] is summary:
+            self._cache(ended, summary)
         return ended
 
     async def record_credential(self, jti: str, task_id: str | None, expires_at: int) -> None:
