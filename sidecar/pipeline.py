@@ -158,6 +158,8 @@ class RequestPath:
         if credential.jti and credential.expires_at is not None:
             # Known to the store before it leaves: introspection and task revocation cover it.
             await self.tasks.record_credential(credential.jti, call.task_id, credential.expires_at)
+        if trace.reservation is not None:
+            await self.tasks.committed(trace.reservation.id)  # the reservation is durable before the call leaves
         await self._written(allowed)  # fail closed
         if approval is not None:
             self._record_approval_used(approval, decision, credential)
@@ -246,6 +248,8 @@ class RequestPath:
         decision = await self._decide_on_task(call, agent, trace, None)
         await self._enforce(call, agent, trace, decision, None)
         await self._written(self._record_decision(trace, decision, "allow"))
+        if trace.reservation is not None:
+            await self.tasks.committed(trace.reservation.id)
         self.metrics.requests.labels(call.route.name, "allowed").inc()
         # The tunnel is open from here: the call counts as completed (what flows through it is not seen).
         reservation, trace.reservation = trace.reservation, None
@@ -340,7 +344,9 @@ class RequestPath:
         assert call.task_id is not None
         expires_at = time.time() + call.route.timeout_seconds + RESERVATION_MARGIN_SECONDS
         reservation = Reservation(decision.decision_id, _call_record(call, "allow"), expires_at)
-        if not await self.tasks.reserve(call.task_id, reservation, version=version):
+        # Counted at once for the task's next decision; committed with the credential record of this call,
+        # and awaited (tasks.committed) before the call leaves.
+        if not await self.tasks.reserve(call.task_id, reservation, version=version, wait=False):
             return False
         trace.reservation = reservation
         return True
