@@ -1,6 +1,6 @@
 """The documents that cross module boundaries on the request path.
 
-intercept -> InterceptedCall -> context -> policy input (dict, schema input.v1)
+intercept -> InterceptedCall -> context -> policy input (a JsonDocument, schema input.v2)
 decide -> Decision -> enforce -> mint -> MintedCredential -> forward -> record
 """
 
