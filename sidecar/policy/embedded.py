@@ -294,7 +294,7 @@ def _eval_json(engine: Any, document: str, input_json: bytes) -> Any:
     which cost ~10x orjson on the ~4 KB input of every call; the policy input is serialised once
     (sidecar.jsoncodec.JsonDocument) and those bytes are what the engine reads. This uses the
     binding's internals (opa-golib-python-bindings 0.4.4, pinned in the Makefile); a binding without
-    them gets the input through its public API instead (tests/test_engines.py checks both agree).
+    them gets the input through its public API instead (tests/test_jsoncodec.py checks both agree).
     """
     import opa_bindings
 
