@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import calendar
-import functools
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from .documents import InterceptedCall, McpCall
 from .proxy.headers import policy_view
 from .tasks.measures import call_measures, payload
+from .tasks.store import epoch_ms
 
 
 INPUT_VERSION = "v2"
@@ -88,8 +86,9 @@ def _mcp(mcp_call: McpCall | None, annotations: dict[str, Any] | None,
 
 
 def task_input(task: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The task as input v2 sends it: the task store's view (``Task.as_input``) with ``history.recent``
-    reduced to what rules read, in the form that is cheapest for the engine to take in.
+    """The task as input v2 sends it. The pipeline passes the store's policy view (``Task.as_policy_input``),
+    which is v2 already and passes through; a v1-shaped task (``Task.as_input``, the admin API's view) gets
+    ``history.recent`` reduced here to what rules read, in the form that is cheapest for the engine to take in.
 
     v1 sent the last 20 calls as objects of seven strings each, most of the bytes of a typical input
     (every byte costs the embedded engine ~530 instructions to decode). v2 sends how many there are
@@ -111,16 +110,3 @@ def recent_v2(recent: list[dict[str, Any]]) -> dict[str, Any]:
         at = entry.get("at")
         at_ms.setdefault(str(entry.get("outcome")), []).append(epoch_ms(at) if isinstance(at, str) else 0)
     return {"calls": len(recent), "at_ms": at_ms}
-
-
-@functools.lru_cache(maxsize=8192)
-def epoch_ms(at: str) -> int:
-    """RFC 3339 (the task store's ``at``, UTC with or without milliseconds) to Unix milliseconds, exactly;
-    0 (never inside a rate window) for anything else, as v1's rules ignored a timestamp they could not parse."""
-    try:
-        moment = datetime.fromisoformat(at)
-    except ValueError:
-        return 0
-    if moment.utcoffset() is None:
-        return 0
-    return (calendar.timegm(moment.utctimetuple()) * 1000) + moment.microsecond // 1000

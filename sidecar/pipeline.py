@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
@@ -27,6 +26,7 @@ from .context import AgentIdentity, build_input
 from .delegation import DelegationVerifier
 from .credentials import CredentialMinter
 from .documents import Decision, InterceptedCall, MintedCredential
+from .ids import random_uuid
 from .jsoncodec import JsonDocument
 from .observability.metrics import Metrics
 from .policy import Decider
@@ -212,7 +212,10 @@ class RequestPath:
         route_metrics.allowed.inc()
         self._record_upstream(trace, decision, result.status, result.bytes_sent,  # 6. record
                               interrupted_by=result.interrupted_by)
-        await self._settle_confirmed(call, reservation)
+        # The answer is relayed whole: the agent may send its next call on this connection at once. The task's
+        # history is confirmed in a task of its own (the reservation counts until then, so no decision misses
+        # the call), and the sidecar's stop waits for it like for any other record.
+        self._run_to_completion(self._settle_confirmed(call, reservation))
         return response
 
     def _run_to_completion(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -268,7 +271,7 @@ class RequestPath:
         if task.agent != agent.id:
             raise Refusal("unknown_task", f"task {call.task_id} belongs to another agent")
         version = summary.version  # read together with the history, before anything can change it
-        trace.task = task.as_input(summary)
+        trace.task = task.as_policy_input(summary)
         return version
 
     async def _presented_approval(self, call: InterceptedCall, agent: AgentIdentity) -> Approval:
@@ -616,9 +619,10 @@ class RequestPath:
         """A history write after the decision: within a deadline, or audited as ``record.failed`` and retried
         in the background. Never a refusal: the call's outcome is already decided (and may be forwarded)."""
         try:
-            await asyncio.wait_for(write(), RECORD_DEADLINE_SECONDS)
+            async with asyncio.timeout(RECORD_DEADLINE_SECONDS):
+                await write()
             return
-        except (Refusal, asyncio.TimeoutError) as exc:
+        except (Refusal, TimeoutError) as exc:
             error = exc.detail if isinstance(exc, Refusal) else f"no answer within {RECORD_DEADLINE_SECONDS:g}s"
         what = {"decision_id": decision_id, "task_id": call.task_id, "record": record}
         self.metrics.record_failures.labels(record).inc()
@@ -660,7 +664,7 @@ class RequestPath:
 
 
 def _failed(refusal: Refusal) -> Decision:
-    return Decision(decision_id=refusal.decision_id or str(uuid.uuid4()), allow=False, require_approval=False,
+    return Decision(decision_id=refusal.decision_id or random_uuid(), allow=False, require_approval=False,
                     reasons=tuple(refusal.reasons))
 
 

@@ -387,3 +387,26 @@ async def test_sensitive_read_then_external_write_is_held(make_sidecar: Any, ech
     assert len(echo_tool.seen) == 1
     history = await task_history(sc, task)
     assert history["classifications_read"] == ["confidential"] and history["external_hosts_written"] == []
+
+
+def test_the_policy_view_of_a_history_is_the_admin_view_reduced_as_input_v2_says() -> None:
+    """The pipeline reads ``as_policy_input`` (v2 directly); it must be what ``context.task_input`` makes of the
+    admin API's v1-shaped view, reservations, odd timestamps and all outcomes included."""
+    import time
+
+    from sidecar.context import task_input
+    from sidecar.tasks.store import Reservation, Task, iso_ms
+
+    now = time.time()
+    summary = TaskSummary()
+    for n, outcome in enumerate(["allow", "deny", "hold", "allow"] * 6):
+        summary.add(call(outcome, at=iso_ms(now - 100 + n)))
+    summary.add(call("allow", at="not a time"))
+    summary.add(call("allow", at="2025-01-01T00:00:00"))  # no offset: never inside a window
+    summary.reserve(Reservation("d-1", call("allow", at=iso_ms(now - 50.5)), now + 30))
+    summary.reserve(Reservation("d-2", call("allow", at=iso_ms(now)), now - 1))  # expired: not in the view
+    task = Task(id="t-1", agent="a", intent="i", labels={"x": 1}, created_at=now - 200, expires_at=now + 200)
+    policy = task.as_policy_input(summary)
+    assert policy == task_input(task.as_input(summary))
+    assert policy["history"]["recent"]["calls"] == 20
+    assert policy["history"]["in_flight"]["calls"] == 1

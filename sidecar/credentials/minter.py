@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import secrets
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from ..documents import Decision, InterceptedCall, MintedCredential
+from ..ids import random_hex
 from ..secret import Secret
 from .keys import KeyRing, SigningKey
 
@@ -99,7 +99,7 @@ class JwtMinter:
             "iat": now,
             "nbf": now,
             "exp": expires,
-            "jti": secrets.token_hex(16),
+            "jti": random_hex(16),
             "decision_id": decision.decision_id,
             "req": {"method": call.method, "uri": call.target_url, "body_sha256": call.body_sha256},
             "req_hash": request_binding(call.method, call.target_url, call.body_sha256),

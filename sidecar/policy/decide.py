@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
 
 from ..documents import ApprovalSpec, CredentialSpec, Decision
+from ..ids import random_uuid
 from ..problems import Refusal
 from .engine import PolicyEngine, PolicyError
 
@@ -108,13 +108,13 @@ class Decider:
 
     async def decide(self, input_document: dict[str, Any], decision_id: str | None = None) -> Decision:
         """Return a validated decision or raise a policy_unavailable (or overloaded) Refusal."""
-        decision_id = decision_id or str(uuid.uuid4())
+        decision_id = decision_id or random_uuid()
         started = time.perf_counter_ns()
         try:
-            evaluation = await asyncio.wait_for(
-                self.engine.evaluate_with_provenance(self.decision_path, input_document), self.timeout_seconds
-            )
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: the evaluation runs in this task (wait_for would make one per call).
+            async with asyncio.timeout(self.timeout_seconds):
+                evaluation = await self.engine.evaluate_with_provenance(self.decision_path, input_document)
+        except TimeoutError:
             raise self._refuse(decision_id, "timeout", f"policy engine timed out after {self.timeout_seconds * 1000:.0f} ms") from None
         except PolicyError as exc:
             if exc.kind == "overloaded":  # the engine is healthy, only behind: not a policy failure

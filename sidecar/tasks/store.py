@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import calendar
+import functools
 import heapq
 import math
 import secrets
 import sys
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from typing import Any, Protocol
 
 from ..problems import Refusal
@@ -29,6 +33,19 @@ def iso(epoch: float) -> str:
 def iso_ms(epoch: float) -> str:
     """RFC 3339 with milliseconds: the rate window must not see a call up to a second older than it is."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch * 1000) % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8192)
+def epoch_ms(at: str) -> int:
+    """RFC 3339 (``iso_ms``'s form, UTC with or without milliseconds) to Unix milliseconds, exactly; 0 (never
+    inside a rate window) for anything else, as v1's rules ignored a timestamp they could not parse."""
+    try:
+        moment = datetime.fromisoformat(at)
+    except ValueError:
+        return 0
+    if moment.utcoffset() is None:
+        return 0
+    return (calendar.timegm(moment.utctimetuple()) * 1000) + moment.microsecond // 1000
 
 
 @dataclass(frozen=True)
@@ -156,8 +173,17 @@ class TaskSummary:
         self.recent.append(record)
 
     def as_input(self, now: float | None = None) -> dict[str, Any]:
-        """The history a decision sees: completed calls and live reservations counted alike, the
+        """The history as the admin API shows it: completed calls and live reservations counted alike, the
         reservations also apart under ``in_flight`` and marked ``state: reserved`` in ``recent``."""
+        return self._history(now, _recent_objects)
+
+    def as_policy_input(self, now: float | None = None) -> dict[str, Any]:
+        """The history a decision sees (input v2, docs/policy.md): as ``as_input``, with ``recent`` reduced to
+        how many calls it holds and, per outcome, when each was decided in Unix milliseconds, oldest first."""
+        return self._history(now, _recent_times)
+
+    def _history(self, now: float | None,
+                 recent_form: Callable[[list[tuple[CallRecord, str]]], Any]) -> dict[str, Any]:
         live = self.live_reservations(time.time() if now is None else now)
         view = self._with_reserved(live) if live else self
         in_flight_totals: dict[str, float] = {}
@@ -172,11 +198,7 @@ class TaskSummary:
             "totals": dict(view.totals),
             "external_hosts_written": list(view.external_hosts_written),
             "classifications_read": list(view.classifications_read),
-            "recent": [
-                {"route": r.route, "method": r.method, "path": r.path, "host": r.host, "outcome": r.outcome, "at": r.at,
-                 "state": state}
-                for r, state in self._recent_with(live)
-            ],
+            "recent": recent_form(self._recent_with(live)),
             "in_flight": {"calls": len(live), "totals": in_flight_totals},
         }
 
@@ -197,6 +219,18 @@ class TaskSummary:
         return view
 
 
+def _recent_objects(entries: list[tuple[CallRecord, str]]) -> list[dict[str, Any]]:
+    return [{"route": r.route, "method": r.method, "path": r.path, "host": r.host, "outcome": r.outcome, "at": r.at,
+             "state": state} for r, state in entries]
+
+
+def _recent_times(entries: list[tuple[CallRecord, str]]) -> dict[str, Any]:
+    at_ms: dict[str, list[int]] = {}
+    for record, _ in entries:
+        at_ms.setdefault(record.outcome, []).append(epoch_ms(record.at))
+    return {"calls": len(entries), "at_ms": at_ms}
+
+
 @dataclass
 class Task:
     id: str
@@ -212,6 +246,13 @@ class Task:
         return self.status == "open" and now < self.expires_at
 
     def as_input(self, summary: TaskSummary) -> dict[str, Any]:
+        return self._document(summary.as_input())
+
+    def as_policy_input(self, summary: TaskSummary) -> dict[str, Any]:
+        """The task as the policy input's ``task`` (input v2)."""
+        return self._document(summary.as_policy_input())
+
+    def _document(self, history: dict[str, Any]) -> dict[str, Any]:
         return {
             "id": self.id,
             "intent": self.intent,
@@ -221,7 +262,7 @@ class Task:
             "expires_at": iso(self.expires_at),
             "expires_at_epoch": int(self.expires_at),
             "status": self.status,
-            "history": summary.as_input(),
+            "history": history,
         }
 
     def public(self) -> dict[str, Any]:
