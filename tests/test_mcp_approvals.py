@@ -3,6 +3,7 @@ with a new JSON-RPC id and no extra header, and the approval a human granted is 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,6 +40,16 @@ async def records_sidecar(make_sidecar: Any, upstream: str, idp: ApproverIdP, st
                                        "protocol": "mcp", "labels": {"environment": "dev"}}])
 
 
+@contextlib.asynccontextmanager
+async def mcp_session(proxy: str, task: str) -> AsyncIterator[ClientSession]:
+    """The official SDK's client session on the records route, inside ``task``, initialised."""
+    client = create_mcp_http_client(headers={"X-Agent-Task": task})
+    async with client, streamable_http_client(f"{proxy}/records/mcp", http_client=client) as streams:
+        async with ClientSession(streams[0], streams[1]) as session:
+            await session.initialize()
+            yield session
+
+
 def approval_id_in(result: Any) -> str:
     assert result.is_error, result
     found = re.match(r"waiting for human approval (ap-[0-9a-f]+);", result.content[0].text)
@@ -61,22 +72,19 @@ async def test_a_plain_retry_of_the_same_tool_call_uses_its_approval_once(
     sc = await records_sidecar(make_sidecar, upstream, idp, store)
     task = await open_task(sc.admin, "remove the duplicate customer record 7")
     approver = idp.token("alice@example.com", ["approvers"])
-    client = create_mcp_http_client(headers={"X-Agent-Task": task})
-    async with client, streamable_http_client(f"{sc.proxy}/records/mcp", http_client=client) as streams:
-        async with ClientSession(streams[0], streams[1]) as session:
-            await session.initialize()
-            held = approval_id_in(await session.call_tool("delete_record", {"record_id": 7}))
-            # Called again before anyone decided: the same approval, not a second one.
-            assert approval_id_in(await session.call_tool("delete_record", {"record_id": 7})) == held
-            assert (await approve(sc.admin, held, approver)).status_code == 200
-            # Another argument is another call: it needs its own approval.
-            other = approval_id_in(await session.call_tool("delete_record", {"record_id": 8}))
-            assert other != held
-            done: Any = await session.call_tool("delete_record", {"record_id": 7})
-            assert not done.is_error and done.content[0].text == "deleted 7"
-            # Used once: the next identical call is held afresh.
-            again = approval_id_in(await session.call_tool("delete_record", {"record_id": 7}))
-            assert again not in (held, other)
+    async with mcp_session(sc.proxy, task) as session:
+        held = approval_id_in(await session.call_tool("delete_record", {"record_id": 7}))
+        # Called again before anyone decided: the same approval, not a second one.
+        assert approval_id_in(await session.call_tool("delete_record", {"record_id": 7})) == held
+        assert (await approve(sc.admin, held, approver)).status_code == 200
+        # Another argument is another call: it needs its own approval.
+        other = approval_id_in(await session.call_tool("delete_record", {"record_id": 8}))
+        assert other != held
+        done: Any = await session.call_tool("delete_record", {"record_id": 7})
+        assert not done.is_error and done.content[0].text == "deleted 7"
+        # Used once: the next identical call is held afresh.
+        again = approval_id_in(await session.call_tool("delete_record", {"record_id": 7}))
+        assert again not in (held, other)
     assert deleted == [7]
 
 
@@ -112,13 +120,10 @@ async def test_a_call_a_human_denied_is_answered_as_denied_and_nobody_is_asked_a
     sc = await records_sidecar(make_sidecar, upstream, idp, {"backend": "sqlite"})
     task = await open_task(sc.admin, "remove the duplicate customer record 7")
     approver = idp.token("alice@example.com", ["approvers"])
-    client = create_mcp_http_client(headers={"X-Agent-Task": task})
-    async with client, streamable_http_client(f"{sc.proxy}/records/mcp", http_client=client) as streams:
-        async with ClientSession(streams[0], streams[1]) as session:
-            await session.initialize()
-            held = approval_id_in(await session.call_tool("delete_record", {"record_id": 7}))
-            assert (await approve(sc.admin, held, approver, verdict="deny", comment="not that one")).status_code == 200
-            retried: Any = await session.call_tool("delete_record", {"record_id": 7})
+    async with mcp_session(sc.proxy, task) as session:
+        held = approval_id_in(await session.call_tool("delete_record", {"record_id": 7}))
+        assert (await approve(sc.admin, held, approver, verdict="deny", comment="not that one")).status_code == 200
+        retried: Any = await session.call_tool("delete_record", {"record_id": 7})
     assert retried.is_error and retried.content[0].text.startswith(f"a human denied this call (approval {held})")
     assert await list_pending(sc.admin, approver) == []
     assert deleted == []
