@@ -26,10 +26,13 @@ class ApprovalParts:
 
 
 def build_store(config: Config) -> ApprovalStore:
-    from .redis_store import RedisApprovalStore
     from .sqlite_store import SqliteApprovalStore
 
-    redis: Callable[[str], ApprovalStore] = RedisApprovalStore
+    def redis(url: str) -> ApprovalStore:
+        from .redis_store import RedisApprovalStore  # only a Redis store imports the client (~5 MiB resident)
+
+        return RedisApprovalStore(url)
+
     sqlite: Callable[[Path], ApprovalStore] = SqliteApprovalStore
     return open_store(config, redis=redis, sqlite=sqlite)
 

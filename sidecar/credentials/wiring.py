@@ -33,10 +33,13 @@ class CredentialParts:
 
 
 def build_task_store(config: Config) -> TaskStore:
-    from ..tasks.redis_store import RedisTaskStore
     from ..tasks.sqlite import SqliteTaskStore
 
-    redis: Callable[[str], TaskStore] = RedisTaskStore
+    def redis(url: str) -> TaskStore:
+        from ..tasks.redis_store import RedisTaskStore  # only a Redis store imports the client (~5 MiB resident)
+
+        return RedisTaskStore(url)
+
     sqlite: Callable[[Path], TaskStore] = SqliteTaskStore
     return open_store(config, redis=redis, sqlite=sqlite)
 
