@@ -451,6 +451,7 @@ class RequestPath:
             approvers_required=decision.approval.approvers, group=decision.approval.group,
             created_at=now, expires_at=now + expires_in,
             intent=trace.task["intent"] if trace.task else None,
+            shown_target=self.hold.preview.mask_target(call.target_url),
             body=self.hold.preview.build(call, decision.reasons),  # masked and bounded: what the approver sees
         )
         await self.approvals.create(approval)
@@ -669,18 +670,19 @@ def _failed(refusal: Refusal) -> Decision:
 
 
 def _masked_input(document: dict[str, Any], preview: PreviewSettings) -> dict[str, Any]:
-    """The policy input as audited: the body and MCP arguments with the masked fields' values replaced."""
+    """The policy input as audited: the body, the query and the MCP arguments with the masked fields' values replaced."""
     request, mcp_doc = document.get("request"), document.get("mcp")
     if not isinstance(request, dict):
         return document
-    body = request.get("body")
-    masked_body = preview.mask(body)
+    body, query, raw_query = request.get("body"), request.get("query"), request.get("raw_query")
+    masked_request = {"body": preview.mask(body), "query": preview.mask(query),
+                      "raw_query": preview.mask_query(raw_query) if isinstance(raw_query, str) else raw_query}
     arguments = mcp_doc.get("arguments") if isinstance(mcp_doc, dict) else None
     masked_arguments = preview.mask(arguments)
-    if masked_body is body and masked_arguments is arguments:
+    if masked_arguments is arguments and all(masked_request[name] is request.get(name) for name in masked_request):
         return document  # the very input the engine judged: its bytes are embedded as they are
     masked = dict(document)
-    masked["request"] = {**request, "body": masked_body}
+    masked["request"] = {**request, **masked_request}
     if isinstance(mcp_doc, dict) and "arguments" in mcp_doc:
         masked["mcp"] = {**mcp_doc, "arguments": masked_arguments}
     return masked

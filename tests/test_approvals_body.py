@@ -30,6 +30,7 @@ from sidecar.tasks.measures import Measure, parse_path
 from test_approvals_webhook import Receiver
 
 SECRETS = ("hunter2-PASSWORD-VALUE", "tok-SECRET-VALUE-123", "deep-API-KEY-value", "sk_live_CLIENT_SECRET")
+QUERY_SECRET = "presigned-QUERY-SIGNATURE-42"
 
 
 def call_of(body: bytes, content_type: str = "application/json", measures: tuple[Measure, ...] = ()) -> InterceptedCall:
@@ -206,7 +207,8 @@ async def test_webhook_cli_api_audit_and_logs_show_the_body_and_never_a_masked_v
     try:
         task = await open_task(sc.admin, "pay the ACME invoice")
         async with httpx.AsyncClient() as agent:
-            held = await agent.post(f"{sc.proxy}/payments/transfers", content=json.dumps(transfer_body()).encode(),
+            held = await agent.post(f"{sc.proxy}/payments/transfers?Access%5FToken={QUERY_SECRET}&memo=rent",
+                                    content=json.dumps(transfer_body()).encode(),
                                     headers={"X-Agent-Task": task, "Content-Type": "application/json"})
         assert held.status_code == 403 and held.json()["code"] == "approval_required", held.text
         approval_id = held.json()["approval_id"]
@@ -228,6 +230,8 @@ async def test_webhook_cli_api_audit_and_logs_show_the_body_and_never_a_masked_v
             listed = (await client.get(f"{sc.admin}/v1/approvals",
                                        headers={"Authorization": f"Bearer {idp.token('alice@example.com', ['approvers'])}"})).text
         assert '\\"payee\\": \\"ACME Corp\\"' in shown
+        # The query's masked value is not shown either; the binding behind it keeps the exact target.
+        assert json.loads(shown)["binding"]["target"].endswith("/payments/transfers?Access_Token=[masked]&memo=rent")
 
         env = {**os.environ, "AGENT_SIDECAR_ADMIN": sc.admin,
                "AGENT_SIDECAR_APPROVER_TOKEN": idp.token("alice@example.com", ["approvers"])}
@@ -257,11 +261,36 @@ async def test_webhook_cli_api_audit_and_logs_show_the_body_and_never_a_masked_v
         assert decision["input"]["request"]["body"]["Password"] == MASKED  # the audited input is masked too
         assert decision["input"]["request"]["body"]["payee"] == "ACME Corp"
         assert decision["input"]["request"]["body_sha256"] == body["sha256"]  # still bound to the exact body
+        assert decision["input"]["request"]["query"] == {"Access_Token": MASKED, "memo": ["rent"]}
+        assert decision["input"]["request"]["raw_query"] == "Access_Token=[masked]&memo=rent"
         everything = {"webhook": raw_event, "api show": shown, "api list": listed, "cli show": show.stdout + show.stderr,
-                      "cli list": listing.stdout, "cli json": as_json.stdout, "audit": audit_text, "logs": caplog.text}
+                      "cli list": listing.stdout, "cli json": as_json.stdout, "audit": audit_text,
+                      # the test's own clients (httpx) log the URLs they call; everything else is the sidecar's
+                      "logs": "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith(("httpx", "httpcore")))}
         for where, text in everything.items():
-            for secret in SECRETS:
+            for secret in (*SECRETS, QUERY_SECRET):
                 assert secret not in text, f"{secret} in {where}"
     finally:
         assert receiver.runner is not None
         await receiver.runner.cleanup()
+
+
+@pytest.mark.parametrize(("query", "shown"), [
+    ("", ""),
+    ("q=1", "q=1"),
+    ("api_key=abc&q=1", "api_key=[masked]&q=1"),
+    ("API-Key=abc", "API-Key=[masked]"),
+    ("x_access_token=abc&token=def&token=ghi", "x_access_token=[masked]&token=[masked]&token=[masked]"),
+    ("api%5Fkey=abc", "api%5Fkey=[masked]"),  # names are matched decoded, shown as sent
+    ("pass+word=abc", "pass+word=[masked]"),  # '+' is a space: "pass word" normalises to "password"
+    ("password", "password"),  # a name without a value has nothing to hide
+    ("memo=my+password+is+x", "memo=my+password+is+x"),  # names only, as for bodies
+    ("a=1&&password=x&", "a=1&&password=[masked]&"),
+])
+def test_query_parameters_are_masked_by_name_like_body_fields(query: str, shown: str) -> None:
+    settings = PreviewSettings()
+    assert settings.mask_query(query) == shown
+    assert settings.mask_target(f"https://tools.internal/pay?{query}") == f"https://tools.internal/pay?{shown}"
+    assert settings.mask_target("https://tools.internal/pay") == "https://tools.internal/pay"
+    if query == shown:
+        assert settings.mask_query(query) is query  # nothing masked: the audited input keeps the judged bytes

@@ -31,6 +31,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
 
 from ..tasks.measures import effective_measures, payload, summed_measures
 
@@ -95,6 +96,23 @@ class PreviewSettings:
     def mask(self, value: Any) -> Any:
         """``value`` with every masked field's value replaced, sharing what needs no change (the audited policy input)."""
         return _masked_only(value, self, 0)
+
+    def mask_query(self, query: str) -> str:
+        """A raw query string with the value of every masked parameter replaced (``?api_key=[masked]``), names
+        and everything else as sent; ``query`` itself when nothing is masked. Names are matched decoded."""
+        parts = query.split("&")
+        changed = False
+        for i, part in enumerate(parts):
+            name, equals, _ = part.partition("=")
+            if equals and self.masks(unquote_plus(name)):
+                parts[i] = f"{name}={MASKED}"
+                changed = True
+        return "&".join(parts) if changed else query
+
+    def mask_target(self, target: str) -> str:
+        """A request target (URL or origin form) with its query masked as ``mask_query`` does."""
+        before, question, query = target.partition("?")
+        return f"{before}?{self.mask_query(query)}" if question else target
 
     def build(self, call: InterceptedCall, reasons: Sequence[str]) -> BodyPreview:
         return build_preview(call, reasons, self)

@@ -68,6 +68,9 @@ class Approval:
     used_at: float | None = None
     # What the approver sees of the body (sidecar/approvals/preview.py); None in records stored before it existed.
     body: BodyPreview | None = None
+    # The target as approvers and the API see it: the values of masked query parameters replaced
+    # (approvals.mask_fields); the binding keeps the exact one. None in records stored before it existed.
+    shown_target: str | None = None
 
     def effective_status(self, now: float) -> str:
         if self.status in ("pending", "approved") and now >= self.expires_at:
@@ -77,6 +80,9 @@ class Approval:
     def public(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["binding"] = asdict(self.binding)
+        if self.shown_target is not None:
+            doc["binding"]["target"] = self.shown_target
+        del doc["shown_target"]
         doc["status"] = self.effective_status(time.time())
         return doc
 
