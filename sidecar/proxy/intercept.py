@@ -151,6 +151,8 @@ class Interceptor:
         return ("tls_intercept" if session.via == "connect" else "transparent_tls"), target, match
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
+        if not request.body_exists:  # no Content-Length and no Transfer-Encoding, or a length of 0
+            return b""
         declared = request.content_length
         if declared is not None and declared > self.max_body_bytes:
             raise Refusal("body_too_large", f"body of {declared} bytes exceeds the limit of {self.max_body_bytes}",
