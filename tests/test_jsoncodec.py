@@ -94,3 +94,103 @@ def test_the_engine_judges_the_serialised_input_as_the_public_api_judges_the_doc
             assert _eval_json(engine, "sidecar.authz.decision", dumps_sorted(JsonDocument(document))) == expected
     finally:
         engine.close()
+
+
+def _engine_with(modules: dict[str, str]) -> Any:
+    import opa_bindings
+
+    engine = opa_bindings.OpaEngine()
+    engine.print_handler = lambda message, location: None
+    for name, source in modules.items():
+        engine.add_policy(name, source)
+    return engine
+
+
+def test_the_shipped_library_judges_the_serialised_input_as_the_public_api_judges_the_document() -> None:
+    from sidecar.policy.embedded import EmbeddedEngine, _eval_json, opa_available
+
+    if not opa_available():
+        pytest.skip("opa_bindings is not installed")
+    base = {"version": "v2", "request": {"method": "GET", "path": "/crm/customers/42", "host": "crm.svc"},
+            "tool": {"route": "crm", "labels": {"data_classification": "confidential"}},
+            "agent": {"id": "a"}, "time": {"now_ns": 1795784462347076082}}
+    documents = [
+        base,
+        {**base, "request": {**base["request"], "method": "DELETE"}},
+        {**base, "request": {**base["request"], "method": "POST", "body": {"amount": 7e-7, "records": 10**18}}},
+        {**base, "task": {"id": "t-" + "9" * 40, "history": {"calls": 10**18}}},
+        {**base, "version": "v1"},
+        {},
+    ]
+    pool = EmbeddedEngine(ROOT / "rego")
+    try:
+        engine = pool._engines[0]
+        for document in documents:
+            expected = engine.eval_document("sidecar.authz.decision", document)
+            assert _eval_json(engine, "sidecar.authz.decision", dumps_sorted(JsonDocument(document))) == expected
+    finally:
+        pool.close_now()
+
+
+def test_the_engine_answer_keeps_the_standard_librarys_numbers_and_errors() -> None:
+    import opa_bindings
+
+    from sidecar.policy.embedded import _eval_json, opa_available
+
+    if not opa_available():
+        pytest.skip("opa_bindings is not installed")
+    engine = _engine_with({"t.rego": "package t\n\necho := input.v\n\nhalf := input.n / input.d\n\nnone if false\n"})
+    try:
+        for raw, value in [(b'{"v": 123456789012345678901234567890}', 123456789012345678901234567890),
+                           (b'{"v": -9223372036854775809}', -9223372036854775809),
+                           (b'{"v": 18446744073709551615}', 18446744073709551615),
+                           (b'{"v": [1e-7, 0.1, 2.5e300, -0.0, 9007199254740993]}', None),
+                           (b'{"v": "\\u00e9 \\ud83d\\ude00"}', "\u00e9 \U0001f600")]:
+            public = engine.eval_document("t.echo", json.loads(raw))
+            got = _eval_json(engine, "t.echo", raw)
+            assert got == public and type(got) is type(public)
+            assert value is None or (got == value and type(got) is type(value))
+        with pytest.raises(opa_bindings.OpaUndefinedError) as undefined:
+            _eval_json(engine, "t.none", b"{}")
+        with pytest.raises(opa_bindings.OpaUndefinedError) as public_undefined:
+            engine.eval_document("t.none", {})
+        assert str(undefined.value) == str(public_undefined.value)
+        with pytest.raises(opa_bindings.OpaError) as failed:
+            _eval_json(engine, "t.half", b'{"n": 1, "d": 0}')
+        with pytest.raises(opa_bindings.OpaError) as public_failed:
+            engine.eval_document("t.half", {"n": 1, "d": 0})
+        assert (failed.value.code, failed.value.message) == (public_failed.value.code, public_failed.value.message)
+    finally:
+        engine.close()
+    with pytest.raises(opa_bindings.OpaError) as closed:
+        _eval_json(engine, "t.echo", b"{}")
+    assert closed.value.code == "closed"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(scalars, lambda children: st.lists(children, max_size=4)
+                    | st.dictionaries(st.text(max_size=5), children, max_size=4), max_leaves=20))
+def test_an_answer_is_parsed_as_the_standard_library_parses_it(value: Any) -> None:
+    from sidecar.policy.embedded import _parse_envelope
+
+    raw = json.dumps({"result": [{"expressions": [{"value": value}]}]}).encode()
+    parsed = _parse_envelope(raw)
+    assert parsed == json.loads(raw)
+    assert json.dumps(parsed, sort_keys=True) == json.dumps(json.loads(raw), sort_keys=True)
+
+
+def test_an_answer_orjson_refuses_is_parsed_by_the_standard_library() -> None:
+    from sidecar.policy.embedded import _parse_envelope
+
+    assert _parse_envelope(b'{"result": [1e400]}') == {"result": [math.inf]}
+    assert _parse_envelope(b'{"result": ["\\ud800"]}') == {"result": ["\ud800"]}
+
+
+def test_an_engine_without_the_binding_internals_is_asked_through_its_public_api() -> None:
+    from sidecar.policy.embedded import _eval_json
+
+    class Public:
+        def eval_document(self, path: str, input: Any = None) -> Any:
+            return {"path": path, "input": input}
+
+    assert _eval_json(Public(), "a.b", b'{"x": [1, 2]}') == {"path": "a.b", "input": {"x": [1, 2]}}

@@ -9,6 +9,8 @@ cannot cancel an evaluation; an overrun is contained by spare engines instead
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -87,6 +89,19 @@ def check_data_once(engine: Any, bundle: PolicyBundle, decision_path: str) -> bo
     return True
 
 
+def set_runtime_data(engines: list[Any], bundle: PolicyBundle, decision_path: str) -> None:
+    """Set ``data.sidecar.runtime`` in engines that all hold ``bundle``: what data alone decides, worked out once.
+
+    Every engine holds the same bundle, so one evaluation on the first covers them all (each
+    evaluation leaves megabytes of garbage that GOGC=400 keeps around for a while). Every load of a
+    policy into an embedded engine goes through here (EmbeddedEngine: the sidecar, a live reload, the
+    policy tools), and so does bench.policy_cost.
+    """
+    if check_data_once(engines[0], bundle, decision_path):
+        for engine in engines:
+            engine.add_data(True, CONFIG_CHECKED_PATH)
+
+
 def _prepare(engine: Any, decision_path: str) -> None:
     """Evaluate the decision once at load, so that the engine prepares its query now.
 
@@ -152,11 +167,7 @@ class EmbeddedEngine:
     def _load_engines(self, count: int, decision_path: str) -> None:
         for _ in range(count):
             self._engines.append(new_engine(self._bundle))
-        # Every engine holds the same bundle: one check covers them all (each evaluation leaves
-        # megabytes of garbage that GOGC=400 keeps around for a while).
-        if check_data_once(self._engines[0], self._bundle, decision_path):
-            for engine in self._engines:
-                engine.add_data(True, CONFIG_CHECKED_PATH)
+        set_runtime_data(self._engines, self._bundle, decision_path)
         for engine in self._engines:
             _prepare(engine, decision_path)
 
@@ -288,22 +299,61 @@ def _evaluate_on(engine: Any, path: str, input_document: dict[str, Any]) -> tupl
 
 
 def _eval_json(engine: Any, document: str, input_json: bytes) -> Any:
-    """``engine.eval_document(document, input)`` with the input already serialised.
+    """``engine.eval_document(document, input)`` with the input already serialised and the answer parsed by orjson.
 
     The binding's own ``eval_document`` serialises the input with the standard library's encoder,
-    which cost ~10x orjson on the ~4 KB input of every call; the policy input is serialised once
-    (sidecar.jsoncodec.JsonDocument) and those bytes are what the engine reads. This uses the
-    binding's internals (opa-golib-python-bindings 0.4.4, pinned in the Makefile); a binding without
-    them gets the input through its public API instead (tests/test_jsoncodec.py checks both agree).
+    which cost ~10x orjson on the ~4 KB input of every call, and parses the engine's answer (a JSON
+    envelope: the result, or an error) with the standard library's decoder; the policy input is
+    serialised once (sidecar.jsoncodec.JsonDocument) and those bytes are what the engine reads, and
+    the answer is parsed with orjson (_parse_envelope). This does what the binding's ``_call`` does
+    (its internals: opa-golib-python-bindings 0.4.4, pinned in the Makefile) and raises the same
+    errors; a binding without them gets the input through its public API instead
+    (tests/test_jsoncodec.py checks both agree).
     """
     import opa_bindings
 
-    call, evaluate, lock = (getattr(engine, name, None) for name in ("_call", "_lib", "_eval_lock"))
-    if call is None or evaluate is None or lock is None or not hasattr(engine, "_eval_result"):
+    native, lock = (getattr(engine, name, None) for name in ("_lib", "_eval_lock"))
+    if native is None or lock is None or not hasattr(engine, "_handle") or not hasattr(engine, "_eval_result"):
         return engine.eval_document(document, loads(input_json))
     with lock:
         engine._eval_reset()
-        results = engine._eval_result(call(evaluate.OpaEvalDocument, document.encode(), input_json, 0, 0))
+        handle = engine._handle  # read once: another thread may close the engine (the Go side rejects a stale one)
+        if handle is None:
+            raise opa_bindings.OpaError("closed", "engine has been closed")
+        answer = native.OpaEvalDocument(handle, document.encode(), input_json, 0, 0)
+        if not answer:
+            raise opa_bindings.OpaError("internal", "native call returned NULL")
+        try:
+            raw = ctypes.string_at(answer)
+        finally:
+            native.OpaFreeString(answer)
+        envelope = _parse_envelope(raw)
+        error = envelope.get("error")
+        if error is not None:
+            raise opa_bindings.OpaError(error.get("code", "unknown"), error.get("message", ""))
+        results = engine._eval_result(envelope)
     if not results or not results[0].get("expressions"):
         raise opa_bindings.OpaUndefinedError(f"data.{document}")
     return results[0]["expressions"][0]["value"]
+
+
+# Digits as b"0", everything else as b" ": a run of 19 digits in an answer is found by one search.
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_LONG_DIGITS = b"0" * 19
+
+
+def _parse_envelope(raw: bytes) -> Any:
+    """The engine's answer, as the standard library's ``json.loads`` reads it, at a third of its cost.
+
+    orjson reads every JSON value as the standard library does but three: integers beyond 64 bits
+    (a float instead), numbers beyond a double (an error instead of infinity) and lone surrogates
+    (an error). An answer that may hold one of those (a run of 19 digits, or one orjson refuses) is
+    read by the standard library. (A regular expression looking for the run would cost as much as
+    the standard library's parse; ``bytes.translate`` and a substring search cost an eighth of it.)
+    """
+    if _LONG_DIGITS not in raw.translate(_DIGITS_AS_ZERO):
+        try:
+            return loads(raw)
+        except ValueError:
+            pass
+    return json.loads(raw)
