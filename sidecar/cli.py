@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 
 
 # The embedded OPA engine is Go code in this process. Go reads GOGC once, from the environment
@@ -19,12 +20,49 @@ from .config import ConfigError, load_config
 # (docs/performance.md); 400 trades a few MB of heap for it. An operator's own GOGC is kept.
 GO_GC_PERCENT = "400"
 
+# `run` validates its config in the process the operator started, then execs a fresh interpreter for
+# the server and hands it the validated config through this descriptor (a memfd). The server never
+# imports pydantic (the config's validation: ~10 MiB resident for the life of the process, issue 17).
+VALIDATED_CONFIG_FD = "AGENT_SIDECAR_VALIDATED_CONFIG_FD"
 
-def _with_go_runtime_settings(argv: list[str]) -> None:
-    if "GOGC" in os.environ:
+
+def _exec_server(argv: list[str], config_path: Path) -> None:
+    """Validate the config here and exec the server with it (and with GOGC set unless the operator set it).
+
+    Returns only where no memfd exists (not Linux): the server then validates the config itself.
+    A config error ends this process (exit 2, the message on stderr) before anything is started.
+    """
+    environment = dict(os.environ)
+    environment.setdefault("GOGC", GO_GC_PERCENT)
+    if not hasattr(os, "memfd_create"):
+        if "GOGC" not in os.environ:
+            os.execve(sys.executable, [sys.executable, "-m", "sidecar", *argv], environment)
         return
-    environment = {**os.environ, "GOGC": GO_GC_PERCENT}
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"agent-sidecar: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    fd = os.memfd_create("agent-sidecar-config")  # in memory only; close-on-exec until made inheritable below
+    data = memoryview(pickle.dumps(config))
+    while data:
+        data = data[os.write(fd, data):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.set_inheritable(fd, True)
+    environment[VALIDATED_CONFIG_FD] = str(fd)
     os.execve(sys.executable, [sys.executable, "-m", "sidecar", *argv], environment)
+
+
+def _handed_config() -> Config | None:
+    """The config validated by the process that exec'd this one (see _exec_server), if any."""
+    fd = os.environ.pop(VALIDATED_CONFIG_FD, None)
+    if fd is None:
+        return None
+    with os.fdopen(int(fd), "rb") as handoff:
+        config = pickle.loads(handoff.read())
+    if not isinstance(config, Config):
+        raise ConfigError(f"{VALIDATED_CONFIG_FD}: not a validated config")
+    return config
 
 
 def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -41,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     from .app import serve
 
     try:
-        config = load_config(Path(args.config))
+        config = _handed_config() or load_config(Path(args.config))
         with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
             runner.run(serve(config))
     except ConfigError as exc:
@@ -230,8 +268,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.func is _run:
-        _with_go_runtime_settings(sys.argv[1:] if argv is None else argv)
+    if args.func is _run and VALIDATED_CONFIG_FD not in os.environ:
+        _exec_server(sys.argv[1:] if argv is None else argv, Path(args.config))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     code: int = args.func(args)
