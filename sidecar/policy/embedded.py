@@ -61,7 +61,9 @@ def new_engine(bundle: PolicyBundle) -> Any:
     return engine
 
 
+# Set by set_runtime_data; the shipped library reads both (rego/sidecar/authz/contract.rego, derived.rego).
 CONFIG_CHECKED_PATH = f"{RUNTIME_DATA_PATH}.config_checked"
+DERIVED_PATH = f"{RUNTIME_DATA_PATH}.derived"
 
 
 def check_data_once(engine: Any, bundle: PolicyBundle, decision_path: str) -> bool:
@@ -97,9 +99,39 @@ def set_runtime_data(engines: list[Any], bundle: PolicyBundle, decision_path: st
     policy into an embedded engine goes through here (EmbeddedEngine: the sidecar, a live reload, the
     policy tools), and so does bench.policy_cost.
     """
-    if check_data_once(engines[0], bundle, decision_path):
-        for engine in engines:
-            engine.add_data(True, CONFIG_CHECKED_PATH)
+    if not check_data_once(engines[0], bundle, decision_path):
+        return
+    runtime: dict[str, Any] = {"config_checked": True}
+    derived = derive_once(engines[0], decision_path)
+    if derived is not None:
+        runtime["derived"] = derived
+    for engine in engines:  # one merge: each change of an engine's data costs a new compilation of its queries
+        engine.add_data(runtime, RUNTIME_DATA_PATH)
+
+
+def derive_once(engine: Any, decision_path: str) -> dict[str, Any] | None:
+    """The policy's ``derived`` document beside the decision rule, evaluated once at load; None without one.
+
+    It holds what data alone decides (the shipped library's: approval requirements and TTL per risk,
+    knob lists as lookup tables; rego/sidecar/authz/derived.rego). OPA caches nothing from one
+    evaluation to the next, so a rule that reads only data is worked out again on every call; set as
+    ``data.sidecar.runtime.derived`` (DERIVED_PATH), it is one lookup. It is worked out only after
+    the data check passed, as the library's rules may rely on the knobs' types. A policy whose
+    ``derived`` fails to evaluate or is not an object gets none set: its rules then compute the
+    same values per call, as they do in an OPA server, which never gets it.
+    """
+    import opa_bindings
+
+    package = decision_path.rsplit("/", 1)[0].replace("/", ".")
+    try:
+        derived = engine.eval_document(f"{package}.derived")
+    except opa_bindings.OpaUndefinedError:
+        return None
+    except opa_bindings.OpaError as exc:
+        log.warning("data.%s.derived could not be evaluated at load (%s); each call computes it", package,
+                    exc.message)
+        return None
+    return derived if isinstance(derived, dict) else None
 
 
 def _prepare(engine: Any, decision_path: str) -> None:

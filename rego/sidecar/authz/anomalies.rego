@@ -19,8 +19,11 @@ rate_outcomes := {s | some s in arr(cfg.anomalies.rate_outcomes); is_string(s)}
 denied_outcomes := {s | some s in arr(cfg.anomalies.denied_outcomes); is_string(s)}
 
 # When each call that counts towards the rate was decided (Unix ms), oldest
-# first. With one outcome (the default), its list as the sidecar sent it.
-rate_times := recent_times(cfg.anomalies.rate_outcomes[0]) if {
+# first. With one outcome (the default), its list as the sidecar sent it; the
+# outcome is picked at load (derived.rego) when it can be.
+rate_times := recent_times(o) if {
+	o := data.sidecar.runtime.derived.rate_outcome
+} else := recent_times(cfg.anomalies.rate_outcomes[0]) if {
 	count(cfg.anomalies.rate_outcomes) == 1
 	is_string(cfg.anomalies.rate_outcomes[0])
 } else := sort([t | some o in rate_outcomes; some t in recent_times(o)])
@@ -47,7 +50,9 @@ rate_window_start_ns := now_ns - (cfg.anomalies.rate_window_seconds * 1000000000
 
 calls_in_window := [t | some t in rate_times; is_number(t); t * 1000000 >= rate_window_start_ns]
 
-recent_denied := count(recent_times(cfg.anomalies.denied_outcomes[0])) if {
+recent_denied := count(recent_times(o)) if {
+	o := data.sidecar.runtime.derived.denied_outcome
+} else := count(recent_times(cfg.anomalies.denied_outcomes[0])) if {
 	count(cfg.anomalies.denied_outcomes) == 1
 	is_string(cfg.anomalies.denied_outcomes[0])
 } else := sum([count(recent_times(o)) | some o in denied_outcomes])

@@ -73,9 +73,25 @@ agent_routes := r if {
 	is_array(r)
 } else := []
 
-agent_route_allowed if "*" in agent_routes
+# The same lists as lookup tables, worked out at load (derived.rego): the agent's
+# own entry, else the "*" entry, else none. Undefined when they were not.
+agent_route_table := object.get(t, agent_id, object.get(t, "*", {})) if {
+	t := data.sidecar.runtime.derived.agent_routes
+}
 
-agent_route_allowed if route in agent_routes
+agent_route_allowed if agent_route_table["*"]
+
+agent_route_allowed if agent_route_table[route]
+
+agent_route_allowed if {
+	not agent_route_table
+	"*" in agent_routes
+}
+
+agent_route_allowed if {
+	not agent_route_table
+	route in agent_routes
+}
 
 deny contains {
 	"rule": "agent_route_not_allowed",
@@ -86,8 +102,9 @@ deny contains {
 
 # The sidecar refuses expired tasks before asking; this covers a clock skew
 # between the task store and the sidecar, and an OPA queried directly.
-task_expires_ns := num(task.expires_at_epoch) * 1000000000 if {
-	is_number(task.expires_at_epoch)
+task_expires_ns := e * 1000000000 if {
+	e := input.task.expires_at_epoch
+	is_number(e)
 } else := timestamp_ns(task.expires_at)
 
 deny contains {

@@ -2,22 +2,26 @@
 # carries covers it.
 package sidecar.authz
 
-approval_level := l if {
-	l := cfg.approval[risk]
+approval_requirements := a if {
+	a := data.sidecar.runtime.derived.approval_requirements[risk] # set at load (derived.rego)
+} else := approval_requirements_at(risk)
+
+approval_requirements_at(r) := {
+	"approvers": clamp_int(object.get(approval_level(r), "approvers", 1), 1, 10),
+	"group": approval_group(r),
+	"expires_in_seconds": clamp_int(object.get(approval_level(r), "expires_in_seconds", 900), 1, 604800),
+}
+
+approval_level(r) := l if {
+	l := cfg.approval[r]
 	is_object(l)
 } else := {}
 
-approval_group := g if {
-	g := approval_level.group
+approval_group(r) := g if {
+	g := approval_level(r).group
 	is_string(g)
 	g != ""
 } else := "approvers"
-
-approval_requirements := {
-	"approvers": clamp_int(object.get(approval_level, "approvers", 1), 1, 10),
-	"group": approval_group,
-	"expires_in_seconds": clamp_int(object.get(approval_level, "expires_in_seconds", 900), 1, 604800),
-}
 
 # input.approval is set by the sidecar only once the approval is verified as
 # granted for this exact request; the policy still counts distinct approvers,

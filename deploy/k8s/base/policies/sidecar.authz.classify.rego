@@ -26,21 +26,17 @@ destructive if {
 	not mcp_session_close
 }
 
+destructive if {
+	mcp_tool_call
+	mcp_destructive
+}
+
 # MCP hints are only ever trusted towards the safer class.
-destructive if {
-	mcp_tool_call
-	mcp_annotations.destructiveHint == true
-}
+mcp_destructive if mcp_annotations.destructiveHint == true
 
-destructive if {
-	mcp_tool_call
-	mcp_tool in lower_strings(cfg.mcp.destructive_tools)
-}
+mcp_destructive if mcp_tool in lower_strings(cfg.mcp.destructive_tools)
 
-destructive if {
-	mcp_tool_call
-	matches_any(cfg.mcp.destructive_tool_patterns, mcp_tool)
-}
+mcp_destructive if matches_any(cfg.mcp.destructive_tool_patterns, mcp_tool)
 
 read_only if {
 	not has_mcp

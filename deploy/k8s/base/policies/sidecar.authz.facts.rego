@@ -331,10 +331,18 @@ record_counts contains count(body) if {
 	is_array(body)
 }
 
-# A query parameter named in records_query_params, ignoring case: a knob entry in
-# lower case (all of the shipped ones) is matched by one lookup, any other by
-# comparing it lower-cased.
+# A query parameter named in records_query_params, ignoring case: one lookup in
+# the lower-cased knob worked out at load (derived.rego); without it, a knob
+# entry in lower case (all of the shipped ones) is matched by one lookup, any
+# other by comparing it lower-cased.
 record_counts contains num(v) if {
+	some k, values in query
+	data.sidecar.runtime.derived.records_query_params[lower(k)]
+	some v in arr(values)
+}
+
+record_counts contains num(v) if {
+	not data.sidecar.runtime.derived.records_query_params
 	some k, values in query
 	records_query_param(lower(k))
 	some v in arr(values)
@@ -361,11 +369,11 @@ call_records := n if {
 
 # -- wording ----------------------------------------------------------------
 
-action := sprintf("MCP tool %s on %s", [clip(mcp_tool), route]) if {
+action := sprintf("%s %s on %s", [substring(method, 0, 120), substring(path, 0, 120), route]) if {
+	not has_mcp
+} else := sprintf("MCP tool %s on %s", [clip(mcp_tool), route]) if {
 	mcp_tool_call
-} else := sprintf("MCP %s on %s", [clip(mcp_method), route]) if {
-	has_mcp
-} else := sprintf("%s %s on %s", [substring(method, 0, 120), substring(path, 0, 120), route])
+} else := sprintf("MCP %s on %s", [clip(mcp_method), route])
 
 task_name := sprintf("task %s", [clip(task_id)])
 

@@ -1,0 +1,93 @@
+"""What data alone decides is worked out once at load (data.sidecar.runtime.derived) on every embedded load.
+
+The shipped library's ``derived`` document (rego/sidecar/authz/derived.rego) is evaluated once when an
+embedded engine loads the policy, after the data check, and set beside ``config_checked`` in every engine
+of the pool; a live reload sets it afresh from the new data. The Rego tests (derived_test.rego) check that
+a decision is the same with it and without it; the decision vectors and bench.policy_differential check it
+through both engines.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.policy.embedded import EmbeddedEngine, new_engine, opa_available
+from sidecar.policy.loader import read_policy_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not opa_available(), reason="opa_bindings is not installed")
+
+GET_CRM = {
+    "version": "v2",
+    "request": {"method": "GET", "path": "/customers/42", "host": "crm.internal"},
+    "tool": {"route": "crm", "labels": {"data_classification": "confidential"}},
+    "agent": {"id": "a"},
+}
+
+
+def derived_of(directory: Path) -> Any:
+    bare = new_engine(read_policy_dir(directory))
+    try:
+        return bare.eval_document("sidecar.authz.derived")
+    finally:
+        bare.close()
+
+
+def test_every_engine_of_a_pool_gets_the_derived_document_beside_config_checked() -> None:
+    pool = EmbeddedEngine(ROOT / "rego", workers=2, spare_engines=1)
+    try:
+        expected = {"config_checked": True, "derived": derived_of(ROOT / "rego")}
+        assert expected["derived"]["ttl_seconds"] == {"low": 300, "medium": 120, "high": 30, "critical": 10}
+        for engine in pool._engines:
+            assert engine.eval_document("sidecar.runtime") == expected
+    finally:
+        pool.close_now()
+
+
+def test_a_policy_without_a_data_check_or_whose_derived_fails_gets_none(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "tests" / "policies" / "fixture", tmp_path / "fixture")
+    pool = EmbeddedEngine(tmp_path / "fixture")
+    try:
+        with pytest.raises(Exception, match="undefined"):
+            pool._engines[0].eval_document("sidecar.runtime")
+    finally:
+        pool.close_now()
+    broken = tmp_path / "broken"
+    shutil.copytree(ROOT / "rego", broken)
+    (broken / "sidecar" / "authz" / "zz_derived_broken.rego").write_text(
+        "package sidecar.authz\n\nderived.broken := to_number(\"not a number\")\n")
+    pool = EmbeddedEngine(broken)
+    try:
+        assert pool._engines[0].eval_document("sidecar.runtime") == {"config_checked": True}
+        assert pool.evaluate_sync("sidecar/authz/decision", GET_CRM)["credential"]["ttl_seconds"] == 300
+    finally:
+        pool.close_now()
+
+
+async def test_a_live_reload_sets_the_derived_document_of_the_new_data(tmp_path: Path) -> None:
+    from sidecar.policy.live import LivePolicy
+    from sidecar.policy.source import DirectorySource
+
+    policy = tmp_path / "rego"
+    shutil.copytree(ROOT / "rego", policy)
+    live = LivePolicy(DirectorySource(policy), run_policy_tests=False)
+    try:
+        assert (await live.evaluate("sidecar/authz/decision", GET_CRM))["credential"]["ttl_seconds"] == 300
+        data = json.loads((policy / "data.json").read_text())
+        data["sidecar"]["config"]["ttl_seconds"]["low"] = 200
+        data["sidecar"]["config"]["audiences"] = {"crm": "https://crm.example.com"}
+        (policy / "data.json").write_text(json.dumps(data))
+        assert (await live.reload(force=True)).result == "loaded"
+        runtime = live._current.engine._engines[0].eval_document("sidecar.runtime")
+        assert runtime == {"config_checked": True, "derived": derived_of(policy)}
+        assert runtime["derived"]["ttl_seconds"]["low"] == 200
+        credential = (await live.evaluate("sidecar/authz/decision", GET_CRM))["credential"]
+        assert credential == {"audience": "https://crm.example.com", "scopes": ["crm:read"], "ttl_seconds": 200}
+    finally:
+        await live.close()
