@@ -7,13 +7,16 @@ JsonDocument, serialised with orjson (sorted, compact: the bytes the sidecar han
 embeds in the audit record; serialised afresh for every evaluation here, so that cost is counted),
 passed to the engine as those bytes, and the engine's answer parsed back as the sidecar parses it.
 The engine is loaded as the sidecar loads it (sidecar.policy.embedded.set_runtime_data: the data
-checked once and what data alone decides set as data). One row evaluates through the binding's public API instead
-(``engine.eval_document(rule, document)``, the standard library's json both ways), as a tool
-using opa_bindings directly would; it is not what the sidecar runs.
+checked once, and what data alone decides set as data.sidecar.runtime.derived). One row evaluates
+through the binding's public API instead (``engine.eval_document(rule, document)``, the standard
+library's json both ways), as a tool using opa_bindings directly would; it is not what the sidecar runs.
 
 This machine's timings vary by +-40% from run to run; valgrind's callgrind counts the instructions
-a program executes, which are the same on every run whatever else the machine does. Each figure is
-(instructions with 25 evaluations - instructions with 5) / 20, so start-up and loading cancel out;
+a program executes, which are nearly the same on every run whatever else the machine does. Each figure
+is (instructions with 105 evaluations - instructions with 5) / 100, so start-up and loading cancel out
+(their count still varies by a few million instructions from run to run: over the 20 evaluations
+this counted before, and bench.run still counts, that was up to +-0.2 M per evaluation; over 100 it
+is +-0.05 M);
 the Go garbage collector is off (GOGC=off) so its timing cannot move the count, and its share is
 reported separately. Needs valgrind (Debian's package); takes about a minute per line.
 """
@@ -75,10 +78,12 @@ def instructions(rego: Path, rule: str, count: int, input_file: Path, *, checked
 
 
 def per_evaluation(rego: Path, rule: str, input_file: Path, *, checked: bool = True, gogc: str = "off",
-                   public: bool = False) -> int:
-    few = instructions(rego, rule, 5, input_file, checked=checked, gogc=gogc, public=public)
-    many = instructions(rego, rule, 25, input_file, checked=checked, gogc=gogc, public=public)
-    return (many - few) // 20
+                   public: bool = False, few: int = 5, many: int = 25) -> int:
+    """(instructions with ``many`` evaluations - with ``few``) / (many - few). main() counts 105 - 5;
+    the default 25 - 5 (bench.run's) is quicker and about four times less precise."""
+    low = instructions(rego, rule, few, input_file, checked=checked, gogc=gogc, public=public)
+    high = instructions(rego, rule, many, input_file, checked=checked, gogc=gogc, public=public)
+    return (high - low) // (many - few)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
               "(a GET inside a task with 20 recent calls)")
         print("| evaluation | instructions per evaluation |\n| --- | --- |")
         for label, rule, input_file, checked, gogc, public in rows:
-            cost = per_evaluation(args.rego, rule, input_file, checked=checked, gogc=gogc, public=public)
+            cost = per_evaluation(args.rego, rule, input_file, checked=checked, gogc=gogc, public=public, many=105)
             print(f"| {label} | {cost:,} |", flush=True)
     return 0
 

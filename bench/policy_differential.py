@@ -123,7 +123,8 @@ def task(rng: random.Random) -> dict[str, Any]:
     window_ms = rng.choice([2000, 1500, 1000])
     if rng.random() < 0.4:  # the rate rule's edge: the oldest of 18-20 allowed calls just inside or outside the window
         edge = rng.choice([window_ms - 1, window_ms, window_ms + 1])
-        allow_times = sorted([NOW_MS - edge] + [NOW_MS - rng.randint(0, edge - 1) for _ in range(rng.choice([17, 18, 19]))])
+        inside = [NOW_MS - rng.randint(0, edge - 1) for _ in range(rng.choice([17, 18, 19]))]
+        allow_times = sorted([NOW_MS - edge, *inside])
     else:
         allow_times = sorted(NOW_MS - rng.choice([0, 1, window_ms - 1, window_ms, window_ms + 1, 5000, 60000])
                              for _ in range(rng.randint(0, 20)))
@@ -160,9 +161,9 @@ def task(rng: random.Random) -> dict[str, Any]:
 def generated(rng: random.Random) -> dict[str, Any]:
     route = rng.choice(list(ROUTES))
     method = rng.choice(METHODS + ["GET"] * 6)
-    body: Any = rng.choice([None, None, None, None, {"name": "Ada"}, {"amount": rng.choice([5, 49, 50, 51, 999, 1001, "60", -70])},
-                            {"Amount": 20, "records": 150}, [{"amount": 30}, {"amount": 30}], {"ids": list(range(120))},
-                            {"limit": "500"}, "text"])
+    amount = rng.choice([5, 49, 50, 51, 999, 1001, "60", -70])
+    body: Any = rng.choice([None, None, None, None, {"name": "Ada"}, {"amount": amount}, {"Amount": 20, "records": 150},
+                            [{"amount": 30}, {"amount": 30}], {"ids": list(range(120))}, {"limit": "500"}, "text"])
     query = rng.choice([{}, {"fields": ["name,tier"]}, {"limit": ["500"]}, {"Limit": ["50"], "PAGE_SIZE": ["101"]},
                         {"amount": ["70"]}, {"rows": ["1000"]}, {"per_page": ["x"]}])
     document: dict[str, Any] = {
@@ -183,7 +184,8 @@ def generated(rng: random.Random) -> dict[str, Any]:
         "time": {"now": "2026-11-27T13:01:02.347076Z", "now_ns": NOW_NS},
     }
     if route.startswith("mcp") and rng.random() < 0.8:
-        tool = rng.choice(["delete_record", "get_customer", "refund_payment", "publish_post", "set_policy", "DROP_table"])
+        tool = rng.choice(["delete_record", "get_customer", "refund_payment", "publish_post", "set_policy",
+                           "DROP_table"])
         mcp_method = rng.choice(["tools/call", "tools/call", "tools/list", "initialize", "resources/read"])
         document["request"]["method"] = "POST"
         document["mcp"] = {"method": mcp_method, "id": 1, "tool": tool if mcp_method == "tools/call" else None,

@@ -39,19 +39,24 @@ anomaly contains {
 } if {
 	has_task
 	cap := cfg.anomalies.max_calls_in_window
-	count(rate_times) >= cap
+	times := rate_times
+	n := count(times)
+	n >= cap
 	now_ns > 0
-	t := rate_times[count(rate_times) - cap]
+	t := times[n - cap]
 	is_number(t)
-	t * 1000000 >= rate_window_start_ns
+	t * 1000000 >= now_ns - (cfg.anomalies.rate_window_seconds * 1000000000) # rate_window_start_ns, inlined
 }
 
 rate_window_start_ns := now_ns - (cfg.anomalies.rate_window_seconds * 1000000000)
 
 calls_in_window := [t | some t in rate_times; is_number(t); t * 1000000 >= rate_window_start_ns]
 
-recent_denied := count(recent_times(o)) if {
-	o := data.sidecar.runtime.derived.denied_outcome
+recent_denied := count(l) if {
+	l := recent_at_ms[data.sidecar.runtime.derived.denied_outcome] # recent_times, inlined
+	is_array(l)
+} else := 0 if {
+	data.sidecar.runtime.derived.denied_outcome
 } else := count(recent_times(cfg.anomalies.denied_outcomes[0])) if {
 	count(cfg.anomalies.denied_outcomes) == 1
 	is_string(cfg.anomalies.denied_outcomes[0])

@@ -157,7 +157,8 @@ risk := "low" if {
 # -- credential -------------------------------------------------------------
 
 audience := a if {
-	a := object.get(data.sidecar.runtime.derived.audiences, route, route) # the usable ones, picked at load (derived.rego)
+	r := route
+	a := object.get(data.sidecar.runtime.derived.audiences, r, r) # the usable ones, picked at load (derived.rego)
 } else := a if {
 	a := cfg.audiences[route]
 	is_string(a)

@@ -19,7 +19,7 @@ derived.approval_requirements := {r: approval_requirements_at(r) | some r in ris
 derived.ttl_seconds := {r: clamp_int(risk_ttl_at(r), 1, 86400) | some r in risk_levels}
 
 # records_query_params lower-cased, as keys: a query parameter is one lookup.
-derived.records_query_params := {lower(p): true | some p in strings(cfg.records_query_params)}
+derived.records_query_params := lower_keys(cfg.records_query_params)
 
 # agent id -> {route: true} for the routes it may call ("*" among them for every route).
 derived.agent_routes := {agent: {r: true | some r in strings(routes)} | some agent, routes in cfg.agent_routes} if {

@@ -327,35 +327,25 @@ record_counts contains n if {
 }
 
 record_counts contains count(body) if {
-	not has_mcp
 	is_array(body)
+	not has_mcp
 }
 
 # A query parameter named in records_query_params, ignoring case: one lookup in
-# the lower-cased knob worked out at load (derived.rego); without it, a knob
-# entry in lower case (all of the shipped ones) is matched by one lookup, any
-# other by comparing it lower-cased.
+# the knob's entries lower-cased, a table worked out at load (derived.rego) or,
+# without it, per call.
 record_counts contains num(v) if {
 	some k, values in query
-	data.sidecar.runtime.derived.records_query_params[lower(k)]
+	records_query_params[lower(k)]
 	some v in arr(values)
 }
 
-record_counts contains num(v) if {
-	not data.sidecar.runtime.derived.records_query_params
-	some k, values in query
-	records_query_param(lower(k))
-	some v in arr(values)
-}
+records_query_params := t if {
+	t := data.sidecar.runtime.derived.records_query_params
+} else := lower_keys(cfg.records_query_params)
 
-records_query_param(name) if name in cfg.records_query_params
-
-records_query_param(name) if {
-	some p in cfg.records_query_params
-	is_string(p)
-	p != lower(p)
-	lower(p) == name
-}
+# The string entries of a collection, lower-cased, as the keys of an object.
+lower_keys(x) := {lower(s): true | some s in x; is_string(s)}
 
 count_of(x) := count(x) if {
 	is_array(x)

@@ -27,6 +27,7 @@ deny contains {
 	"reason": sprintf("outside_task_intent: %s is outside the routes declared by %s (%s)", [action, task_name, concat(", ", task_allowed_routes)]),
 } if {
 	has_task
+	input.task.labels.allowed_routes # most tasks declare none: then task_allowed_routes is not worked out
 	count(task_allowed_routes) > 0
 	not route in task_allowed_routes
 }
@@ -36,6 +37,9 @@ deny contains {
 	"reason": sprintf("outside_task_intent: %s is outside the tools declared by %s (%s)", [action, task_name, concat(", ", sort(task_allowed_tools))]),
 } if {
 	has_task
+	t := input.task.allowed_tools # most tasks declare none: then task_allowed_tools is not worked out
+	is_array(t)
+	count(t) > 0
 	count(task_allowed_tools) > 0
 	not tool_declared
 }
