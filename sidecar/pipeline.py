@@ -189,12 +189,22 @@ class RequestPath:
         # A tools/list answer is learned event by event as it passes, whatever becomes of the relay.
         listing = any(c.method == "tools/list" for c in call.mcp_calls)
         tap = ResponseTap(lambda messages: self._learn_tools(call, messages)) if listing else None
+        # The call joins its task's completed history as soon as the upstream answers, while the answer is
+        # relayed: a reservation must never expire under an agent that reads the answer slowly.
+        confirming: list[asyncio.Task[None]] = []
+
+        def answered() -> None:
+            confirming.append(self._run_to_completion(self._settle_confirmed(call, reservation)))
+
         try:
-            response, result = await self.forwarder.forward(request, call, credential, decision.decision_id, tap)
+            response, result = await self.forwarder.forward(request, call, credential, decision.decision_id, tap,
+                                                            on_answer=answered)
         except Refusal as refusal:  # the upstream could not be reached or did not answer in time
             refusal.decision_id = decision.decision_id
             self._record_upstream(trace, decision, None, 0, error=refusal.code)
-            if refusal.extra.get("upstream_may_have_acted"):
+            if confirming:
+                await confirming[0]
+            elif refusal.extra.get("upstream_may_have_acted"):
                 await self._settle_confirmed(call, reservation)  # it may have acted: the call counts in its task
             else:
                 await self._settle_released(call, reservation, refusal.code)
@@ -204,7 +214,7 @@ class RequestPath:
             log.warning("forwarding %s failed after it was sent: %s", decision.decision_id, type(exc).__name__)
             self._record_upstream(trace, decision, None, 0, error=type(exc).__name__)
             self.metrics.route(call.route.name).allowed.inc()
-            await self._settle_confirmed(call, reservation)
+            await (confirming[0] if confirming else self._settle_confirmed(call, reservation))
             return render_refusal(Refusal("upstream_error", "the upstream's answer could not be relayed",
                                           decision_id=decision.decision_id), call)
         route_metrics = self.metrics.route(call.route.name)
@@ -212,10 +222,7 @@ class RequestPath:
         route_metrics.allowed.inc()
         self._record_upstream(trace, decision, result.status, result.bytes_sent,  # 6. record
                               interrupted_by=result.interrupted_by)
-        # The answer is relayed whole: the agent may send its next call on this connection at once. The task's
-        # history is confirmed in a task of its own (the reservation counts until then, so no decision misses
-        # the call), and the sidecar's stop waits for it like for any other record.
-        self._run_to_completion(self._settle_confirmed(call, reservation))
+        await (confirming[0] if confirming else self._settle_confirmed(call, reservation))
         return response
 
     def _run_to_completion(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:

@@ -176,3 +176,48 @@ async def test_the_queued_record_lands_in_the_history_once_redis_is_back(tmp_pat
 
     history = await eventually(confirmed, what="the queued record in the task history")
     assert history["totals"]["amount"] == 49
+
+
+async def test_a_call_counts_in_its_task_as_answered_while_an_agent_that_reads_slowly_gets_the_answer(
+        tmp_path: Path, sidecars: list[RunningSidecar]) -> None:
+    """An agent that stops reading its answer keeps the relay going past the route's timeout: the call must
+    already be in its task's completed history then, never only in a reservation that expires under it
+    (its limits would stop counting a call the upstream carried out)."""
+    import socket
+
+    from aiohttp import web
+
+    from harness import serve_app
+
+    answer = b"x" * (16 * 1024 * 1024)  # far more than the sockets in between hold
+
+    async def big(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=answer)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", big)
+    runner, port = await serve_app(app)
+    try:
+        config = deployment_config(tmp_path / "sidecar", f"http://127.0.0.1:{port}", tuned_policy(tmp_path), None)
+        running = await start_sidecar(tmp_path / "sidecar", config)
+        sidecars.append(running)
+        task = await open_task(running.admin, "refund duplicate charges")
+        body = b'{"amount": 49}'
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.sidecar.config.proxy.port)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        writer.write(b"POST /payments/refunds HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"X-Agent-Task: {task}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        writer.transport.pause_reading()  # the agent does not read its answer
+
+        async def confirmed() -> dict[str, Any] | None:
+            history = await task_history(running.admin, task)
+            return history if history["calls"] == 1 else None
+
+        history = await eventually(confirmed, what="the call in the task's completed history")
+        assert history["totals"]["amount"] == 49 and history["in_flight"]["calls"] == 0
+        assert running.sidecar.path.in_flight == 1  # the answer is still being relayed
+        writer.close()
+    finally:
+        await runner.cleanup()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import aiohttp
@@ -37,8 +38,10 @@ class UpstreamResult:
 
 class Forwarder(Protocol):
     async def forward(self, request: web.BaseRequest, call: InterceptedCall, credential: MintedCredential,
-                      decision_header: str, tap: ResponseTap | None = None) -> tuple[web.StreamResponse, UpstreamResult]:
-        """Send the call upstream and stream the answer back; ``tap`` sees a copy of the answer's bytes."""
+                      decision_header: str, tap: ResponseTap | None = None,
+                      on_answer: Callable[[], None] | None = None) -> tuple[web.StreamResponse, UpstreamResult]:
+        """Send the call upstream and stream the answer back; ``tap`` sees a copy of the answer's bytes;
+        ``on_answer`` is called once the upstream's status line has arrived, before the answer is relayed."""
         ...
 
     async def close(self) -> None: ...
@@ -84,7 +87,8 @@ class HttpForwarder:
         return self._session
 
     async def forward(self, request: web.BaseRequest, call: InterceptedCall, credential: MintedCredential,
-                      decision_header: str, tap: ResponseTap | None = None) -> tuple[web.StreamResponse, UpstreamResult]:
+                      decision_header: str, tap: ResponseTap | None = None,
+                      on_answer: Callable[[], None] | None = None) -> tuple[web.StreamResponse, UpstreamResult]:
         headers = list(call.headers)
         if credential.header:
             headers.append((credential.header, credential.value.reveal()))
@@ -104,6 +108,8 @@ class HttpForwarder:
             sent = not isinstance(exc, aiohttp.ClientConnectorError)
             raise Refusal("upstream_error", f"upstream {call.route.name} failed: {type(exc).__name__}",
                           extra={"upstream_may_have_acted": sent}) from None
+        if on_answer is not None:
+            on_answer()
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in response_headers(upstream.headers):
