@@ -153,3 +153,42 @@ async def test_redis_going_away_is_a_store_unavailable_refusal(redis_server: Any
         assert refused.value.code == "store_unavailable"
     finally:
         await store.close()
+
+
+async def test_an_evicted_task_read_by_two_calls_at_once_is_one_history(tmp_path: Path) -> None:
+    """Two callers loading a task that left the SQLite store's cache get one history object: with two,
+    the later save of either would erase what the other recorded (here: a confirmed refund)."""
+    from sidecar.tasks import sqlite as sqlite_store
+    from sidecar.tasks.store import iso_ms
+
+    def refund(amount: float) -> CallRecord:
+        return CallRecord(route="payments", method="POST", path="/refunds", host="p", outcome="allow",
+                          at=iso_ms(time.time()), amount=amount, write=True, measures={"amount": amount})
+
+    store = SqliteTaskStore(tmp_path / "tasks.db")
+    task = await store.create(agent="a", intent="refund", labels={}, ttl_seconds=600, allowed_tools=[])
+    found = await store.get(task.id)
+    assert found is not None
+    first = Reservation("d-1", refund(900), time.time() + 60)
+    assert await store.reserve(task.id, first, version=found[1].version)
+    for _ in range(sqlite_store.MAX_CACHED_TASKS):  # the task leaves the cache
+        await store.create(agent="a", intent="other", labels={}, ttl_seconds=600, allowed_tools=[])
+
+    async def next_call() -> None:
+        again = await store.get(task.id)
+        assert again is not None
+        second = Reservation("d-2", refund(1), time.time() + 60)
+        assert await store.reserve(task.id, second, version=again[1].version)
+        await store.confirm(task.id, second)
+
+    await asyncio.gather(store.confirm(task.id, first), next_call())
+    for _ in range(sqlite_store.MAX_CACHED_TASKS):  # out of the cache again
+        await store.create(agent="a", intent="other", labels={}, ttl_seconds=600, allowed_tools=[])
+    loads = await asyncio.gather(store.get(task.id), store.get(task.id))
+    assert loads[0] is not None and loads[1] is not None and loads[0][1] is loads[1][1]
+    await store.close()
+    reopened = SqliteTaskStore(tmp_path / "tasks.db")
+    history = await reopened.get(task.id)
+    assert history is not None
+    assert history[1].calls == 2 and history[1].totals["amount"] == 901 and not history[1].in_flight
+    await reopened.close()

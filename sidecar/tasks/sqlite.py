@@ -342,6 +342,7 @@ class SqliteTaskStore:
         self._writer = WorkerLane("task-store")
         self._batches = GroupCommit(self._db, self._writer)
         self._cached: OrderedDict[str, tuple[Task, TaskSummary]] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[tuple[Task, TaskSummary] | None]] = {}  # at most one load per task
         # Reservations saved with reserve(wait=False), until their caller asks whether they are committed
         # (or confirms or releases them): at most one per call in flight.
         self._uncommitted: dict[str, asyncio.Future[None]] = {}
@@ -385,13 +386,24 @@ class SqliteTaskStore:
         if cached is not None:
             self._cached.move_to_end(task_id)
             return cached
+        # One load per task at a time: two callers decoding the row each would put two copies of its history
+        # in play, and the later save of either would erase what the other recorded (a confirmed call lost).
+        loading = self._loading.get(task_id)
+        if loading is None:
+            loading = self._loading[task_id] = asyncio.ensure_future(self._load(task_id))
+            loading.add_done_callback(lambda _: self._loading.pop(task_id, None))
+        return await asyncio.shield(loading)  # a caller that gives up does not cancel the others' load
 
+    async def _load(self, task_id: str) -> tuple[Task, TaskSummary] | None:
         def select(db: sqlite3.Connection) -> tuple[str, str] | None:
             row = db.execute("SELECT doc, summary FROM tasks WHERE id = ?", (task_id,)).fetchone()
             return (row[0], row[1]) if row else None
 
         # In the batch order: it reads every save submitted before it (an evicted task's last one included).
         found = await self._batches.run(select, seal=task_id)
+        cached = self._cached.get(task_id)
+        if cached is not None:  # cached meanwhile (created, ended): that copy is the one in play
+            return cached
         if found is None:
             return None
         return self._cache(task_from_json(found[0]), summary_from_json(found[1]))
