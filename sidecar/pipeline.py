@@ -632,6 +632,9 @@ class RequestPath:
             return
         except (Refusal, TimeoutError) as exc:
             error = exc.detail if isinstance(exc, Refusal) else f"no answer within {RECORD_DEADLINE_SECONDS:g}s"
+        except Exception as exc:  # noqa: BLE001 - the call's outcome stands; the record is retried like any other
+            log.error("%s record of %s failed: %s", record, decision_id, type(exc).__name__)
+            error = f"the task store failed ({type(exc).__name__})"
         what = {"decision_id": decision_id, "task_id": call.task_id, "record": record}
         self.metrics.record_failures.labels(record).inc()
         self._append_quietly({"type": "record.failed", **what, "error": error, "retry": "background"})
@@ -682,7 +685,7 @@ def _masked_input(document: dict[str, Any], preview: PreviewSettings) -> dict[st
     if not isinstance(request, dict):
         return document
     body, query, raw_query = request.get("body"), request.get("query"), request.get("raw_query")
-    masked_request = {"body": preview.mask(body), "query": preview.mask(query),
+    masked_request = {"body": preview.mask(body), "query": preview.mask_query_mapping(query),
                       "raw_query": preview.mask_query(raw_query) if isinstance(raw_query, str) else raw_query}
     arguments = mcp_doc.get("arguments") if isinstance(mcp_doc, dict) else None
     masked_arguments = preview.mask(arguments)

@@ -221,3 +221,31 @@ async def test_a_call_counts_in_its_task_as_answered_while_an_agent_that_reads_s
         writer.close()
     finally:
         await runner.cleanup()
+
+
+async def test_a_store_that_fails_in_an_unforeseen_way_after_the_call_went_out_is_recorded_not_refused(
+        tmp_path: Path, gate_tool: GateTool, sidecars: list[RunningSidecar]) -> None:
+    """Not a store_unavailable refusal but any exception (here the SQLite store's writer thread is gone):
+    the forwarded call's answer stands and its record is audited as failed and queued for a retry."""
+    running = await start(tmp_path, gate_tool, sidecars)
+    task = await open_task(running.admin, "refund duplicate charges")
+    async with httpx.AsyncClient(timeout=60) as agent:
+        answer = asyncio.ensure_future(agent.post(f"{running.proxy}/slowpay/refunds", json={"amount": 49},
+                                                  headers={"X-Agent-Task": task}))
+        [arrival] = await gate_tool.wait_at_gate(1)
+        writer = running.sidecar.path.tasks._writer  # type: ignore[attr-defined]
+        writer.stop()  # no real fault stops this thread; its end is what a crashed writer looks like
+        writer._thread.join()
+        gate_tool.gate.set()
+        response = await answer
+    assert response.status_code == 200 and response.json()["path"] == "/gate/payments/refunds"
+
+    async def record_failed() -> list[dict[str, Any]] | None:
+        events = for_decision(audit(running), arrival.decision_id or "")
+        return events if any(e["type"] == "record.failed" for e in events) else None
+
+    events = await eventually(record_failed, what="record.failed in the audit chain")
+    [failed] = [e for e in events if e["type"] == "record.failed"]
+    assert failed["error"] == "the task store failed (RuntimeError)" and failed["retry"] == "background"
+    assert [d["outcome"] for d in events if d["type"] == "decision"] == ["allow"]
+    assert await metric(running, "agent_sidecar_record_backlog") == 1

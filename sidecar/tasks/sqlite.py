@@ -510,7 +510,10 @@ class SqliteTaskStore:
             self._db.close()
 
         try:
-            await self._writer.submit(shut)
+            try:
+                await self._writer.submit(shut)
+            except RuntimeError:  # the writer thread is gone: nothing else can be using the connection
+                shut()
         except sqlite3.Error as exc:
             raise Refusal("store_unavailable", f"task store: {type(exc).__name__}") from None
         self._writer.stop()
