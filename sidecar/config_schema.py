@@ -455,7 +455,7 @@ class Approvals(Section):
                                                f"must be between 0 (size and hash only) and {MAX_PREVIEW_BYTES}")] = \
         _field("A JSON or form body is shown pretty-printed up to this many bytes; 0: size and hash only.",
                DEFAULT_PREVIEW_BYTES)
-    mask_fields: NonEmptyStrings = _field("Body fields masked wherever they are, added to the built-in list: "
+    mask_fields: NonEmptyStrings = _field("Body fields and query parameters masked wherever they are, added to the built-in list: "
                                           + ", ".join(DEFAULT_MASK_FIELDS) + ".", [])
     highlight_fields: NonEmptyStrings | None = _field(
         "Body fields set apart above the body; replaces the built-in list: " + ", ".join(DEFAULT_HIGHLIGHT_FIELDS) + ".",

@@ -261,7 +261,7 @@ async def test_webhook_cli_api_audit_and_logs_show_the_body_and_never_a_masked_v
         assert decision["input"]["request"]["body"]["Password"] == MASKED  # the audited input is masked too
         assert decision["input"]["request"]["body"]["payee"] == "ACME Corp"
         assert decision["input"]["request"]["body_sha256"] == body["sha256"]  # still bound to the exact body
-        assert decision["input"]["request"]["query"] == {"Access_Token": MASKED, "memo": ["rent"]}
+        assert decision["input"]["request"]["query"] == {"Access_Token": [MASKED], "memo": ["rent"]}  # input.v2's shape
         assert decision["input"]["request"]["raw_query"] == "Access_Token=[masked]&memo=rent"
         everything = {"webhook": raw_event, "api show": shown, "api list": listed, "cli show": show.stdout + show.stderr,
                       "cli list": listing.stdout, "cli json": as_json.stdout, "audit": audit_text,
@@ -286,6 +286,8 @@ async def test_webhook_cli_api_audit_and_logs_show_the_body_and_never_a_masked_v
     ("password", "password"),  # a name without a value has nothing to hide
     ("memo=my+password+is+x", "memo=my+password+is+x"),  # names only, as for bodies
     ("a=1&&password=x&", "a=1&&password=[masked]&"),
+    ("api_key%5B0%5D=abc&token2=def", "api_key%5B0%5D=[masked]&token2=[masked]"),  # an index is no disguise
+    ("X-Amz-Credential=AKIA&X-Amz-Signature=abc&sig=def", "X-Amz-Credential=[masked]&X-Amz-Signature=[masked]&sig=[masked]"),
 ])
 def test_query_parameters_are_masked_by_name_like_body_fields(query: str, shown: str) -> None:
     settings = PreviewSettings()
@@ -294,3 +296,17 @@ def test_query_parameters_are_masked_by_name_like_body_fields(query: str, shown:
     assert settings.mask_target("https://tools.internal/pay") == "https://tools.internal/pay"
     if query == shown:
         assert settings.mask_query(query) is query  # nothing masked: the audited input keeps the judged bytes
+
+
+def test_masked_query_parameters_keep_the_inputs_shape_and_an_old_approval_shows_no_query() -> None:
+    from sidecar.approvals.store import Approval, RequestBinding
+
+    settings = PreviewSettings()
+    query = {"token": ["a", "b"], "q": ["1"]}
+    assert settings.mask_query_mapping(query) == {"token": [MASKED, MASKED], "q": ["1"]}
+    assert settings.mask_query_mapping({"q": ["1"]}) is not None and settings.mask_query_mapping(query)["q"] is query["q"]
+    binding = RequestBinding("GET", "https://tools.internal/pay?api_key=abc", "0" * 64, "spiffe://a", None)
+    stored_before = Approval(id="ap-1", binding=binding, decision_id="d-1", route="pay", reasons=[], risk="high",
+                             approvers_required=1, group=None, created_at=0.0, expires_at=1.0)
+    assert stored_before.public()["binding"]["target"] == "https://tools.internal/pay?[query not shown]"
+    assert stored_before.binding.target.endswith("api_key=abc")  # what the approval is bound to is unchanged

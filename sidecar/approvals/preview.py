@@ -49,7 +49,7 @@ MAX_CACHED_KEYS = 10_000
 DEFAULT_MASK_FIELDS: tuple[str, ...] = (
     "password", "passwd", "passphrase", "secret", "token", "api_key", "apikey", "access_key", "secret_key",
     "private_key", "authorization", "auth", "cookie", "set_cookie", "credential", "credentials", "session_id",
-    "otp", "cvv", "cvc", "card_number", "ssn",
+    "otp", "cvv", "cvc", "card_number", "ssn", "signature", "sig", "jwt",
 )
 DEFAULT_HIGHLIGHT_FIELDS: tuple[str, ...] = (
     "payee", "recipient", "beneficiary", "to", "iban", "account", "account_number", "destination",
@@ -87,7 +87,7 @@ class PreviewSettings:
     def masks(self, key: str) -> bool:
         verdict = self._verdicts.get(key)
         if verdict is None:
-            name = normalized(key)
+            name = normalized(key).rstrip("0123456789")  # an index is no disguise: api_key[0], token2
             verdict = bool(name) and name.endswith(self._mask)
             if len(self._verdicts) < MAX_CACHED_KEYS:
                 self._verdicts[key] = verdict
@@ -108,6 +108,13 @@ class PreviewSettings:
                 parts[i] = f"{name}={MASKED}"
                 changed = True
         return "&".join(parts) if changed else query
+
+    def mask_query_mapping(self, query: Any) -> Any:
+        """The input's ``request.query`` (name -> list of values) with every masked parameter's values replaced,
+        still a list of strings each; ``query`` itself when nothing is masked."""
+        if not isinstance(query, dict) or not any(self.masks(str(name)) for name in query):
+            return query
+        return {name: _masked_values(values) if self.masks(str(name)) else values for name, values in query.items()}
 
     def mask_target(self, target: str) -> str:
         """A request target (URL or origin form) with its query masked as ``mask_query`` does."""
@@ -160,6 +167,10 @@ def build_preview(call: InterceptedCall, reasons: Sequence[str], settings: Previ
     preview.measures = summed_measures(effective_measures(call.route.measures), payloads)
     preview.highlights = _highlights(shown, settings, reasons, set(preview.measures))
     return preview
+
+
+def _masked_values(values: Any) -> Any:
+    return [MASKED] * len(values) if isinstance(values, list) else MASKED
 
 
 def _masked(value: Any, settings: PreviewSettings, paths: list[str], path: str, depth: int) -> Any:

@@ -80,8 +80,10 @@ class Approval:
     def public(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["binding"] = asdict(self.binding)
-        if self.shown_target is not None:
-            doc["binding"]["target"] = self.shown_target
+        # A record stored before shown_target existed shows no query: it may hold a secret.
+        before, question, _ = self.binding.target.partition("?")
+        doc["binding"]["target"] = self.shown_target if self.shown_target is not None else \
+            before + ("?[query not shown]" if question else "")
         del doc["shown_target"]
         doc["status"] = self.effective_status(time.time())
         return doc
