@@ -18,21 +18,25 @@ BLOCK_BYTES = 4096
 class _RandomBlock:
     def __init__(self) -> None:
         self._lock = threading.Lock()  # ids are also drawn off the event loop (admin threads, tests)
-        self._pid = -1
         self._block = b""
         self._offset = 0
 
     def take(self, size: int) -> bytes:
         with self._lock:
-            if self._pid != os.getpid() or self._offset + size > len(self._block):
-                self._pid = os.getpid()
+            if self._offset + size > len(self._block):
                 self._block = os.urandom(max(BLOCK_BYTES, size))
                 self._offset = 0
             start, self._offset = self._offset, self._offset + size
             return self._block[start:self._offset]
 
+    def forget(self) -> None:
+        """In a forked child: a new lock (another thread may have held the parent's) and no inherited bytes."""
+        self._lock = threading.Lock()
+        self._block, self._offset = b"", 0
+
 
 _random = _RandomBlock()
+os.register_at_fork(after_in_child=_random.forget)
 
 
 def random_hex(size: int) -> str:
