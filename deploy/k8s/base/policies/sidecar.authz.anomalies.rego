@@ -21,8 +21,11 @@ denied_outcomes := {s | some s in arr(cfg.anomalies.denied_outcomes); is_string(
 # When each call that counts towards the rate was decided (Unix ms), oldest
 # first. With one outcome (the default), its list as the sidecar sent it; the
 # outcome is picked at load (derived.rego) when it can be.
-rate_times := recent_times(o) if {
-	o := data.sidecar.runtime.derived.rate_outcome
+rate_times := l if {
+	l := recent_at_ms[data.sidecar.runtime.derived.rate_outcome] # recent_times, inlined
+	is_array(l)
+} else := [] if {
+	data.sidecar.runtime.derived.rate_outcome
 } else := recent_times(cfg.anomalies.rate_outcomes[0]) if {
 	count(cfg.anomalies.rate_outcomes) == 1
 	is_string(cfg.anomalies.rate_outcomes[0])

@@ -78,8 +78,9 @@ host := lower(h) if {
 } else := ""
 
 route_named if {
-	is_string(input.tool.route)
-	input.tool.route != ""
+	r := input.tool.route
+	is_string(r)
+	r != ""
 }
 
 route := input.tool.route if route_named else := "unknown-route"
