@@ -24,6 +24,7 @@ GO_GC_PERCENT = "400"
 # the server and hands it the validated config through this descriptor (a memfd). The server never
 # imports pydantic (the config's validation: ~10 MiB resident for the life of the process, issue 17).
 VALIDATED_CONFIG_FD = "AGENT_SIDECAR_VALIDATED_CONFIG_FD"
+CONFIG_MEMFD_NAME = "agent-sidecar-config"
 
 
 def _exec_server(argv: list[str], config_path: Path) -> None:
@@ -43,7 +44,7 @@ def _exec_server(argv: list[str], config_path: Path) -> None:
     except ConfigError as exc:
         print(f"agent-sidecar: config error: {exc}", file=sys.stderr)
         sys.exit(2)
-    fd = os.memfd_create("agent-sidecar-config")  # in memory only; close-on-exec until made inheritable below
+    fd = os.memfd_create(CONFIG_MEMFD_NAME)  # in memory only; close-on-exec until made inheritable below
     data = memoryview(pickle.dumps(config))
     while data:
         data = data[os.write(fd, data):]
@@ -58,7 +59,16 @@ def _handed_config() -> Config | None:
     fd = os.environ.pop(VALIDATED_CONFIG_FD, None)
     if fd is None:
         return None
-    with os.fdopen(int(fd), "rb") as handoff:
+    # Unpickled only from the memfd _exec_server made: a variable set by hand that names any other
+    # descriptor (stdin, a file) is refused, never read.
+    try:
+        descriptor = int(fd)
+        named = os.readlink(f"/proc/self/fd/{descriptor}")
+    except (ValueError, OSError):
+        named = ""
+    if not named.startswith(f"/memfd:{CONFIG_MEMFD_NAME} "):
+        raise ConfigError(f"{VALIDATED_CONFIG_FD} names no config handed over by agent-sidecar run; unset it")
+    with os.fdopen(descriptor, "rb") as handoff:
         config = pickle.loads(handoff.read())
     if not isinstance(config, Config):
         raise ConfigError(f"{VALIDATED_CONFIG_FD}: not a validated config")

@@ -54,3 +54,28 @@ def test_the_server_process_never_imports_pydantic(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and hands the config over a memfd")
+def test_a_handed_over_config_is_read_only_from_the_memfd_run_made(tmp_path: Path) -> None:
+    """The variable that names the handed-over config, set by hand to another descriptor (here stdin, holding
+    a pickle that would run a command), is refused before anything is read."""
+    import os
+    import pickle
+
+    ran = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {ran}",))
+
+    hostile = tmp_path / "hostile.pickle"
+    hostile.write_bytes(pickle.dumps(Payload()))
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump(sidecar_config(tmp_path, "http://127.0.0.1:9")))
+    with hostile.open("rb") as stdin:
+        done = subprocess.run([*command(), "run", "--config", str(config)], stdin=stdin, capture_output=True, text=True,
+                              env={**os.environ, "AGENT_SIDECAR_VALIDATED_CONFIG_FD": "0"}, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "AGENT_SIDECAR_VALIDATED_CONFIG_FD names no config handed over by agent-sidecar run" in done.stderr
+    assert not ran.exists()
