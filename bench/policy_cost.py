@@ -46,8 +46,8 @@ from pathlib import Path
 from sidecar.jsoncodec import JsonDocument, loads
 from sidecar.policy.embedded import _evaluate_on, new_engine, set_runtime_data
 from sidecar.policy.loader import read_policy_dir
-rego, rule, count, input_file, checked, public = (sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4],
-                                                  sys.argv[5] == "1", sys.argv[6] == "1")
+rego, rule, count, input_file, checked = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
+public = sys.argv[6:7] == ["1"]  # through the binding's public API instead of the sidecar's path
 bundle = read_policy_dir(Path(rego))
 engine = new_engine(bundle)
 if checked:
