@@ -7,9 +7,10 @@ risk_ttl_at(r) := t if {
 	is_number(t)
 } else := num(object.get(cfg, ["ttl_seconds", r], 10))
 
-task_ttl := (task_expires_ns - now_ns) / 1000000000 if {
+task_ttl := (task_expires_ns - n) / 1000000000 if {
 	has_task
-	now_ns > 0
+	n := now_ns
+	n > 0
 }
 
 # clamp_int is monotonic, so clamp_int(min({a, b})) is min({clamp_int(a), clamp_int(b)}):

@@ -45,10 +45,11 @@ anomaly contains {
 	times := rate_times
 	n := count(times)
 	n >= cap
-	now_ns > 0
+	now := now_ns
+	now > 0
 	t := times[n - cap]
 	is_number(t)
-	t * 1000000 >= now_ns - (cfg.anomalies.rate_window_seconds * 1000000000) # rate_window_start_ns, inlined
+	t * 1000000 >= now - (cfg.anomalies.rate_window_seconds * 1000000000) # rate_window_start_ns, inlined
 }
 
 rate_window_start_ns := now_ns - (cfg.anomalies.rate_window_seconds * 1000000000)

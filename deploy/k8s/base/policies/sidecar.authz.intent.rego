@@ -116,8 +116,9 @@ deny contains {
 	"reason": sprintf("task_expired: %s expired at %s", [task_name, clip(str(task.expires_at))]),
 } if {
 	has_task
-	now_ns > 0
-	task_expires_ns <= now_ns
+	now := now_ns
+	now > 0
+	task_expires_ns <= now
 }
 
 # The MCP server redefined this tool (its description, schemas or annotations) after
