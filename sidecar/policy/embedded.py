@@ -263,6 +263,8 @@ class EmbeddedEngine:
 
     def _overran(self, run: _Run) -> None:
         """The caller gave up (its deadline passed) while the engine goes on evaluating."""
+        if run.finished:  # it ended in the same loop turn as the deadline: no engine is still busy
+            return
         self.overruns += 1
         self._hand_slot_to_spare(run)
         log.warning("policy evaluation overran its deadline; %s", "a spare engine stands in until it ends"
