@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -213,12 +214,30 @@ class RunningSidecar:
 SidecarFactory = Callable[..., Awaitable[RunningSidecar]]
 
 
+LISTENERS = ("proxy", "admin", "metrics")
+
+
 async def start_sidecar(tmp: Path, config: dict[str, Any]) -> RunningSidecar:
-    path = tmp / "sidecar.yaml"
-    path.write_text(yaml.safe_dump(config))
-    sidecar = build_sidecar(parse_config(config, path))
-    await sidecar.start()
-    return RunningSidecar(sidecar)
+    """Build and start a sidecar from ``config``. A listener port that free_port() chose can be taken before
+    the sidecar binds it (an outgoing connection's ephemeral port, from any test): then the listeners get
+    fresh ports, in ``config`` itself so that the caller sees them, and the sidecar starts again."""
+    for attempt in range(5):
+        path = tmp / "sidecar.yaml"
+        path.write_text(yaml.safe_dump(config))
+        sidecar = build_sidecar(parse_config(config, path))
+        try:
+            await sidecar.start()
+        except OSError as exc:
+            await sidecar.stop()
+            if exc.errno != errno.EADDRINUSE or attempt == 4:
+                raise
+            listeners = config.get("listeners", {})
+            for name in LISTENERS:
+                if name in listeners:
+                    listeners[name] = f"127.0.0.1:{free_port()}"
+            continue
+        return RunningSidecar(sidecar)
+    raise AssertionError("unreachable")
 
 
 async def open_task(admin: str, intent: str = "look up customer 42", ttl_seconds: int = 600) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -138,3 +139,24 @@ async def _audit_eventually(running: Any) -> bool:
             return True
         await asyncio.sleep(0.02)
     return False
+
+
+async def test_the_test_harness_starts_a_sidecar_again_when_its_chosen_port_was_taken(tmp_path: Path) -> None:
+    """free_port() cannot reserve a port: when another socket takes it first, start_sidecar picks new ones."""
+    import socket
+
+    from harness import sidecar_config, start_sidecar
+
+    config = sidecar_config(tmp_path, "http://127.0.0.1:9")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config["listeners"]["admin"] = f"127.0.0.1:{taken.getsockname()[1]}"
+        running = await start_sidecar(tmp_path, config)
+        try:
+            assert config["listeners"]["admin"] != f"127.0.0.1:{taken.getsockname()[1]}"
+            assert f"127.0.0.1:{running.sidecar.config.admin.port}" == config["listeners"]["admin"]
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(f"{running.metrics}/healthz")).status_code == 200
+        finally:
+            await running.sidecar.stop()
