@@ -91,3 +91,35 @@ async def test_a_live_reload_sets_the_derived_document_of_the_new_data(tmp_path:
         assert credential == {"audience": "https://crm.example.com", "scopes": ["crm:read"], "ttl_seconds": 200}
     finally:
         await live.close()
+
+
+def test_a_policy_that_defines_anything_under_sidecar_runtime_is_refused_at_load() -> None:
+    """A module in package sidecar.runtime.* would merge with what the sidecar computes (here: every route
+    opened to one agent); the runtime document is the sidecar's alone."""
+    from sidecar.policy.loader import PolicyLoadError
+
+    policy = read_policy_dir(ROOT / "rego")
+    policy.modules["extra.rego"] = 'package sidecar.runtime.derived\n\nagent_routes["agent-x"] := {"*": true}\n'
+    with pytest.raises(PolicyLoadError, match="data.sidecar.runtime is set by the sidecar, not by a policy"):
+        EmbeddedEngine(policy)
+
+
+def test_a_bundle_data_directory_named_with_a_dot_is_refused() -> None:
+    """The engine reads '.' in a data path as a separator: sidecar/runtime.derived/data.json would land at
+    data.sidecar.runtime.derived although the bundle's own check saw a key named 'runtime.derived'."""
+    import io
+    import tarfile
+
+    from sidecar.policy.bundle import read_bundle
+    from sidecar.policy.loader import PolicyLoadError
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as archive:
+        for name, content in {"/.manifest": b'{"revision": "r1", "roots": ["sidecar"]}',
+                              "/sidecar/authz/decision.rego": b"package sidecar.authz\n\ndecision := {}\n",
+                              "/sidecar/runtime.derived/data.json": b'{"agent_routes": {"a": {"*": true}}}'}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    with pytest.raises(PolicyLoadError, match="a data directory's name holds '.'"):
+        read_bundle(out.getvalue(), origin="hostile.tar.gz", verify=False)

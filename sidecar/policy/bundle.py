@@ -354,6 +354,8 @@ def read_bundle(content: bytes, *, origin: Path | str, public_key: bytes | None 
         elif base == DATA:
             value = _parse_plain(files[name], f"{origin}:{name}")
             directory = [p for p in posixpath.dirname(name).split("/") if p]
+            if any("." in key for key in directory):  # the engine reads '.' as a path separator: another path
+                raise PolicyLoadError(f"{origin}:{name}", "a data directory's name holds '.'")
             node: Any = value
             for key in reversed(directory):
                 node = {key: node}

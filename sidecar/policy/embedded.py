@@ -99,6 +99,9 @@ def set_runtime_data(engines: list[Any], bundle: PolicyBundle, decision_path: st
     policy into an embedded engine goes through here (EmbeddedEngine: the sidecar, a live reload, the
     policy tools), and so does bench.policy_cost.
     """
+    import opa_bindings
+
+    refuse_runtime_set_by_policy(engines[0], bundle)
     if not check_data_once(engines[0], bundle, decision_path):
         return
     runtime: dict[str, Any] = {"config_checked": True}
@@ -106,7 +109,26 @@ def set_runtime_data(engines: list[Any], bundle: PolicyBundle, decision_path: st
     if derived is not None:
         runtime["derived"] = derived
     for engine in engines:  # one merge: each change of an engine's data costs a new compilation of its queries
-        engine.add_data(runtime, RUNTIME_DATA_PATH)
+        try:
+            engine.add_data(runtime, RUNTIME_DATA_PATH)
+        except opa_bindings.OpaError as exc:
+            raise PolicyLoadError(bundle.root, f"data.{RUNTIME_DATA_PATH} could not be set: {exc.message}") from None
+
+
+def refuse_runtime_set_by_policy(engine: Any, bundle: PolicyBundle) -> None:
+    """``data.sidecar.runtime`` is the sidecar's alone: a policy that defines anything under it (a module's
+    package, data in any spelling the engine reads as that path) would have its rules trust values no
+    check produced, e.g. a ``derived`` table that lets an agent onto every route. Refused at load."""
+    import opa_bindings
+
+    try:
+        engine.eval_document(RUNTIME_DATA_PATH)
+    except opa_bindings.OpaUndefinedError:
+        return
+    except opa_bindings.OpaError as exc:
+        raise PolicyLoadError(bundle.root, f"data.{RUNTIME_DATA_PATH}: {exc.message}") from None
+    raise PolicyLoadError(bundle.root, f"data.{RUNTIME_DATA_PATH} is set by the sidecar, not by a policy "
+                                       "(a module or data under it)")
 
 
 def derive_once(engine: Any, decision_path: str) -> dict[str, Any] | None:

@@ -391,8 +391,13 @@ class SqliteTaskStore:
         loading = self._loading.get(task_id)
         if loading is None:
             loading = self._loading[task_id] = asyncio.ensure_future(self._load(task_id))
-            loading.add_done_callback(lambda _: self._loading.pop(task_id, None))
+            loading.add_done_callback(lambda done: self._loaded(task_id, done))
         return await asyncio.shield(loading)  # a caller that gives up does not cancel the others' load
+
+    def _loaded(self, task_id: str, done: asyncio.Future[tuple[Task, TaskSummary] | None]) -> None:
+        self._loading.pop(task_id, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: callers that gave up before it failed cannot, and each waiting one got it
 
     async def _load(self, task_id: str) -> tuple[Task, TaskSummary] | None:
         def select(db: sqlite3.Connection) -> tuple[str, str] | None:
