@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import logging
 import os
 import pickle
@@ -25,6 +26,9 @@ GO_GC_PERCENT = "400"
 # imports pydantic (the config's validation: ~10 MiB resident for the life of the process, issue 17).
 VALIDATED_CONFIG_FD = "AGENT_SIDECAR_VALIDATED_CONFIG_FD"
 CONFIG_MEMFD_NAME = "agent-sidecar-config"
+CONFIG_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL if sys.platform == "linux" else 0
+# -P: the server's imports never come from the directory it was started in (a ./sidecar there is not ours).
+SERVER_COMMAND = (sys.executable, "-P", "-m", "sidecar")
 
 
 def _exec_server(argv: list[str], config_path: Path) -> None:
@@ -37,21 +41,28 @@ def _exec_server(argv: list[str], config_path: Path) -> None:
     environment.setdefault("GOGC", GO_GC_PERCENT)
     if not hasattr(os, "memfd_create"):
         if "GOGC" not in os.environ:
-            os.execve(sys.executable, [sys.executable, "-m", "sidecar", *argv], environment)
+            os.execve(sys.executable, [*SERVER_COMMAND, *argv], environment)
         return
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         print(f"agent-sidecar: config error: {exc}", file=sys.stderr)
         sys.exit(2)
-    fd = os.memfd_create(CONFIG_MEMFD_NAME)  # in memory only; close-on-exec until made inheritable below
-    data = memoryview(pickle.dumps(config))
+    # In memory only, close-on-exec until made inheritable below, and sealed once written: another process of
+    # the same user can open it through /proc, and what is unpickled must be exactly what was validated.
+    fd = os.memfd_create(CONFIG_MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    payload = pickle.dumps(config)
+    data = memoryview(payload)
     while data:
         data = data[os.write(fd, data):]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, CONFIG_SEALS)
+    if os.pread(fd, len(payload) + 1, 0) != payload:  # changed before the seals were on: start nothing
+        print("agent-sidecar: the validated config changed while it was handed over", file=sys.stderr)
+        sys.exit(2)
     os.lseek(fd, 0, os.SEEK_SET)
     os.set_inheritable(fd, True)
     environment[VALIDATED_CONFIG_FD] = str(fd)
-    os.execve(sys.executable, [sys.executable, "-m", "sidecar", *argv], environment)
+    os.execve(sys.executable, [*SERVER_COMMAND, *argv], environment)
 
 
 def _handed_config() -> Config | None:
@@ -66,13 +77,20 @@ def _handed_config() -> Config | None:
         named = os.readlink(f"/proc/self/fd/{descriptor}")
     except (ValueError, OSError):
         named = ""
-    if not named.startswith(f"/memfd:{CONFIG_MEMFD_NAME} "):
+    if not named.startswith(f"/memfd:{CONFIG_MEMFD_NAME} ") or not _sealed(descriptor):
         raise ConfigError(f"{VALIDATED_CONFIG_FD} names no config handed over by agent-sidecar run; unset it")
     with os.fdopen(descriptor, "rb") as handoff:
         config = pickle.loads(handoff.read())
     if not isinstance(config, Config):
         raise ConfigError(f"{VALIDATED_CONFIG_FD}: not a validated config")
     return config
+
+
+def _sealed(descriptor: int) -> bool:
+    try:
+        return fcntl.fcntl(descriptor, fcntl.F_GET_SEALS) & CONFIG_SEALS == CONFIG_SEALS
+    except OSError:
+        return False
 
 
 def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -79,3 +79,32 @@ def test_a_handed_over_config_is_read_only_from_the_memfd_run_made(tmp_path: Pat
     assert done.returncode == 2, done.stderr
     assert "AGENT_SIDECAR_VALIDATED_CONFIG_FD names no config handed over by agent-sidecar run" in done.stderr
     assert not ran.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memfd seals are Linux's")
+def test_an_unsealed_memfd_is_not_a_handed_over_config(tmp_path: Path) -> None:
+    """Another process of the same user can open a memfd through /proc and rewrite it: the server reads
+    only one sealed against writes, as agent-sidecar run makes it."""
+    import os
+    import pickle
+
+    ran = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {ran}",))
+
+    fd = os.memfd_create("agent-sidecar-config", 0)  # the right name, no seals
+    os.write(fd, pickle.dumps(Payload()))
+    os.lseek(fd, 0, os.SEEK_SET)
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump(sidecar_config(tmp_path, "http://127.0.0.1:9")))
+    try:
+        done = subprocess.run([*command(), "run", "--config", str(config)], capture_output=True, text=True,
+                              env={**os.environ, "AGENT_SIDECAR_VALIDATED_CONFIG_FD": str(fd)}, pass_fds=(fd,),
+                              timeout=60)
+    finally:
+        os.close(fd)
+    assert done.returncode == 2, done.stderr
+    assert "names no config handed over by agent-sidecar run" in done.stderr
+    assert not ran.exists()
