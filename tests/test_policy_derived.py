@@ -123,3 +123,17 @@ def test_a_bundle_data_directory_named_with_a_dot_is_refused() -> None:
             archive.addfile(info, io.BytesIO(content))
     with pytest.raises(PolicyLoadError, match="a data directory's name holds '.'"):
         read_bundle(out.getvalue(), origin="hostile.tar.gz", verify=False)
+
+
+@pytest.mark.parametrize(("package", "refused"), [("sidecar.runtime", True), ("sidecar.runtime.derived", True),
+                                                  ("sidecar.runtimes", False), ("sidecar.authz", False)])
+def test_the_loader_refuses_a_module_in_the_sidecars_runtime_package(tmp_path: Path, package: str, refused: bool) -> None:
+    """Read for the embedded engine or bundled for an OPA server alike (policy build reads the same way)."""
+    from sidecar.policy.loader import PolicyLoadError
+
+    (tmp_path / "p.rego").write_text(f"package {package}\n\nx := 1\n")
+    if refused:
+        with pytest.raises(PolicyLoadError, match=f"package {package}: data.sidecar.runtime is set by the sidecar"):
+            read_policy_dir(tmp_path)
+    else:
+        assert read_policy_dir(tmp_path).modules

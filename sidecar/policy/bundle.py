@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .loader import RUNTIME_DATA_PATH, PolicyBundle, PolicyLoadError, read_policy_dir
+from .loader import RUNTIME_DATA_PATH, PolicyBundle, PolicyLoadError, read_policy_dir, refuse_runtime_package
 
 MANIFEST = ".manifest"
 SIGNATURES = ".signatures.json"
@@ -351,6 +351,7 @@ def read_bundle(content: bytes, *, origin: Path | str, public_key: bytes | None 
                 policy.modules[name] = files[name].decode("utf-8")
             except UnicodeDecodeError:
                 raise PolicyLoadError(f"{origin}:{name}", "not UTF-8") from None
+            refuse_runtime_package(f"{origin}:{name}", policy.modules[name])
         elif base == DATA:
             value = _parse_plain(files[name], f"{origin}:{name}")
             directory = [p for p in posixpath.dirname(name).split("/") if p]

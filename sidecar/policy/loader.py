@@ -98,6 +98,7 @@ def policy_from_files(root: Path, files: dict[str, bytes]) -> PolicyBundle:
     bundle = PolicyBundle(root=root)
     for name in sorted(n for n in files if n.endswith(".rego")):
         bundle.modules[name] = _decode(root / name, files[name])
+        refuse_runtime_package(root / name, bundle.modules[name])
     for name in sorted(n for n in files if _is_data_file(Path(n))):
         path = root / name
         parts = Path(name).parent.parts
@@ -113,6 +114,19 @@ def policy_from_files(root: Path, files: dict[str, bytes]) -> PolicyBundle:
     if not bundle.modules:
         raise PolicyLoadError(root, "no .rego files")
     return bundle
+
+
+_PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
+
+
+def refuse_runtime_package(path: Path | str, source: str) -> None:
+    """A module in package sidecar.runtime or below would define what the sidecar sets there (the data check's
+    verdict, ``derived``): refused wherever a policy is read, for the embedded engine and for an OPA server's
+    bundle alike (the embedded engine also asks the engine itself at load: sidecar.policy.embedded)."""
+    found = _PACKAGE.search(source)
+    if found and (found.group(1) + ".").startswith(RUNTIME_DATA_PATH + "."):
+        raise PolicyLoadError(path, f"package {found.group(1)}: data.{RUNTIME_DATA_PATH} is set by the sidecar, "
+                                    "not by a policy")
 
 
 def _decode(path: Path, content: bytes) -> str:
