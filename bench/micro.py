@@ -34,8 +34,8 @@ def typical_call() -> InterceptedCall:
 
 
 def typical_task(now: float) -> dict[str, Any]:
-    """A task 20 calls in (the history's full window), spread over the last minute; as the task store
-    returns it, which build_input turns into input v2."""
+    """A task 20 calls in (the history's full window), spread over the last minute; as the pipeline hands it
+    to build_input (the task store's policy view, input v2)."""
     task = Task(id="t-0123456789abcdef", agent=AGENT.id, intent="answer the customer's ticket about invoice 7",
                 labels={}, created_at=now - 120, expires_at=now + 600)
     summary = TaskSummary()
@@ -44,7 +44,7 @@ def typical_task(now: float) -> dict[str, Any]:
         summary.add(CallRecord(route="crm", method=method, path=f"/crm/customers/{n}", host="127.0.0.1",
                                outcome="allow", at=iso_ms(now - 60 + n * 3), classification="confidential",
                                write=method != "GET"))
-    return task.as_input(summary)
+    return task.as_policy_input(summary)
 
 
 def timed(step: Callable[[], Any], count: int, warmup: int = 50) -> dict[str, float]:

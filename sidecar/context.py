@@ -9,7 +9,6 @@ from typing import Any
 from .documents import InterceptedCall, McpCall
 from .proxy.headers import policy_view
 from .tasks.measures import call_measures, payload
-from .tasks.store import epoch_ms
 
 
 INPUT_VERSION = "v2"
@@ -59,7 +58,7 @@ def build_input(
                  "protocol": call.route.protocol, "measures": [m.name for m in call.route.measures]},
         "mcp": _mcp(mcp_call, mcp_annotations, mcp_tool_changed),
         "agent": {"id": agent.id, "verified": agent.verified},
-        "task": task_input(task),
+        "task": task,  # the task store's policy view (Task.as_policy_input): input v2 already
         "delegation": delegation or [],
         "approval": approval,
         "time": {
@@ -84,29 +83,3 @@ def _mcp(mcp_call: McpCall | None, annotations: dict[str, Any] | None,
         document["tool_changed"] = {"fields": list(tool_changed)}  # redefined since this task first listed it
     return document
 
-
-def task_input(task: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The task as input v2 sends it. The pipeline passes the store's policy view (``Task.as_policy_input``),
-    which is v2 already and passes through; a v1-shaped task (``Task.as_input``, the admin API's view) gets
-    ``history.recent`` reduced here to what rules read, in the form that is cheapest for the engine to take in.
-
-    v1 sent the last 20 calls as objects of seven strings each, most of the bytes of a typical input
-    (every byte costs the embedded engine ~530 instructions to decode). v2 sends how many there are
-    and, per outcome, when each was decided in Unix milliseconds, oldest first:
-    ``{"calls": 20, "at_ms": {"allow": [1795775853417, ...], "deny": [...]}}``. Reserved calls are in
-    it as allowed ones, as in v1; ``history.in_flight`` still counts them apart.
-    """
-    if task is None:
-        return None
-    history = task.get("history")
-    if not isinstance(history, dict) or not isinstance(history.get("recent"), list):
-        return task
-    return {**task, "history": {**history, "recent": recent_v2(history["recent"])}}
-
-
-def recent_v2(recent: list[dict[str, Any]]) -> dict[str, Any]:
-    at_ms: dict[str, list[int]] = {}
-    for entry in recent:
-        at = entry.get("at")
-        at_ms.setdefault(str(entry.get("outcome")), []).append(epoch_ms(at) if isinstance(at, str) else 0)
-    return {"calls": len(recent), "at_ms": at_ms}

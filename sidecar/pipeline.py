@@ -196,16 +196,18 @@ class RequestPath:
         def answered() -> None:
             confirming.append(self._run_to_completion(self._settle_confirmed(call, reservation)))
 
+        def confirmed() -> Awaitable[None]:
+            """The confirmation begun when the upstream answered, or one begun now."""
+            return confirming[0] if confirming else self._settle_confirmed(call, reservation)
+
         try:
             response, result = await self.forwarder.forward(request, call, credential, decision.decision_id, tap,
                                                             on_answer=answered)
         except Refusal as refusal:  # the upstream could not be reached or did not answer in time
             refusal.decision_id = decision.decision_id
             self._record_upstream(trace, decision, None, 0, error=refusal.code)
-            if confirming:
-                await confirming[0]
-            elif refusal.extra.get("upstream_may_have_acted"):
-                await self._settle_confirmed(call, reservation)  # it may have acted: the call counts in its task
+            if confirming or refusal.extra.get("upstream_may_have_acted"):
+                await confirmed()  # it may have acted: the call counts in its task
             else:
                 await self._settle_released(call, reservation, refusal.code)
             raise
@@ -214,7 +216,7 @@ class RequestPath:
             log.warning("forwarding %s failed after it was sent: %s", decision.decision_id, type(exc).__name__)
             self._record_upstream(trace, decision, None, 0, error=type(exc).__name__)
             self.metrics.route(call.route.name).allowed.inc()
-            await (confirming[0] if confirming else self._settle_confirmed(call, reservation))
+            await confirmed()
             return render_refusal(Refusal("upstream_error", "the upstream's answer could not be relayed",
                                           decision_id=decision.decision_id), call)
         route_metrics = self.metrics.route(call.route.name)
@@ -222,7 +224,7 @@ class RequestPath:
         route_metrics.allowed.inc()
         self._record_upstream(trace, decision, result.status, result.bytes_sent,  # 6. record
                               interrupted_by=result.interrupted_by)
-        await (confirming[0] if confirming else self._settle_confirmed(call, reservation))
+        await confirmed()
         return response
 
     def _run_to_completion(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:

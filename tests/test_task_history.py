@@ -390,12 +390,19 @@ async def test_sensitive_read_then_external_write_is_held(make_sidecar: Any, ech
 
 
 def test_the_policy_view_of_a_history_is_the_admin_view_reduced_as_input_v2_says() -> None:
-    """The pipeline reads ``as_policy_input`` (v2 directly); it must be what ``context.task_input`` makes of the
-    admin API's v1-shaped view, reservations, odd timestamps and all outcomes included."""
+    """The pipeline reads ``as_policy_input`` (v2 directly); it must be the admin API's view with ``recent``
+    reduced as docs/policy.md says, reservations, odd timestamps and all outcomes included."""
     import time
 
-    from sidecar.context import task_input
-    from sidecar.tasks.store import Reservation, Task, iso_ms
+    from sidecar.tasks.store import Reservation, Task, epoch_ms, iso_ms
+
+    def reduced(task: dict[str, Any]) -> dict[str, Any]:
+        """input v2's ``recent`` from v1's: per outcome, each call's time in Unix ms (0 if unreadable)."""
+        recent = task["history"]["recent"]
+        at_ms: dict[str, list[int]] = {}
+        for entry in recent:
+            at_ms.setdefault(entry["outcome"], []).append(epoch_ms(entry["at"]))
+        return {**task, "history": {**task["history"], "recent": {"calls": len(recent), "at_ms": at_ms}}}
 
     now = time.time()
     summary = TaskSummary()
@@ -407,6 +414,6 @@ def test_the_policy_view_of_a_history_is_the_admin_view_reduced_as_input_v2_says
     summary.reserve(Reservation("d-2", call("allow", at=iso_ms(now)), now - 1))  # expired: not in the view
     task = Task(id="t-1", agent="a", intent="i", labels={"x": 1}, created_at=now - 200, expires_at=now + 200)
     policy = task.as_policy_input(summary)
-    assert policy == task_input(task.as_input(summary))
+    assert policy == reduced(task.as_input(summary))
     assert policy["history"]["recent"]["calls"] == 20
     assert policy["history"]["in_flight"]["calls"] == 1

@@ -25,14 +25,13 @@ import hashlib
 import io
 import json
 import posixpath
-import re
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .loader import RUNTIME_DATA_PATH, PolicyBundle, PolicyLoadError, read_policy_dir, refuse_runtime_package
+from .loader import PACKAGE, RUNTIME_DATA_PATH, PolicyBundle, PolicyLoadError, read_policy_dir, refuse_runtime_package
 
 MANIFEST = ".manifest"
 SIGNATURES = ".signatures.json"
@@ -40,7 +39,6 @@ DATA = "data.json"
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 HASHES = {"SHA-256": "sha256", "SHA-384": "sha384", "SHA-512": "sha512"}
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024  # uncompressed, all files together (a gzip bomb stops here)
-_PACKAGE = re.compile(r"^package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -128,7 +126,7 @@ def _check_roots(roots: list[str], modules: dict[str, str], data: Any, origin: s
             if _overlap(first, second):
                 raise PolicyLoadError(origin, f"manifest has overlapped roots: '{first}' and '{second}'")
     for name, source in modules.items():
-        package = _PACKAGE.search(source)
+        package = PACKAGE.search(source)
         path = package.group(1).replace(".", "/") if package else None
         if path is None or not _contains(roots, path):
             raise PolicyLoadError(f"{origin}:{name}", f"manifest roots {roots} do not permit package "
@@ -151,7 +149,7 @@ def default_roots(policy: PolicyBundle) -> list[str]:
     """The first segment of every package and of every top-level data key: what ``opa build`` would need."""
     roots: set[str] = set()
     for source in policy.modules.values():
-        package = _PACKAGE.search(source)
+        package = PACKAGE.search(source)
         if package:
             roots.add(package.group(1).split(".")[0])
     tree = _merged_data(policy)

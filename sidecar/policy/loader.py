@@ -116,14 +116,14 @@ def policy_from_files(root: Path, files: dict[str, bytes]) -> PolicyBundle:
     return bundle
 
 
-_PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
+PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.MULTILINE)  # a module's package line
 
 
 def refuse_runtime_package(path: Path | str, source: str) -> None:
     """A module in package sidecar.runtime or below would define what the sidecar sets there (the data check's
     verdict, ``derived``): refused wherever a policy is read, for the embedded engine and for an OPA server's
     bundle alike (the embedded engine also asks the engine itself at load: sidecar.policy.embedded)."""
-    found = _PACKAGE.search(source)
+    found = PACKAGE.search(source)
     if found and (found.group(1) + ".").startswith(RUNTIME_DATA_PATH + "."):
         raise PolicyLoadError(path, f"package {found.group(1)}: data.{RUNTIME_DATA_PATH} is set by the sidecar, "
                                     "not by a policy")
