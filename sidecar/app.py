@@ -22,6 +22,7 @@ from .credentials import CredentialMinter, JwtMinter, KeyRing, NoCredentialMinte
 from .credentials.keys import KeyError_
 from .credentials.minter import StaticKeyMinter
 from .credentials.wiring import build_credential_parts
+from .lane import WorkerLane
 from .documents import InterceptedCall
 from .observability.health import build_metrics_app
 from .observability.metrics import Metrics
@@ -100,6 +101,7 @@ class Sidecar:
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     _running: list[asyncio.Task[None]] = field(default_factory=list)
     tls: LeafIssuer | None = None  # TLS interception (issue 18): None when no route intercepts
+    disk: WorkerLane | None = None  # the task store's and the audit writer's thread, stopped after both closed
 
     async def start(self) -> None:
         for prepare in self.startup:
@@ -148,6 +150,8 @@ class Sidecar:
             await self.path.hold.notifier.close()
         await self.path.approvals.close()
         await asyncio.to_thread(self.path.audit.close)  # flushes the queue: off the loop
+        if self.disk is not None:
+            self.disk.stop()
 
 
 def build_sidecar(config: Config) -> Sidecar:
@@ -157,9 +161,11 @@ def build_sidecar(config: Config) -> Sidecar:
     keys = load_keys(config)
     tls = build_tls(config)
     metrics = Metrics()
-    credential_parts = build_credential_parts(config, keys)
+    # One thread for the disk: the task store's commits and the audit chain's writes take turns on it.
+    disk = WorkerLane("disk-writer")
+    credential_parts = build_credential_parts(config, keys, disk)
     tasks = credential_parts.tasks
-    audit_parts = build_audit(config, metrics)
+    audit_parts = build_audit(config, metrics, disk)
     audit = audit_parts.writer
     metrics.prime([route.name for route in config.routes], engine.name)
     if isinstance(engine, (EmbeddedEngine, LivePolicy)):
@@ -206,7 +212,7 @@ def build_sidecar(config: Config) -> Sidecar:
         admin_app.router.add_get("/ca.pem", ca_pem_handler(tls.ca.cert_pem))  # the certificate only, never the key
     return Sidecar(config, path, admin_app, metrics_app, startup=credential_parts.startup,
                    background=[*credential_parts.background, *audit_parts.background, path.backlog.run,
-                               *policy_background], tls=tls)
+                               *policy_background], tls=tls, disk=disk)
 
 
 def build_tls(config: Config) -> LeafIssuer | None:

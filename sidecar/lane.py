@@ -1,4 +1,8 @@
-"""One thread that runs submitted work in submission order, for a store that owns a blocking connection.
+"""One thread that runs submitted work in submission order, for the parts that own a blocking file.
+
+The sidecar runs one such lane for its disk (``disk-writer``): the task store's commits and the
+audit chain's writes share it. Two threads woke, took the GIL and woke the event loop for every
+call; one does both with fewer of each (CPU per call −11 %, docs/performance.md).
 
 ``run_in_executor`` on a one-worker ThreadPoolExecutor does the same, but pays for a
 concurrent Future, its condition variable and a chained asyncio Future on every
@@ -12,7 +16,9 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -21,11 +27,27 @@ log = logging.getLogger("sidecar.lane")
 _Job = tuple[Callable[[], Any], "asyncio.AbstractEventLoop | None", "asyncio.Future[Any] | None"]
 
 
+@dataclass
+class _Periodic:
+    seconds: float
+    work: Callable[[], None]
+    due: float
+
+
 class WorkerLane:
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._periodic: list[_Periodic] = []  # touched by the lane's thread only
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def every(self, seconds: float, work: Callable[[], None]) -> None:
+        """Run ``work`` on this lane about every ``seconds``, between jobs (never during one)."""
+        self.post(lambda: self._periodic.append(_Periodic(seconds, work, time.monotonic() + seconds)))
 
     def submit(self, work: Callable[[], T]) -> asyncio.Future[T]:
         """Queue ``work``; the future resolves on the calling loop with its result or its exception."""
@@ -48,15 +70,42 @@ class WorkerLane:
         self._jobs.put(None)
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            work, loop, future = job
-            if loop is None or future is None:
-                try:
-                    work()  # posted: reports back on its own
-                except Exception:  # noqa: BLE001 - the lane outlives a bad job; its poster hears nothing
-                    log.exception("a job posted to the %s lane failed", self._thread.name)
-                del job, work
+        while True:
+            try:
+                job = self._jobs.get(timeout=self._until_due())
+            except queue.Empty:
+                self._run_due()
                 continue
+            if job is None:
+                return
+            self._run_job(job)
+            del job
+            if self._periodic:
+                self._run_due()
+
+    def _until_due(self) -> float | None:
+        if not self._periodic:
+            return None
+        return max(0.0, min(p.due for p in self._periodic) - time.monotonic())
+
+    def _run_due(self) -> None:
+        now = time.monotonic()
+        for periodic in self._periodic:
+            if periodic.due <= now:
+                periodic.due = now + periodic.seconds
+                self._run_posted(periodic.work)
+
+    def _run_posted(self, work: Callable[[], None]) -> None:
+        try:
+            work()  # posted: reports back on its own
+        except Exception:  # noqa: BLE001 - the lane outlives a bad job; its poster hears nothing
+            log.exception("a job posted to the %s lane failed", self._thread.name)
+
+    def _run_job(self, job: _Job) -> None:
+        work, loop, future = job
+        if loop is None or future is None:
+            self._run_posted(work)
+        else:
             try:
                 outcome: tuple[bool, Any] = (True, work())
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, like an executor would

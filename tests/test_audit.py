@@ -6,12 +6,15 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sidecar.audit import AuditError, AuditWriter, HashChainLog, chain_files, verify_files
+from sidecar.audit.writer import MAX_BATCH
+from sidecar.lane import WorkerLane
 from sidecar.audit.chain import GENESIS, event_hash, rotated_files, rotated_name
 from sidecar.cli import main
 
@@ -189,6 +192,32 @@ async def test_the_writer_counts_and_reports_what_it_could_not_write(tmp_path: P
         assert writer.healthy
     finally:
         writer.close()
+
+
+def test_a_flood_of_events_does_not_hold_up_the_other_work_of_a_shared_lane(tmp_path: Path) -> None:
+    """The task store commits on the same lane: a drain writes one batch, then waits its turn again."""
+    lane = WorkerLane("disk")
+    writer = AuditWriter(HashChainLog(tmp_path / "audit.jsonl"), lane=lane)
+    written_when_the_other_job_ran: list[int] = []
+    other_job_ran = threading.Event()
+
+    def other_job() -> None:  # what a task-store commit would be
+        written_when_the_other_job_ran.append(writer.written)
+        other_job_ran.set()
+
+    try:
+        writer.append({"type": "first"}, receipt=False)
+        lane.post(other_job)
+        for n in range(3 * MAX_BATCH):
+            writer.append({"type": "flood", "n": n}, receipt=False)
+        assert other_job_ran.wait(10)
+    finally:
+        writer.close()  # writes what is still queued
+        lane.stop()
+    assert written_when_the_other_job_ran[0] <= MAX_BATCH
+    assert verify_files([tmp_path / "audit.jsonl"]).events == 3 * MAX_BATCH + 1
+    with pytest.raises(AuditError):
+        writer.append({"type": "after close"})
 
 
 def test_a_full_queue_is_refused_at_once_and_counted(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config, ConfigError
+from ..lane import WorkerLane
 from ..observability.metrics import Metrics
 from .chain import AuditError, HashChainLog
 from .ship import AuditShipper
@@ -33,7 +34,8 @@ class AuditParts:
         return [self.shipper.run] if self.shipper is not None else []
 
 
-def build_audit(config: Config, metrics: Metrics) -> AuditParts:
+def build_audit(config: Config, metrics: Metrics, disk: WorkerLane | None = None) -> AuditParts:
+    """``disk``: the lane the chain is written on (shared with the task store); without one, a lane of its own."""
     try:
         chain = HashChainLog(config.audit_path, chain_id=chain_id(), rotate_bytes=config.audit.rotate_bytes)
     except (OSError, AuditError) as exc:
@@ -45,6 +47,7 @@ def build_audit(config: Config, metrics: Metrics) -> AuditParts:
         on_error=metrics.audit_write_errors.inc,
         on_written=_consumer(metrics, shipper),
         on_displaced=lambda what: metrics.audit_file_displaced.labels(what).inc(),
+        lane=disk,
     )
     metrics.audit_queue.set_function(lambda: writer.depth)
     if shipper is not None:

@@ -1,7 +1,8 @@
-"""Audit writes off the event loop: a bounded queue drained by one writer thread.
+"""Audit writes off the event loop: a bounded queue drained on a worker lane.
 
 The event loop only stamps the event's time and puts it on the queue (a few
-microseconds). The writer thread takes whatever is queued, chains it in queue
+microseconds). A drain job on the lane (the sidecar's disk lane, shared with the task
+store, or a lane of the writer's own) takes whatever is queued, chains it in queue
 order, writes it as one ``write`` and then settles the callers' receipts, so
 events that arrive together share one system call. ``append`` returns a
 receipt at once: a future that resolves to the written event, or to None when
@@ -9,10 +10,12 @@ it could not be written. The request path awaits the receipt of an allow
 decision before it forwards the call (fail closed) and ignores the receipts of
 upstream results and refusals, which it queues with ``receipt=False``: then the
 writer has nothing to hand back, and the event loop is not woken for them. Every
-event that is not written is counted through ``on_error``.
+event that is not written is counted through ``on_error``. One drain job writes at
+most MAX_BATCH events and queues the next one behind the lane's other work, so a
+flood of events never holds up the task store's commits.
 
 The writer does not wait for the next call to find out that things changed. Before
-every batch, and every PROBE_SECONDS while idle, it checks that the path still names
+every batch, and every PROBE_SECONDS on the lane, it checks that the path still names
 the file it writes (a file removed or replaced is noticed, logged, counted through
 ``on_displaced``, and the chain continues in a new segment: see HashChainLog); and
 after a failed write it tries again every PROBE_SECONDS with an ``audit.resumed``
@@ -30,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..lane import WorkerLane
 from .chain import AuditError, HashChainLog, now_rfc3339
 
 log = logging.getLogger("sidecar.audit")
@@ -49,14 +53,11 @@ class _Item:
     waiter: Receipt | None = None
 
 
-_STOP = _Item({})
-
-
 class AuditWriter:
     def __init__(self, chain: HashChainLog, *, queue_size: int = 10_000,
                  on_error: Callable[[int], None] | None = None,
                  on_written: Callable[[list[dict[str, Any]]], None] | None = None,
-                 on_displaced: Callable[[str], None] | None = None) -> None:
+                 on_displaced: Callable[[str], None] | None = None, lane: WorkerLane | None = None) -> None:
         self.chain = chain
         # SimpleQueue: a put costs a C call, not a Condition round trip; the bound is checked in _put.
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
@@ -68,8 +69,11 @@ class AuditWriter:
         self.written = 0
         self._not_written = 0  # events lost since the last successful write
         chain.on_displaced = self._displaced
-        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-        self._thread.start()
+        self._owns_lane = lane is None
+        self._lane = lane if lane is not None else WorkerLane("audit-writer")
+        self._draining = False  # a drain job is queued on the lane and has not started yet
+        self._closed = False
+        self._lane.every(PROBE_SECONDS, self._probe)
 
     # ------------------------------------------------------------ event loop side
 
@@ -96,7 +100,7 @@ class AuditWriter:
         return waiter
 
     def _put(self, item: _Item) -> None:
-        if not self._thread.is_alive():
+        if self._closed or not self._lane.alive:
             self._on_error(1)
             raise AuditError("audit writer is stopped")
         if self._queue.qsize() >= self._queue_size:
@@ -104,6 +108,9 @@ class AuditWriter:
             self.last_error = "queue full"
             raise AuditError("audit queue is full; the sink is not keeping up")
         self._queue.put(item)
+        if not self._draining:
+            self._draining = True
+            self._lane.post(self._drain)
 
     @property
     def depth(self) -> int:
@@ -115,7 +122,7 @@ class AuditWriter:
 
     def problem(self) -> str | None:
         """Why events cannot be written right now, or None. Looks at the file itself: a probe, not a memory."""
-        if not self._thread.is_alive():
+        if self._closed or not self._lane.alive:
             return "audit writer stopped"
         if self.last_error is not None:
             return self.last_error
@@ -125,33 +132,58 @@ class AuditWriter:
         return None
 
     def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued, then stop the thread and close the file."""
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
-        self.chain.close()
+        """Write what is queued, then close the file (on the lane, behind its queued work) and stop an own lane.
 
-    # ------------------------------------------------------------ writer thread
+        Blocking: call it off the event loop."""
+        if self._closed:
+            return
+        self._closed = True  # appends are refused from here; what is queued is still written
+        finished = threading.Event()
 
-    def _run(self) -> None:
-        while True:
+        def finish() -> None:
             try:
-                batch = [self._queue.get(timeout=PROBE_SECONDS)]
+                while self._drain_batch():
+                    pass
+                self.chain.close()
+            finally:
+                finished.set()
+
+        try:
+            self._lane.post(finish)
+        except RuntimeError:  # the lane is gone: nothing else can be writing the file
+            self.chain.close()
+        else:
+            finished.wait(timeout)
+        if self._owns_lane:
+            self._lane.stop()
+
+    # ------------------------------------------------------------ on the lane
+
+    def _drain(self) -> None:
+        self._draining = False  # before taking: an event queued from here on queues a drain of its own
+        if self._closed:
+            return  # close() writes what is left
+        self._drain_batch()
+        if not self._queue.empty() and not self._draining:
+            self._draining = True  # more than one batch: the rest waits behind the lane's other work
+            self._lane.post(self._drain)
+
+    def _drain_batch(self) -> bool:
+        """Write up to MAX_BATCH queued events; False when none was queued."""
+        batch: list[_Item] = []
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self._queue.get_nowait())
             except queue.Empty:
-                self._probe()
-                continue
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(item is _STOP for item in batch)
-            self._write([item for item in batch if item is not _STOP])
-            if stop:
-                return
+                break
+        if batch:
+            self._write(batch)
+        return bool(batch)
 
     def _probe(self) -> None:
-        """Idle: notice a displaced file, or try again after a failure, without waiting for a call."""
+        """Between writes: notice a displaced file, or try again after a failure, without waiting for a call."""
+        if self._closed:
+            return
         if self.last_error is not None or self.chain.displaced() is not None:
             self._write([])
 

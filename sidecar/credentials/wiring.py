@@ -10,6 +10,7 @@ from typing import Any
 from ..config import Config
 from ..delegation import DelegationVerifier
 from ..identity import TokenFileIdentity
+from ..lane import WorkerLane
 from ..pipeline import IdentitySource, StaticIdentity
 from ..stores import open_store
 from ..tasks import TaskStore
@@ -32,7 +33,8 @@ class CredentialParts:
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
 
 
-def build_task_store(config: Config) -> TaskStore:
+def build_task_store(config: Config, disk: WorkerLane | None = None) -> TaskStore:
+    """``disk``: the lane a SQLite store commits on (shared with the audit writer)."""
     from ..tasks.sqlite import SqliteTaskStore
 
     def redis(url: str) -> TaskStore:
@@ -40,12 +42,14 @@ def build_task_store(config: Config) -> TaskStore:
 
         return RedisTaskStore(url)
 
-    sqlite: Callable[[Path], TaskStore] = SqliteTaskStore
+    def sqlite(path: Path) -> TaskStore:
+        return SqliteTaskStore(path, disk)
+
     return open_store(config, redis=redis, sqlite=sqlite)
 
 
-def build_credential_parts(config: Config, keys: KeyRing) -> CredentialParts:
-    tasks = build_task_store(config)
+def build_credential_parts(config: Config, keys: KeyRing, disk: WorkerLane | None = None) -> CredentialParts:
+    tasks = build_task_store(config, disk)
     parts = CredentialParts(
         tasks=tasks,
         identity=StaticIdentity(config.identity.static or ""),

@@ -325,7 +325,9 @@ def _summary_update(task_id: str, snapshot: str) -> Work:
 
 
 class SqliteTaskStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, lane: WorkerLane | None = None) -> None:
+        """``lane``: where the connection's work runs (the sidecar's disk lane, shared with the audit writer);
+        without one, the store runs a lane of its own."""
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,7 +341,8 @@ class SqliteTaskStore:
             self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise OSError(f"{path}: cannot open the task store ({exc})") from None
-        self._writer = WorkerLane("task-store")
+        self._owns_lane = lane is None
+        self._writer = lane if lane is not None else WorkerLane("task-store")
         self._batches = GroupCommit(self._db, self._writer)
         self._cached: OrderedDict[str, tuple[Task, TaskSummary]] = OrderedDict()
         self._loading: dict[str, asyncio.Future[tuple[Task, TaskSummary] | None]] = {}  # at most one load per task
@@ -521,4 +524,5 @@ class SqliteTaskStore:
                 shut()
         except sqlite3.Error as exc:
             raise Refusal("store_unavailable", f"task store: {type(exc).__name__}") from None
-        self._writer.stop()
+        if self._owns_lane:
+            self._writer.stop()
