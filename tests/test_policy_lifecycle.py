@@ -323,7 +323,7 @@ async def test_a_call_in_flight_finishes_on_the_pool_it_started_on_which_closes_
     finished = await runaway
     assert finished.bundles == {"authz": first}
     assert finished.result["reasons"] == ["slow fixture: finished the runaway evaluation"]
-    assert live._draining == [] and old_pool._executor._shutdown  # closed by its last caller
+    assert live._draining == [] and old_pool._closed  # closed by its last caller
     await live.close()
 
 

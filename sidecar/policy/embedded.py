@@ -14,11 +14,11 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..lane import WorkerLane
 from ..jsoncodec import dumps_sorted, loads
 from .engine import Evaluation, PolicyError
 from .loader import RUNTIME_DATA_PATH, PolicyBundle, PolicyLoadError, load_bundle, read_policy_dir
@@ -171,7 +171,8 @@ def _prepare(engine: Any, decision_path: str) -> None:
 
 
 class EmbeddedEngine:
-    """A small pool of engines, each evaluation on a thread of its own.
+    """A small pool of engines, each on a thread of its own (a WorkerLane: an evaluation is posted to it and
+    reports back with one call_soon_threadsafe, without an executor's concurrent Future and its chaining).
 
     One opa_bindings engine evaluates one query at a time (it holds a lock), and the
     native call releases the GIL, so N engines on N threads evaluate N calls at once
@@ -216,7 +217,8 @@ class EmbeddedEngine:
             raise
         self._idle = list(self._engines)  # engines not evaluating; the event loop's only
         self._slots: asyncio.Semaphore | None = None  # made on the loop that evaluates
-        self._executor = ThreadPoolExecutor(max_workers=len(self._engines), thread_name_prefix="opa-eval")
+        # One thread per engine: an evaluation is posted to its engine's lane and reports back on its own.
+        self._lanes = {id(engine): WorkerLane(f"opa-eval-{n}") for n, engine in enumerate(self._engines)}
 
     def _load_engines(self, count: int, decision_path: str) -> None:
         for _ in range(count):
@@ -259,10 +261,22 @@ class EmbeddedEngine:
         loop = asyncio.get_running_loop()
         run = _Run(self._idle.pop())  # a held slot guarantees an idle engine: see _hand_slot_to_spare
         run.timer = loop.call_later(SPARE_AFTER_SECONDS, self._hand_slot_to_spare, run)
-        running = loop.run_in_executor(self._executor, _evaluate_on, run.engine, path, input_document)
-        running.add_done_callback(lambda finished: self._finished(run, finished))
+        answered: asyncio.Future[tuple[Any, float]] = loop.create_future()
+
+        def evaluate() -> None:  # on the engine's lane
+            outcome: tuple[bool, Any]
+            try:
+                outcome = (True, _evaluate_on(run.engine, path, input_document))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                outcome = (False, exc)
+            try:
+                loop.call_soon_threadsafe(self._finished, run, answered, outcome)
+            except RuntimeError:
+                pass  # that loop is closed
+
+        self._lanes[id(run.engine)].post(evaluate)
         try:
-            result, elapsed = await asyncio.shield(running)
+            result, elapsed = await answered
         except asyncio.CancelledError:
             self._overran(run)
             raise
@@ -292,9 +306,13 @@ class EmbeddedEngine:
         log.warning("policy evaluation overran its deadline; %s", "a spare engine stands in until it ends"
                     if run.handed_over else "no spare engine left: one evaluation slot fewer until it ends")
 
-    def _finished(self, run: _Run, finished: asyncio.Future[tuple[Any, float]]) -> None:
-        if not finished.cancelled():
-            finished.exception()  # retrieved: after an overrun nobody waits for this outcome
+    def _finished(self, run: _Run, answered: asyncio.Future[tuple[Any, float]], outcome: tuple[bool, Any]) -> None:
+        if not answered.done():  # after an overrun nobody waits for this outcome
+            ok, value = outcome
+            if ok:
+                answered.set_result(value)
+            else:
+                answered.set_exception(value)
         assert self._slots is not None and run.timer is not None
         run.timer.cancel()
         run.finished = True
@@ -330,7 +348,8 @@ class EmbeddedEngine:
     def close_now(self) -> None:
         """Close from any context (a retired pool is closed by its last caller, see sidecar.policy.live)."""
         self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for lane in self._lanes.values():
+            lane.stop()  # an evaluation still running ends first
         for engine in self._idle:  # an engine still overrunning is released by the collector once it finishes
             engine.close()
         self._idle.clear()
