@@ -2,7 +2,7 @@
 
 The sidecar runs one such lane for its disk (``disk-writer``): the task store's commits and the
 audit chain's writes share it. Two threads woke, took the GIL and woke the event loop for every
-call; one does both with fewer of each (CPU per call −11 %, docs/performance.md).
+call; one does both with fewer of each (docs/performance.md). Each embedded engine has a lane too.
 
 ``run_in_executor`` on a one-worker ThreadPoolExecutor does the same, but pays for a
 concurrent Future, its condition variable and a chained asyncio Future on every
@@ -38,12 +38,14 @@ class WorkerLane:
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._periodic: list[_Periodic] = []  # touched by the lane's thread only
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """Work queued now will run."""
+        return not self._stopped and self._thread.is_alive()
 
     def every(self, seconds: float, work: Callable[[], None]) -> None:
         """Run ``work`` on this lane about every ``seconds``, between jobs (never during one)."""
@@ -51,7 +53,7 @@ class WorkerLane:
 
     def submit(self, work: Callable[[], T]) -> asyncio.Future[T]:
         """Queue ``work``; the future resolves on the calling loop with its result or its exception."""
-        if not self._thread.is_alive():
+        if not self.alive:
             raise RuntimeError("the worker lane is stopped")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -61,12 +63,13 @@ class WorkerLane:
     def post(self, work: Callable[[], None]) -> None:
         """Queue ``work`` with nobody waiting for it: it reports back itself (``call_soon_threadsafe``), which
         saves the future and the loop turn its callbacks would take (group commit settles many futures at once)."""
-        if not self._thread.is_alive():
+        if not self.alive:
             raise RuntimeError("the worker lane is stopped")
         self._jobs.put((work, None, None))
 
     def stop(self) -> None:
-        """Let queued work finish, then end the thread (without waiting for it)."""
+        """Let queued work finish, then end the thread (without waiting for it); nothing is queued after."""
+        self._stopped = True
         self._jobs.put(None)
 
     def _run(self) -> None:
