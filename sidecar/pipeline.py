@@ -682,7 +682,8 @@ def _failed(refusal: Refusal) -> Decision:
 
 
 def _masked_input(document: dict[str, Any], preview: PreviewSettings) -> dict[str, Any]:
-    """The policy input as audited: the body, the query and the MCP arguments with the masked fields' values replaced."""
+    """The policy input as audited: the body, the query and the MCP arguments with the masked fields' values replaced
+    (a JsonDocument like the input itself, so that the audit writer knows its size: see DRAIN_BYTES)."""
     request, mcp_doc = document.get("request"), document.get("mcp")
     if not isinstance(request, dict):
         return document
@@ -697,7 +698,7 @@ def _masked_input(document: dict[str, Any], preview: PreviewSettings) -> dict[st
     masked["request"] = {**request, **masked_request}
     if isinstance(mcp_doc, dict) and "arguments" in mcp_doc:
         masked["mcp"] = {**mcp_doc, "arguments": masked_arguments}
-    return masked
+    return JsonDocument(masked)
 
 
 def _strictest(decisions: list[Decision]) -> Decision:

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from sidecar.audit import AuditError, AuditWriter, HashChainLog, chain_files, verify_files
-from sidecar.audit.writer import MAX_BATCH
+from sidecar.audit.writer import DRAIN_BYTES, MAX_BATCH
+from sidecar.jsoncodec import JsonDocument
 from sidecar.lane import WorkerLane
 from sidecar.audit.chain import GENESIS, event_hash, rotated_files, rotated_name
 from sidecar.cli import main
@@ -218,6 +219,56 @@ def test_a_flood_of_events_does_not_hold_up_the_other_work_of_a_shared_lane(tmp_
     assert verify_files([tmp_path / "audit.jsonl"]).events == 3 * MAX_BATCH + 1
     with pytest.raises(AuditError):
         writer.append({"type": "after close"})
+
+
+def test_large_events_take_turns_with_the_other_work_of_a_shared_lane(tmp_path: Path) -> None:
+    """An agent sizes a decision event (its body is in the policy input): a drain stops past DRAIN_BYTES."""
+    lane = WorkerLane("disk")
+    writer = AuditWriter(HashChainLog(tmp_path / "audit.jsonl"), lane=lane)
+    large = JsonDocument({"request": {"body": "x" * (1024 * 1024)}})
+    written_when_the_other_job_ran: list[int] = []
+
+    def other_job() -> None:
+        written_when_the_other_job_ran.append(writer.written)
+
+    try:
+        writer.append({"type": "decision", "input": large}, receipt=False)
+        lane.post(other_job)
+        for _ in range(20):
+            writer.append({"type": "decision", "input": large}, receipt=False)
+    finally:
+        writer.close()
+        lane.stop()
+    assert written_when_the_other_job_ran[0] <= DRAIN_BYTES // (1024 * 1024) + 1
+    assert verify_files([tmp_path / "audit.jsonl"]).events == 21
+
+
+def test_an_event_appended_while_the_writer_closes_is_written_or_refused_and_counted(tmp_path: Path) -> None:
+    """Real concurrent appends and close(): no event is accepted and then lost without a count."""
+    for attempt in range(20):
+        path = tmp_path / f"audit{attempt}.jsonl"
+        errors: list[int] = []
+        writer = AuditWriter(HashChainLog(path), on_error=errors.append)
+        outcomes = {"accepted": 0, "refused": 0}
+        started = threading.Event()
+
+        def append_until_refused() -> None:
+            while True:
+                try:
+                    writer.append({"type": "call"}, receipt=False)
+                except AuditError:
+                    outcomes["refused"] += 1
+                    return
+                outcomes["accepted"] += 1
+                started.set()
+
+        appender = threading.Thread(target=append_until_refused)
+        appender.start()
+        assert started.wait(10)
+        writer.close(timeout=30)
+        appender.join(10)
+        assert verify_files([path]).events == outcomes["accepted"]
+        assert sum(errors) == outcomes["refused"] == 1
 
 
 def test_a_full_queue_is_refused_at_once_and_counted(tmp_path: Path) -> None:

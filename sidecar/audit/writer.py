@@ -33,12 +33,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..jsoncodec import JsonDocument
 from ..lane import WorkerLane
 from .chain import AuditError, HashChainLog, now_rfc3339
 
 log = logging.getLogger("sidecar.audit")
 
 MAX_BATCH = 512
+# A drain job stops taking events past this many bytes of policy input (the large part of a decision event,
+# which an agent sizes: its body, once per element of an MCP batch), so that it never holds the lane, and
+# the task store's commits behind it, for long.
+DRAIN_BYTES = 4 * 1024 * 1024
 PROBE_SECONDS = 0.5
 
 
@@ -51,6 +56,7 @@ class _Item:
     event: dict[str, Any]
     loop: asyncio.AbstractEventLoop | None = None
     waiter: Receipt | None = None
+    size: int = 0  # bytes of the serialised documents it embeds (_embedded_bytes)
 
 
 class AuditWriter:
@@ -73,6 +79,7 @@ class AuditWriter:
         self._lane = lane if lane is not None else WorkerLane("audit-writer")
         self._draining = False  # a drain job is queued on the lane and has not started yet
         self._closed = False
+        self._closing = threading.Lock()
         self._lane.every(PROBE_SECONDS, self._probe)
 
     # ------------------------------------------------------------ event loop side
@@ -96,21 +103,28 @@ class AuditWriter:
             except RuntimeError:
                 pass
         waiter: Receipt | None = loop.create_future() if loop is not None else None
-        self._put(_Item(_stamped(event), loop, waiter))
+        self._put(_Item(_stamped(event), loop, waiter, _embedded_bytes(event)))
         return waiter
 
     def _put(self, item: _Item) -> None:
-        if self._closed or not self._lane.alive:
-            self._on_error(1)
-            raise AuditError("audit writer is stopped")
-        if self._queue.qsize() >= self._queue_size:
-            self._on_error(1)
-            self.last_error = "queue full"
-            raise AuditError("audit queue is full; the sink is not keeping up")
-        self._queue.put(item)
-        if not self._draining:
-            self._draining = True
-            self._lane.post(self._drain)
+        # close() cannot slip in between the check and the drain's posting: its flush would miss the event, or
+        # the event would be written and reported lost.
+        with self._closing:
+            if self._closed or not self._lane.alive:
+                self._on_error(1)
+                raise AuditError("audit writer is stopped")
+            if self._queue.qsize() >= self._queue_size:
+                self._on_error(1)
+                self.last_error = "queue full"
+                raise AuditError("audit queue is full; the sink is not keeping up")
+            self._queue.put(item)
+            if not self._draining:
+                self._draining = True
+                try:
+                    self._lane.post(self._drain)
+                except RuntimeError:  # the lane was stopped under a writer that was not closed: nothing writes it
+                    self._on_error(1)
+                    raise AuditError("audit writer is stopped") from None
 
     @property
     def depth(self) -> int:
@@ -135,9 +149,10 @@ class AuditWriter:
         """Write what is queued, then close the file (on the lane, behind its queued work) and stop an own lane.
 
         Blocking: call it off the event loop."""
-        if self._closed:
-            return
-        self._closed = True  # appends are refused from here; what is queued is still written
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True  # appends are refused from here; what is queued is still written
         finished = threading.Event()
 
         def finish() -> None:
@@ -169,13 +184,16 @@ class AuditWriter:
             self._lane.post(self._drain)
 
     def _drain_batch(self) -> bool:
-        """Write up to MAX_BATCH queued events; False when none was queued."""
+        """Write up to MAX_BATCH queued events, fewer past DRAIN_BYTES; False when none was queued."""
         batch: list[_Item] = []
-        while len(batch) < MAX_BATCH:
+        size = 0
+        while len(batch) < MAX_BATCH and size < DRAIN_BYTES:
             try:
-                batch.append(self._queue.get_nowait())
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
+            batch.append(item)
+            size += item.size
         if batch:
             self._write(batch)
         return bool(batch)
@@ -253,6 +271,18 @@ def _resolve(pairs: list[tuple[Receipt, dict[str, Any] | None]]) -> None:
     for waiter, outcome in pairs:
         if not waiter.done():
             waiter.set_result(outcome)
+
+
+def _embedded_bytes(event: dict[str, Any]) -> int:
+    """The size of the serialised documents an event embeds (a decision's policy input, masked or not)."""
+    size = 0
+    for value in event.values():
+        if isinstance(value, JsonDocument):
+            try:
+                size += len(value.json)
+            except TypeError:  # beyond orjson (the chain writes it with the standard library): a drain of its own
+                size += DRAIN_BYTES
+    return size
 
 
 def _stamped(event: dict[str, Any]) -> dict[str, Any]:
