@@ -16,6 +16,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import MCPServer
 
 from harness import EchoTool, serving_asgi
+from approvals_support import audit_events
 
 
 @dataclass
@@ -119,6 +120,21 @@ async def test_allowed_batch_is_forwarded_once(make_sidecar: Any, echo_tool: Ech
         response = await agent.post(f"{sc.proxy}/tools/mcp2", json=batch)
     assert response.status_code == 200
     assert len(echo_tool.seen) == 1
+
+
+async def test_a_batch_past_the_limit_is_refused_before_any_decision(make_sidecar: Any, echo_tool: EchoTool) -> None:
+    """One body must not become thousands of evaluations and audit copies of itself."""
+    from sidecar.proxy.mcp import MAX_BATCH
+
+    sc = await mcp_sidecar(make_sidecar, echo_tool.base)
+    ping = {"jsonrpc": "2.0", "method": "ping"}
+    async with httpx.AsyncClient() as agent:
+        refused = await agent.post(f"{sc.proxy}/tools/mcp2", json=[ping] * (MAX_BATCH + 1))
+        allowed = await agent.post(f"{sc.proxy}/tools/mcp2", json=[ping] * MAX_BATCH)
+    assert refused.status_code == 400 and f"at most {MAX_BATCH} messages" in refused.json()["detail"]
+    assert allowed.status_code == 200 and len(echo_tool.seen) == 1
+    decisions = [e for e in audit_events(sc.audit_path) if e["type"] == "decision"]
+    assert len(decisions) == MAX_BATCH  # none for the refused batch
 
 
 @pytest.mark.parametrize("message, detail", [

@@ -14,6 +14,11 @@ from typing import Any
 from ..documents import InterceptedCall, McpCall
 from ..problems import Refusal
 
+# Each request of a batch is decided on its own, with the whole body in its policy input and its audit event:
+# an unbounded batch would turn one body into thousands of evaluations and as many copies of it in the audit
+# log. MCP clients send one request at a time (the 2025-06-18 specification dropped batching).
+MAX_BATCH = 32
+
 
 def parse_calls(body: Any) -> tuple[McpCall, ...]:
     """Every JSON-RPC message in the body; anything that is not well-formed JSON-RPC 2.0 refuses the body."""
@@ -21,6 +26,8 @@ def parse_calls(body: Any) -> tuple[McpCall, ...]:
         return (_one(body, None, None),)
     if not isinstance(body, list) or not body:
         raise Refusal("bad_request", "an MCP route takes a JSON-RPC 2.0 object or a non-empty batch of them")
+    if len(body) > MAX_BATCH:
+        raise Refusal("bad_request", f"an MCP batch holds at most {MAX_BATCH} messages, this one {len(body)}")
     return tuple(_one(item, index, len(body)) for index, item in enumerate(body))
 
 
