@@ -72,6 +72,11 @@ class WorkerLane:
         self._stopped = True
         self._jobs.put(None)
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the thread has ended (after stop()); True if it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def _run(self) -> None:
         while True:
             try:

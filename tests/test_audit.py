@@ -271,6 +271,16 @@ def test_an_event_appended_while_the_writer_closes_is_written_or_refused_and_cou
         assert sum(errors) == outcomes["refused"] == 1
 
 
+def test_a_writer_closed_after_its_shared_lane_stopped_still_writes_what_it_accepted(tmp_path: Path) -> None:
+    lane = WorkerLane("disk")
+    writer = AuditWriter(HashChainLog(tmp_path / "audit.jsonl"), lane=lane)
+    for n in range(5):
+        writer.append({"type": "call", "n": n}, receipt=False)
+    lane.stop()
+    writer.close()
+    assert verify_files([tmp_path / "audit.jsonl"]).events == 5
+
+
 def test_a_full_queue_is_refused_at_once_and_counted(tmp_path: Path) -> None:
     errors: list[int] = []
     writer = AuditWriter(HashChainLog(tmp_path / "audit.jsonl"), queue_size=1, on_error=errors.append)

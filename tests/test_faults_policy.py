@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from harness import RunningSidecar
 
@@ -96,3 +97,46 @@ async def test_without_a_spare_an_overrun_costs_its_slot_and_callers_are_refused
         blocked = await agent.get(f"{sc.proxy}/crm/customers/1")
     assert blocked.status_code == 503 and blocked.json()["code"] in {"policy_unavailable", "overloaded"}
     assert echo_tool.seen == []
+
+
+# An evaluation that raises what no binding should: a stand-in (monkeypatched _evaluate_on), as no policy can make
+# the binding raise these. The pool's bookkeeping must survive it and the caller must get a PolicyError.
+
+def _raise_once(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    import sidecar.policy.embedded as embedded
+
+    real = embedded._evaluate_on
+    raised: list[bool] = []
+
+    def evaluate_on(engine: Any, path: str, document: dict[str, Any]) -> Any:
+        if not raised:
+            raised.append(True)
+            raise exc
+        return real(engine, path, document)
+
+    monkeypatch.setattr(embedded, "_evaluate_on", evaluate_on)
+
+
+@pytest.mark.parametrize("exc", [StopIteration("x"), SystemExit(3), KeyboardInterrupt(), GeneratorExit()], ids=type)
+async def test_an_evaluation_that_raises_anything_answers_its_caller_and_keeps_the_pool_whole(
+        monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    from harness import FIXTURE_POLICY
+    from sidecar.policy.embedded import EmbeddedEngine
+    from sidecar.policy.engine import PolicyError
+
+    engine = EmbeddedEngine(FIXTURE_POLICY, workers=1, spare_engines=0)
+    request = {"request": {"method": "GET", "path": "/x"}}
+    try:
+        _raise_once(monkeypatch, exc)
+        try:
+            async with asyncio.timeout(5):
+                await engine.evaluate("sidecar/authz/decision", request)
+        except BaseException as raised:  # noqa: BLE001 - a SystemExit let through would stop the test run's loop
+            caught: BaseException | None = raised
+        else:
+            caught = None
+        assert isinstance(caught, PolicyError), f"the caller got {caught!r}"
+        async with asyncio.timeout(5):  # the one slot is back: the next call is decided
+            await engine.evaluate("sidecar/authz/decision", request)
+    finally:
+        engine.close_now()

@@ -165,8 +165,9 @@ class AuditWriter:
 
         try:
             self._lane.post(finish)
-        except RuntimeError:  # the lane is gone: nothing else can be writing the file
-            self.chain.close()
+        except RuntimeError:  # the lane was stopped first: once its thread has ended, nothing else writes the file
+            if self._lane.join(timeout):
+                finish()
         else:
             finished.wait(timeout)
         if self._owns_lane:

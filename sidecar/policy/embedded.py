@@ -267,8 +267,12 @@ class EmbeddedEngine:
             outcome: tuple[bool, Any]
             try:
                 outcome = (True, _evaluate_on(run.engine, path, input_document))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            except PolicyError as exc:
                 outcome = (False, exc)
+            except BaseException as exc:  # noqa: BLE001 - never raised as such into the caller's task
+                error = PolicyError("error", f"the evaluation raised {type(exc).__name__}")
+                error.__cause__ = exc
+                outcome = (False, error)
             try:
                 loop.call_soon_threadsafe(self._finished, run, answered, outcome)
             except RuntimeError:
@@ -307,23 +311,25 @@ class EmbeddedEngine:
                     if run.handed_over else "no spare engine left: one evaluation slot fewer until it ends")
 
     def _finished(self, run: _Run, answered: asyncio.Future[tuple[Any, float]], outcome: tuple[bool, Any]) -> None:
-        if not answered.done():  # after an overrun nobody waits for this outcome
-            ok, value = outcome
-            if ok:
-                answered.set_result(value)
+        try:
+            assert self._slots is not None and run.timer is not None
+            run.timer.cancel()
+            run.finished = True
+            if self._closed:  # a retired pool (sidecar.policy.live): an overrun outlived it; nobody will use this engine
+                run.engine.close()
+                return
+            self._idle.append(run.engine)
+            if run.handed_over:
+                self.spares_in_use -= 1
             else:
-                answered.set_exception(value)
-        assert self._slots is not None and run.timer is not None
-        run.timer.cancel()
-        run.finished = True
-        if self._closed:  # a retired pool (sidecar.policy.live): an overrun outlived it; nobody will use this engine
-            run.engine.close()
-            return
-        self._idle.append(run.engine)
-        if run.handed_over:
-            self.spares_in_use -= 1
-        else:
-            self._slots.release()
+                self._slots.release()
+        finally:  # the bookkeeping first: settling the caller's future can raise
+            if not answered.done():  # after an overrun nobody waits for this outcome
+                ok, value = outcome
+                if ok:
+                    answered.set_result(value)
+                else:
+                    answered.set_exception(value)
 
     def _refuse_if_behind(self) -> None:
         """Refuse at once a call that would wait in the queue past the deadline, by recent evaluation times.

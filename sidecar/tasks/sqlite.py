@@ -520,8 +520,9 @@ class SqliteTaskStore:
         try:
             try:
                 await self._writer.submit(shut)
-            except RuntimeError:  # the writer thread is gone: nothing else can be using the connection
-                shut()
+            except RuntimeError:  # the lane was stopped first: once its thread has ended, nothing else uses the connection
+                if await asyncio.to_thread(self._writer.join, 5.0):
+                    shut()
         except sqlite3.Error as exc:
             raise Refusal("store_unavailable", f"task store: {type(exc).__name__}") from None
         if self._owns_lane:
