@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from sidecar.problems import Refusal
 from sidecar.tasks import CallRecord, MemoryTaskStore, TaskStore, TaskSummary
 from sidecar.tasks.backlog import RecordBacklog
-from sidecar.tasks.codec import summary_from_json, summary_to_json
+from sidecar.tasks.codec import reservation_from_json, reservation_to_json, summary_from_json, summary_to_json
 from sidecar.tasks.redis_store import RedisTaskStore
 from sidecar.tasks.sqlite import SqliteTaskStore
 from sidecar.tasks.store import MAX_IN_FLIGHT_PER_TASK, Reservation, iso_ms
@@ -177,6 +178,80 @@ def test_the_summary_codec_keeps_reservations_and_version() -> None:
     assert again.as_input() == summary.as_input()
     apart = summary_from_json(summary_to_json(summary, in_flight=False))  # Redis keeps them in their own keys
     assert apart.in_flight == {} and apart.version == 0 and apart.calls == 1
+
+
+# Written by the codec before CallRecord and TaskSummary had slots (issue 17): rows and values stored then must
+# decode, and what is stored now must be the same bytes.
+STORED_SUMMARY = (
+    '{"calls":2,"by_route":{"payments":2},"by_method":{"POST":2},"by_tool":{"refund":1},"totals":{"amount'
+    '":49.5,"records":0.0,"items":2},"external_hosts_written":["api.pay.example"],"classifications_read":'
+    '[],"recent":[{"route":"payments","method":"POST","path":"/pay/refund/1","host":"api.pay.example","ou'
+    'tcome":"deny","at":"2026-11-27T15:00:01.123Z","amount":49.5,"records":0.0,"classification":"confiden'
+    'tial","external":true,"write":true,"measures":{"amount":49.5,"items":2},"tool":null},{"route":"payme'
+    'nts","method":"POST","path":"/pay/refund/2","host":"api.pay.example","outcome":"allow","at":"2026-11'
+    '-27T15:00:02.123Z","amount":49.5,"records":0.0,"classification":"confidential","external":true,"writ'
+    'e":true,"measures":{"amount":49.5,"items":2},"tool":"refund"}],"version":3,"in_flight":[{"id":"d-3",'
+    '"expires_at":1900000001.0,"record":{"route":"payments","method":"POST","path":"/pay/refund/3","host"'
+    ':"api.pay.example","outcome":"allow","at":"2026-11-27T15:00:03.123Z","amount":49.5,"records":0.0,"cl'
+    'assification":"confidential","external":true,"write":true,"measures":{"amount":49.5,"items":2},"tool'
+    '":null}}],"settled":["d-2"]}'
+)
+STORED_SUMMARY_APART = (
+    '{"calls":2,"by_route":{"payments":2},"by_method":{"POST":2},"by_tool":{"refund":1},"totals":{"amount'
+    '":49.5,"records":0.0,"items":2},"external_hosts_written":["api.pay.example"],"classifications_read":'
+    '[],"recent":[{"route":"payments","method":"POST","path":"/pay/refund/1","host":"api.pay.example","ou'
+    'tcome":"deny","at":"2026-11-27T15:00:01.123Z","amount":49.5,"records":0.0,"classification":"confiden'
+    'tial","external":true,"write":true,"measures":{"amount":49.5,"items":2},"tool":null},{"route":"payme'
+    'nts","method":"POST","path":"/pay/refund/2","host":"api.pay.example","outcome":"allow","at":"2026-11'
+    '-27T15:00:02.123Z","amount":49.5,"records":0.0,"classification":"confidential","external":true,"writ'
+    'e":true,"measures":{"amount":49.5,"items":2},"tool":"refund"}],"settled":["d-2"]}'
+)
+STORED_RESERVATION = (
+    '{"id":"d-2","expires_at":1900000000.5,"record":{"route":"payments","method":"POST","path":"/pay/refu'
+    'nd/2","host":"api.pay.example","outcome":"allow","at":"2026-11-27T15:00:02.123Z","amount":49.5,"reco'
+    'rds":0.0,"classification":"confidential","external":true,"write":true,"measures":{"amount":49.5,"ite'
+    'ms":2},"tool":"refund"}}'
+)
+
+
+def _stored_record(n: int, outcome: str = "allow", tool: str | None = None) -> CallRecord:
+    return CallRecord(route="payments", method="POST", path=f"/pay/refund/{n}", host="api.pay.example", outcome=outcome,
+                      at=f"2026-11-27T15:00:0{n}.123Z", amount=49.5, records=0.0, classification="confidential",
+                      external=True, write=True, measures={"amount": 49.5, "items": 2}, tool=tool)
+
+
+def test_the_codec_writes_and_reads_the_bytes_it_wrote_before_slots() -> None:
+    summary = TaskSummary()
+    summary.add(_stored_record(1, outcome="deny"))
+    confirmed = Reservation("d-2", _stored_record(2, tool="refund"), 1900000000.5)
+    summary.reserve(confirmed)
+    summary.confirm(confirmed)
+    summary.reserve(Reservation("d-3", _stored_record(3), 1900000001.0))
+    assert summary_to_json(summary) == STORED_SUMMARY
+    assert summary_to_json(summary, in_flight=False) == STORED_SUMMARY_APART
+    assert reservation_to_json(confirmed) == STORED_RESERVATION
+    for stored in (STORED_SUMMARY, STORED_SUMMARY.encode()):
+        again = summary_from_json(stored)
+        assert summary_to_json(again) == STORED_SUMMARY and again.settled == ["d-2"] and again.version == 3
+        assert again.as_input(now=0) == summary.as_input(now=0)
+    assert summary_to_json(summary_from_json(STORED_SUMMARY_APART), in_flight=False) == STORED_SUMMARY_APART
+    assert reservation_from_json(STORED_RESERVATION) == confirmed
+
+
+def test_decoded_records_share_their_repeated_strings_and_keep_the_newest_twenty() -> None:
+    summary = TaskSummary()
+    for _ in range(25):
+        summary.add(read())
+    stored = summary_to_json(summary)
+    assert stored.count('"route"') == 20
+    longer = stored.replace('"recent":[', '"recent":[' + ",".join([orjson.dumps(_stored_record(9)).decode()] * 5) + ",", 1)
+    for text, kept in ((stored, summary.recent), (longer, summary.recent)):  # a list longer than twenty: its newest
+        again = summary_from_json(text)
+        assert list(again.recent) == list(kept) and len(again.recent) == 20
+    first, second = list(summary_from_json(stored).recent)[:2]
+    for name in ("route", "method", "host", "outcome", "classification"):
+        assert getattr(first, name) is getattr(second, name), name
+    assert first.at is not second.at
 
 
 def test_recent_keeps_the_newest_twenty_with_reservations_last() -> None:

@@ -8,6 +8,7 @@ types) is persisted without touching this file; only ``recent`` and ``in_flight`
 from __future__ import annotations
 
 import json
+import sys
 from collections import deque
 from dataclasses import asdict, fields
 from typing import Any
@@ -39,6 +40,11 @@ def task_from_json(text: str | bytes) -> Task:
 # and every field holds JSON-native values already, so a shallow view serialises the same document.
 _SUMMARY_FIELDS = tuple(f.name for f in fields(TaskSummary))
 _RECORD_FIELDS = frozenset(f.name for f in fields(CallRecord))
+# The short strings a history repeats in every record (issue 17): decoded, each record held copies of its own,
+# 20 records of a task 20 copies of the same route, method, host, outcome. Interned, the records share one.
+# (Measure names, totals and counts are keys, which orjson's key cache shares already.)
+_SHARED_STRINGS = frozenset({"route", "method", "host", "outcome", "classification", "tool"})
+_intern = sys.intern
 
 
 def summary_to_json(summary: TaskSummary, *, in_flight: bool = True) -> str:
@@ -65,11 +71,16 @@ def summary_from_json(text: str | bytes) -> TaskSummary:
             summary.in_flight = {r.id: r for r in reservations}
         else:
             setattr(summary, field.name, doc[field.name])
+    for values in (summary.external_hosts_written, summary.classifications_read):
+        if type(values) is list:
+            values[:] = [_intern(value) if value.__class__ is str else value for value in values]
     return summary
 
 
 def _record(doc: dict[str, Any]) -> CallRecord:
-    return CallRecord(**{k: v for k, v in doc.items() if k in _RECORD_FIELDS})
+    known: dict[str, Any] = {k: (_intern(v) if k in _SHARED_STRINGS and v.__class__ is str else v)
+                             for k, v in doc.items() if k in _RECORD_FIELDS}
+    return CallRecord(**known)
 
 
 def reservation_doc(reservation: Reservation) -> dict[str, Any]:
