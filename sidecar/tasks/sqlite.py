@@ -338,6 +338,10 @@ class SqliteTaskStore:
             # durable, are committed with FULL (see GroupCommit.run(full=True) in finish).
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
+            # A page cache of 512 KiB, not SQLite's default 2,000 (issue 17): every statement finds its row by
+            # key, so the B-trees' inner pages are what the cache is for; the default filled up with the leaf
+            # pages of every task touched (the OS caches those anyway): 2.0 MiB held with 10,000 tasks, 0.5 now.
+            self._db.execute("PRAGMA cache_size=-512")
             self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise OSError(f"{path}: cannot open the task store ({exc})") from None
