@@ -47,9 +47,10 @@ TASK_RETENTION_SECONDS = 7 * 24 * 3600
 CREDENTIAL_GRACE_SECONDS = 3600
 PRUNE_EVERY_SECONDS = 60.0
 # Recently used tasks kept decoded in memory (least recently used evicted; the database keeps them all).
-# A pod works on few tasks at once; an evicted task costs its next call one read through the writer
-# thread. Measured (tracemalloc, issue 17): ~3.6 KB a task with one call, ~18 KB with a full history
-# (20 recent calls and the settled reservation ids), so 256 keeps the map under ~5 MB (1,000: ~18 MB).
+# A pod works on few tasks at once; an evicted task costs its next call one read through the disk
+# thread. Measured (tracemalloc, issue 17): ~3.1 KB a task with one call, ~13 KB with a full history
+# (20 recent calls, their strings interned, and the settled reservation ids), so 256 keeps the map
+# under ~3.5 MB (1,000: ~13 MB).
 MAX_CACHED_TASKS = 256
 # Callers waiting in the batch being gathered, at most: past it a caller waits until that batch goes to the
 # writer thread (bounded memory under a flood; one batch of 512 small statements commits in a few ms).
