@@ -81,7 +81,7 @@ def run_micro(rego_dir: Path, count: int) -> dict[str, dict[str, float]]:
         results["build policy input"] = timed(lambda: build_input(call, AGENT, task), count)
         results["policy evaluation (embedded)"] = timed(lambda: engine.evaluate_sync(DECISION_PATH, document), count)
     finally:
-        engine._executor.shutdown(wait=False)
+        engine.close_now()
     results["decision validation (schema)"] = timed(lambda: decision_errors(result), count)
     decision = to_decision("d-bench", result, 0)
     with tempfile.TemporaryDirectory(prefix="bench-micro-") as tmp:

@@ -152,7 +152,7 @@ def pick_policy() -> tuple[Path, str]:
     try:
         engine = EmbeddedEngine(SHIPPED_POLICY)
         result = engine.evaluate_sync(DECISION_PATH, typical_input())
-        engine._executor.shutdown(wait=False)
+        engine.close_now()
         if isinstance(result, dict) and result.get("allow") is True:
             return SHIPPED_POLICY, "rego/ (the shipped library)"
         reason = f"its decision on the workload is not an allow: {json.dumps(result)[:200]}"
@@ -170,7 +170,7 @@ def time_one_rule_evaluation(one_rule_dir: Path, count: int) -> dict[str, float]
     try:
         return micro.timed(lambda: engine.evaluate_sync(DECISION_PATH, document), count)
     finally:
-        engine._executor.shutdown(wait=False)
+        engine.close_now()
 
 
 async def count_instructions(policies: dict[str, Path], workdir: Path) -> dict[str, Any]:
