@@ -77,10 +77,14 @@ def instructions(rego: Path, rule: str, count: int, input_file: Path, *, checked
     raise RuntimeError(f"no instruction count in valgrind's output: {done.stderr[-500:]}")
 
 
+# Evaluations counted: (instructions with MANY - with FEW) / (MANY - FEW). A 25 - 5 count moved by
+# 0.7 M between two runs of the same code (2.38 and 3.08 M); 105 - 5 stays within ~0.1 M.
+FEW, MANY = 5, 105
+
+
 def per_evaluation(rego: Path, rule: str, input_file: Path, *, checked: bool = True, gogc: str = "off",
-                   public: bool = False, few: int = 5, many: int = 25) -> int:
-    """(instructions with ``many`` evaluations - with ``few``) / (many - few). main() counts 105 - 5;
-    the default 25 - 5 (bench.run's) is quicker and about four times less precise."""
+                   public: bool = False, few: int = FEW, many: int = MANY) -> int:
+    """(instructions with ``many`` evaluations - with ``few``) / (many - few): main() and bench.run alike."""
     low = instructions(rego, rule, few, input_file, checked=checked, gogc=gogc, public=public)
     high = instructions(rego, rule, many, input_file, checked=checked, gogc=gogc, public=public)
     return (high - low) // (many - few)
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
               "(a GET inside a task with 20 recent calls)")
         print("| evaluation | instructions per evaluation |\n| --- | --- |")
         for label, rule, input_file, checked, gogc, public in rows:
-            cost = per_evaluation(args.rego, rule, input_file, checked=checked, gogc=gogc, public=public, many=105)
+            cost = per_evaluation(args.rego, rule, input_file, checked=checked, gogc=gogc, public=public)
             print(f"| {label} | {cost:,} |", flush=True)
     return 0
 
