@@ -13,6 +13,7 @@ request path makes one or two such round trips per call.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -24,7 +25,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 log = logging.getLogger("sidecar.lane")
 
-_Job = tuple[Callable[[], Any], "asyncio.AbstractEventLoop | None", "asyncio.Future[Any] | None"]
+Outcome = tuple[bool, Any]  # (True, the work's result) or (False, the exception it raised)
+_Job = tuple[Callable[[], Any], "asyncio.AbstractEventLoop | None", "Callable[[Outcome], None] | None"]
 
 
 @dataclass
@@ -53,12 +55,16 @@ class WorkerLane:
 
     def submit(self, work: Callable[[], T]) -> asyncio.Future[T]:
         """Queue ``work``; the future resolves on the calling loop with its result or its exception."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.report(work, functools.partial(_settle, future))
+        return future
+
+    def report(self, work: Callable[[], Any], on_done: Callable[[Outcome], None]) -> None:
+        """Queue ``work``; ``on_done(outcome)`` then runs on the calling loop, whether or not anyone still waits
+        (an evaluation that outlived its caller must still hand its engine back)."""
         if not self.alive:
             raise RuntimeError("the worker lane is stopped")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((work, loop, future))
-        return future
+        self._jobs.put((work, asyncio.get_running_loop(), on_done))
 
     def post(self, work: Callable[[], None]) -> None:
         """Queue ``work`` with nobody waiting for it: it reports back itself (``call_soon_threadsafe``), which
@@ -110,22 +116,22 @@ class WorkerLane:
             log.exception("a job posted to the %s lane failed", self._thread.name)
 
     def _run_job(self, job: _Job) -> None:
-        work, loop, future = job
-        if loop is None or future is None:
+        work, loop, on_done = job
+        if loop is None or on_done is None:
             self._run_posted(work)
-        else:
-            try:
-                outcome: tuple[bool, Any] = (True, work())
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller, like an executor would
-                outcome = (False, exc)
-            del job, work  # nothing from this job outlives it on this thread
-            try:
-                loop.call_soon_threadsafe(_settle, future, outcome)
-            except RuntimeError:
-                pass  # that loop is closed: nobody waits any more
+            return
+        try:
+            outcome: Outcome = (True, work())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, like an executor would
+            outcome = (False, exc)
+        del job, work  # nothing from this job outlives it on this thread
+        try:
+            loop.call_soon_threadsafe(on_done, outcome)
+        except RuntimeError:
+            pass  # that loop is closed: nobody waits any more
 
 
-def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+def _settle(future: asyncio.Future[Any], outcome: Outcome) -> None:
     if future.done():  # the caller was cancelled
         return
     ok, value = outcome

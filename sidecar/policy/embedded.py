@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..lane import WorkerLane
+from ..lane import Outcome, WorkerLane
 from ..jsoncodec import dumps_sorted, loads
 from .engine import Evaluation, PolicyError
 from .loader import RUNTIME_DATA_PATH, PolicyBundle, PolicyLoadError, load_bundle, read_policy_dir
@@ -61,18 +62,13 @@ def new_engine(bundle: PolicyBundle) -> Any:
     return engine
 
 
-# Set by set_runtime_data; the shipped library reads both (rego/sidecar/authz/contract.rego, derived.rego).
-CONFIG_CHECKED_PATH = f"{RUNTIME_DATA_PATH}.config_checked"
-DERIVED_PATH = f"{RUNTIME_DATA_PATH}.derived"
-
-
 def check_data_once(engine: Any, bundle: PolicyBundle, decision_path: str) -> bool:
     """Run the policy's own data check (``config_errors`` beside the decision rule) once, at load.
 
     The data of an embedded engine cannot change after loading, so checking it on every call
     would repeat the same answer at about a sixth of each evaluation's cost. A failing check
     refuses the policy here, naming the knobs; a passing one returns True, and the caller sets
-    ``data.sidecar.runtime.config_checked`` (CONFIG_CHECKED_PATH), which the shipped library reads
+    ``data.sidecar.runtime.config_checked`` (rego/sidecar/authz/contract.rego), which the shipped library reads
     to skip its per-call check. An OPA server never gets that flag, so it keeps checking per call.
     """
     import opa_bindings
@@ -137,7 +133,7 @@ def derive_once(engine: Any, decision_path: str) -> dict[str, Any] | None:
     It holds what data alone decides (the shipped library's: approval requirements and TTL per risk,
     knob lists as lookup tables; rego/sidecar/authz/derived.rego). OPA caches nothing from one
     evaluation to the next, so a rule that reads only data is worked out again on every call; set as
-    ``data.sidecar.runtime.derived`` (DERIVED_PATH), it is one lookup. It is worked out only after
+    ``data.sidecar.runtime.derived``, it is one lookup. It is worked out only after
     the data check passed, as the library's rules may rely on the knobs' types. A policy whose
     ``derived`` fails to evaluate or is not an object gets none set: its rules then compute the
     same values per call, as they do in an OPA server, which never gets it.
@@ -262,23 +258,8 @@ class EmbeddedEngine:
         run = _Run(self._idle.pop())  # a held slot guarantees an idle engine: see _hand_slot_to_spare
         run.timer = loop.call_later(SPARE_AFTER_SECONDS, self._hand_slot_to_spare, run)
         answered: asyncio.Future[tuple[Any, float]] = loop.create_future()
-
-        def evaluate() -> None:  # on the engine's lane
-            outcome: tuple[bool, Any]
-            try:
-                outcome = (True, _evaluate_on(run.engine, path, input_document))
-            except PolicyError as exc:
-                outcome = (False, exc)
-            except BaseException as exc:  # noqa: BLE001 - never raised as such into the caller's task
-                error = PolicyError("error", f"the evaluation raised {type(exc).__name__}")
-                error.__cause__ = exc
-                outcome = (False, error)
-            try:
-                loop.call_soon_threadsafe(self._finished, run, answered, outcome)
-            except RuntimeError:
-                pass  # that loop is closed
-
-        self._lanes[id(run.engine)].post(evaluate)
+        self._lanes[id(run.engine)].report(lambda: _evaluate_on(run.engine, path, input_document),
+                                           functools.partial(self._finished, run, answered))
         try:
             result, elapsed = await answered
         except asyncio.CancelledError:
@@ -310,7 +291,7 @@ class EmbeddedEngine:
         log.warning("policy evaluation overran its deadline; %s", "a spare engine stands in until it ends"
                     if run.handed_over else "no spare engine left: one evaluation slot fewer until it ends")
 
-    def _finished(self, run: _Run, answered: asyncio.Future[tuple[Any, float]], outcome: tuple[bool, Any]) -> None:
+    def _finished(self, run: _Run, answered: asyncio.Future[tuple[Any, float]], outcome: Outcome) -> None:
         try:
             assert self._slots is not None and run.timer is not None
             run.timer.cancel()
@@ -329,7 +310,7 @@ class EmbeddedEngine:
                 if ok:
                     answered.set_result(value)
                 else:
-                    answered.set_exception(value)
+                    answered.set_exception(_as_policy_error(value))
 
     def _refuse_if_behind(self) -> None:
         """Refuse at once a call that would wait in the queue past the deadline, by recent evaluation times.
@@ -359,6 +340,15 @@ class EmbeddedEngine:
         for engine in self._idle:  # an engine still overrunning is released by the collector once it finishes
             engine.close()
         self._idle.clear()
+
+
+def _as_policy_error(exc: BaseException) -> PolicyError:
+    """What an evaluation raised, as its caller may receive it: never a BaseException raised into the request task."""
+    if isinstance(exc, PolicyError):
+        return exc
+    error = PolicyError("error", f"the evaluation raised {type(exc).__name__}")
+    error.__cause__ = exc
+    return error
 
 
 def _evaluate_on(engine: Any, path: str, input_document: dict[str, Any]) -> tuple[Any, float]:
