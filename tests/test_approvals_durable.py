@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from approvals_support import APPROVAL_POLICY, ApproverIdP, approve, eventually
-from harness import EchoTool, sidecar_config
+from harness import LISTENERS, EchoTool, free_port, sidecar_config
 from sidecar.approvals.store import ApprovalStore, Verdict
 
 
@@ -73,38 +73,58 @@ async def ready(metrics: str, process: SidecarProcess) -> None:
     await eventually(probe, deadline=60, what="the sidecar subprocess to be ready")
 
 
+def listener_url(config: dict[str, Any], listener: str) -> str:
+    return f"http://{config['listeners'][listener]}"
+
+
+async def start_process(config: dict[str, Any], config_path: Path, log_prefix: Path,
+                        processes: list[SidecarProcess]) -> SidecarProcess:
+    """`agent-sidecar run` on ``config`` (written to ``config_path``), ready. On the config's ports; where one was
+    taken meanwhile (an outgoing connection of any test can take a port free_port() chose, a restarted sidecar's
+    included), on fresh ones, written into ``config``: the state directory, and what is stored there, stay."""
+    for attempt in range(5):
+        config_path.write_text(yaml.safe_dump(config))
+        process = SidecarProcess(config_path, log_prefix.with_name(f"{log_prefix.name}-{attempt}.log"))
+        processes.append(process)
+        process.start()
+        try:
+            await ready(listener_url(config, "metrics"), process)
+            return process
+        except AssertionError:
+            if "address already in use" not in process.log_path.read_text() or attempt == 4:
+                raise
+        for listener in LISTENERS:
+            config["listeners"][listener] = f"127.0.0.1:{free_port()}"
+    raise AssertionError("unreachable")
+
+
 async def test_an_approval_survives_kill_9_and_the_retry_goes_through(tmp_path: Path, echo_tool: EchoTool,
                                                                       processes: list[SidecarProcess]) -> None:
     idp = ApproverIdP(tmp_path)
     config = sidecar_config(tmp_path, echo_tool.base, policy_dir=APPROVAL_POLICY, approvals=idp.config())
     config_path = tmp_path / "sidecar.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    proxy = f"http://{config['listeners']['proxy']}"
-    admin = f"http://{config['listeners']['admin']}"
-    metrics = f"http://{config['listeners']['metrics']}"
+
+    def url(listener: str) -> str:
+        return listener_url(config, listener)
 
     async def started(name: str) -> SidecarProcess:
-        process = SidecarProcess(config_path, tmp_path / f"{name}.log")
-        processes.append(process)
-        process.start()
-        await ready(metrics, process)
-        return process
+        return await start_process(config, config_path, tmp_path / name, processes)
 
     first = await started("first")
     async with httpx.AsyncClient() as agent:
-        held = await agent.delete(f"{proxy}/crm/customers/42")
+        held = await agent.delete(f"{url('proxy')}/crm/customers/42")
     assert held.status_code == 403 and held.json()["code"] == "approval_required"
     approval_id = held.json()["approval_id"]
     first.kill_9()
 
     await started("second")
     async with httpx.AsyncClient() as client:
-        shown = await client.get(f"{admin}/v1/approvals/{approval_id}")
+        shown = await client.get(f"{url('admin')}/v1/approvals/{approval_id}")
     assert shown.status_code == 200 and shown.json()["status"] == "pending"
-    approved = await approve(admin, approval_id, idp.token("alice@example.com", ["approvers"]))
+    approved = await approve(url("admin"), approval_id, idp.token("alice@example.com", ["approvers"]))
     assert approved.status_code == 200, approved.text
     async with httpx.AsyncClient() as agent:
-        response = await agent.delete(f"{proxy}/crm/customers/42", headers={"X-Agent-Approval": approval_id})
+        response = await agent.delete(f"{url('proxy')}/crm/customers/42", headers={"X-Agent-Approval": approval_id})
     assert response.status_code == 200, response.text
     assert [s.path for s in echo_tool.seen] == ["/crm/customers/42"]
 

@@ -14,7 +14,7 @@ import yaml
 from approvals_support import eventually
 from harness import open_task
 from task_concurrency_support import GateTool, deployment_config, task_history, tuned_policy
-from test_approvals_durable import SidecarProcess, processes, ready  # noqa: F401 - the fixture is used below
+from test_approvals_durable import SidecarProcess, listener_url, processes, start_process  # noqa: F401 - the fixture is used below
 
 # The route's upstream timeout: its reservations expire 5 s + the margin after their decision.
 GATE_TIMEOUT_SECONDS = 5.0
@@ -28,26 +28,22 @@ async def test_kill_9_mid_reservation_leaves_no_task_stuck_and_loses_no_confirme
     config = deployment_config(tmp_path / "sidecar", gate_tool.base, tuned_policy(tmp_path), redis_url,
                                gate_timeout_seconds=GATE_TIMEOUT_SECONDS)
     config_path = tmp_path / "sidecar.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    proxy, admin = f"http://{config['listeners']['proxy']}", f"http://{config['listeners']['admin']}"
-    metrics = f"http://{config['listeners']['metrics']}"
+
+    def url(listener: str) -> str:
+        return listener_url(config, listener)
 
     async def started(name: str) -> SidecarProcess:
-        process = SidecarProcess(config_path, tmp_path / f"{name}.log")
-        processes.append(process)
-        process.start()
-        await ready(metrics, process)
-        return process
+        return await start_process(config, config_path, tmp_path / name, processes)
 
     first = await started("first")
-    task = await open_task(admin, "refund duplicate charges")
+    task = await open_task(url("admin"), "refund duplicate charges")
     async with httpx.AsyncClient(timeout=60) as agent:
         refund: dict[str, Any] = {"json": {"amount": 49}, "headers": {"X-Agent-Task": task}}
-        confirmed = [await agent.post(f"{proxy}/payments/refunds", **refund) for _ in range(3)]
+        confirmed = [await agent.post(f"{url('proxy')}/payments/refunds", **refund) for _ in range(3)]
         assert [r.status_code for r in confirmed] == [200] * 3
-        in_flight = [asyncio.ensure_future(agent.post(f"{proxy}/slowpay/refunds", **refund)) for _ in range(7)]
+        in_flight = [asyncio.ensure_future(agent.post(f"{url('proxy')}/slowpay/refunds", **refund)) for _ in range(7)]
         await gate_tool.wait_at_gate(7)  # seven refunds allowed, reserved, and at an upstream that never answers
-        history = await task_history(admin, task)
+        history = await task_history(url("admin"), task)
         assert history["in_flight"] == {"calls": 7, "totals": {"amount": 343.0, "records": 0.0}}
         assert history["totals"]["amount"] == 490 and history["calls"] == 10
         first.kill_9()
@@ -55,18 +51,18 @@ async def test_kill_9_mid_reservation_leaves_no_task_stuck_and_loses_no_confirme
         assert all(isinstance(r, httpx.HTTPError) for r in lost)
 
     await started("second")
-    history = await task_history(admin, task)
+    history = await task_history(url("admin"), task)
     # Either the dead sidecar's reservations still count, or they have expired already: never anything between.
     assert (history["in_flight"]["calls"], history["totals"]["amount"]) in [(7, 490), (0, 147)], history
 
     async def expired() -> dict[str, Any] | None:
-        found = await task_history(admin, task)
+        found = await task_history(url("admin"), task)
         return found if found["in_flight"]["calls"] == 0 else None
 
     history = await eventually(expired, deadline=60, what="the dead sidecar's reservations to expire")
     assert history["totals"]["amount"] == 147 and history["calls"] == 3  # the confirmed calls, all of them
     assert [r["state"] for r in history["recent"]] == ["completed"] * 3
     async with httpx.AsyncClient(timeout=60) as agent:
-        after = await agent.post(f"{proxy}/payments/refunds", json={"amount": 49}, headers={"X-Agent-Task": task})
+        after = await agent.post(f"{url('proxy')}/payments/refunds", json={"amount": 49}, headers={"X-Agent-Task": task})
     assert after.status_code == 200, after.text  # the task is not stuck
-    assert (await task_history(admin, task))["totals"]["amount"] == 196
+    assert (await task_history(url("admin"), task))["totals"]["amount"] == 196
