@@ -51,7 +51,7 @@ public = sys.argv[6:7] == ["1"]  # through the binding's public API instead of t
 bundle = read_policy_dir(Path(rego))
 engine = new_engine(bundle)
 if checked:
-    set_runtime_data([engine], bundle, "sidecar/authz/decision")
+    set_runtime_data(engine, bundle, "sidecar/authz/decision")
 document = loads(Path(input_file).read_bytes())
 if public:
     for _ in range(count):

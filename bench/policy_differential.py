@@ -105,7 +105,7 @@ def with_config(bundle: PolicyBundle, overrides: dict[str, Any]) -> PolicyBundle
 def engines(bundle: PolicyBundle) -> tuple[Any, Any]:
     """(as the sidecar loads it, as an OPA server holds it)."""
     embedded = new_engine(bundle)
-    set_runtime_data([embedded], bundle, DECISION)
+    set_runtime_data(embedded, bundle, DECISION)
     return embedded, new_engine(bundle)
 
 

@@ -298,9 +298,9 @@ class Policy(Section):
     rest: PolicyRest = _section("The OPA server, for engine: rest.")
     embedded_workers: Annotated[int, between(1, None, "must be a positive integer"),
                                 between(None, 64, "at most 64")] = _field(
-        "Embedded engines evaluating in parallel, one per thread.", 1)
+        "Threads evaluating on the embedded engine in parallel (one compiled policy).", 1)
     embedded_spare_engines: Annotated[int, between(0, 16, "between 0 and 16")] = _field(
-        "Standby engines that take over from an evaluation past its deadline.", 1)
+        "Standby evaluation threads that take over from an evaluation past its deadline.", 1)
     reload_seconds: Annotated[float, zero_or_between(0.1, 3600, "must be 0 (no polling) or between 0.1 and 3600")] \
         | None = _field("How often the policy source is polled; 0: only on SIGHUP or POST /v1/policy/reload "
                         "(default: 30 for a bundle URL, 1 otherwise).", None)

@@ -242,3 +242,23 @@ async def test_without_a_deadline_every_call_waits_its_turn() -> None:
 async def test_nothing_is_shed_before_an_evaluation_has_been_timed() -> None:
     results = await _two_at_once(EmbeddedEngine(FIXTURE_POLICY, queue_deadline_seconds=1e-9), one_alone_first=False)
     assert not any(isinstance(result, BaseException) for result in results)
+
+
+# -- one compiled engine, several evaluation threads ----------------------------------------------
+
+
+async def test_threads_evaluating_at_once_on_the_pools_one_engine_each_get_their_own_answer() -> None:
+    """The pool's threads share one compiled policy and evaluate on it at once (no lock around the
+    evaluation): every case of the shipped library's table, three at a time, many times over, gets
+    the answer it gets alone."""
+    inputs = [merge(probe_input(), case.values[1]["input"]) for case in cases() if case.values[0] == "rego"]
+    engine = EmbeddedEngine(ROOT / "rego", workers=3, spare_engines=1)
+    try:
+        alone = [json.dumps(engine.evaluate_sync("sidecar/authz/decision", document), sort_keys=True)
+                 for document in inputs]
+        assert len(set(alone)) > 3  # the cases differ, so a swapped answer would show
+        together = await asyncio.gather(*(engine.evaluate("sidecar/authz/decision", document)
+                                          for _ in range(6) for document in inputs))
+        assert [json.dumps(answer, sort_keys=True) for answer in together] == alone * 6
+    finally:
+        await engine.close()

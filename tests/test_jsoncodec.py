@@ -124,7 +124,7 @@ def test_the_shipped_library_judges_the_serialised_input_as_the_public_api_judge
     ]
     pool = EmbeddedEngine(ROOT / "rego")
     try:
-        engine = pool._engines[0]
+        engine = pool._engine
         for document in documents:
             expected = engine.eval_document("sidecar.authz.decision", document)
             assert _eval_json(engine, "sidecar.authz.decision", dumps_sorted(JsonDocument(document))) == expected

@@ -39,13 +39,12 @@ def derived_of(directory: Path) -> Any:
         bare.close()
 
 
-def test_every_engine_of_a_pool_gets_the_derived_document_beside_config_checked() -> None:
+def test_the_engine_of_a_pool_gets_the_derived_document_beside_config_checked() -> None:
     pool = EmbeddedEngine(ROOT / "rego", workers=2, spare_engines=1)
     try:
         expected = {"config_checked": True, "derived": derived_of(ROOT / "rego")}
         assert expected["derived"]["ttl_seconds"] == {"low": 300, "medium": 120, "high": 30, "critical": 10}
-        for engine in pool._engines:
-            assert engine.eval_document("sidecar.runtime") == expected
+        assert pool._engine.eval_document("sidecar.runtime") == expected
     finally:
         pool.close_now()
 
@@ -55,7 +54,7 @@ def test_a_policy_without_a_data_check_or_whose_derived_fails_gets_none(tmp_path
     pool = EmbeddedEngine(tmp_path / "fixture")
     try:
         with pytest.raises(Exception, match="undefined"):
-            pool._engines[0].eval_document("sidecar.runtime")
+            pool._engine.eval_document("sidecar.runtime")
     finally:
         pool.close_now()
     broken = tmp_path / "broken"
@@ -64,7 +63,7 @@ def test_a_policy_without_a_data_check_or_whose_derived_fails_gets_none(tmp_path
         "package sidecar.authz\n\nderived.broken := to_number(\"not a number\")\n")
     pool = EmbeddedEngine(broken)
     try:
-        assert pool._engines[0].eval_document("sidecar.runtime") == {"config_checked": True}
+        assert pool._engine.eval_document("sidecar.runtime") == {"config_checked": True}
         assert pool.evaluate_sync("sidecar/authz/decision", GET_CRM)["credential"]["ttl_seconds"] == 300
     finally:
         pool.close_now()
@@ -84,7 +83,7 @@ async def test_a_live_reload_sets_the_derived_document_of_the_new_data(tmp_path:
         data["sidecar"]["config"]["audiences"] = {"crm": "https://crm.example.com"}
         (policy / "data.json").write_text(json.dumps(data))
         assert (await live.reload(force=True)).result == "loaded"
-        runtime = live._current.engine._engines[0].eval_document("sidecar.runtime")
+        runtime = live._current.engine._engine.eval_document("sidecar.runtime")
         assert runtime == {"config_checked": True, "derived": derived_of(policy)}
         assert runtime["derived"]["ttl_seconds"]["low"] == 200
         credential = (await live.evaluate("sidecar/authz/decision", GET_CRM))["credential"]

@@ -2,8 +2,8 @@
 
 Evaluation runs on threads of a small pool: the native call releases the GIL, the
 event loop never blocks on it, and a deadline is enforced around it. The binding
-cannot cancel an evaluation; an overrun is contained by spare engines instead
-(see EmbeddedEngine).
+cannot cancel an evaluation; an overrun is contained by spare threads instead
+(see EmbeddedEngine). The threads share one compiled copy of the policy.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ SPARE_AFTER_SECONDS = 0.05
 
 @dataclass
 class _Run:
-    """One evaluation on one engine, from its slot to its end (which may come after its caller left)."""
+    """One evaluation on one thread, from its slot to its end (which may come after its caller left)."""
 
-    engine: Any
+    lane: WorkerLane
     timer: asyncio.TimerHandle | None = None
     handed_over: bool = False
     finished: bool = False
@@ -87,28 +87,25 @@ def check_data_once(engine: Any, bundle: PolicyBundle, decision_path: str) -> bo
     return True
 
 
-def set_runtime_data(engines: list[Any], bundle: PolicyBundle, decision_path: str) -> None:
-    """Set ``data.sidecar.runtime`` in engines that all hold ``bundle``: what data alone decides, worked out once.
+def set_runtime_data(engine: Any, bundle: PolicyBundle, decision_path: str) -> None:
+    """Set ``data.sidecar.runtime`` in an engine that holds ``bundle``: what data alone decides, worked out once.
 
-    Every engine holds the same bundle, so one evaluation on the first covers them all (each
-    evaluation leaves megabytes of garbage that GOGC=400 keeps around for a while). Every load of a
-    policy into an embedded engine goes through here (EmbeddedEngine: the sidecar, a live reload, the
-    policy tools), and so does bench.policy_cost.
+    Every load of a policy into an embedded engine goes through here (EmbeddedEngine: the sidecar,
+    a live reload, the policy tools), and so does bench.policy_cost.
     """
     import opa_bindings
 
-    refuse_runtime_set_by_policy(engines[0], bundle)
-    if not check_data_once(engines[0], bundle, decision_path):
+    refuse_runtime_set_by_policy(engine, bundle)
+    if not check_data_once(engine, bundle, decision_path):
         return
     runtime: dict[str, Any] = {"config_checked": True}
-    derived = derive_once(engines[0], decision_path)
+    derived = derive_once(engine, decision_path)
     if derived is not None:
         runtime["derived"] = derived
-    for engine in engines:  # one merge: each change of an engine's data costs a new compilation of its queries
-        try:
-            engine.add_data(runtime, RUNTIME_DATA_PATH)
-        except opa_bindings.OpaError as exc:
-            raise PolicyLoadError(bundle.root, f"data.{RUNTIME_DATA_PATH} could not be set: {exc.message}") from None
+    try:  # one merge: each change of an engine's data costs a new compilation of its queries
+        engine.add_data(runtime, RUNTIME_DATA_PATH)
+    except opa_bindings.OpaError as exc:
+        raise PolicyLoadError(bundle.root, f"data.{RUNTIME_DATA_PATH} could not be set: {exc.message}") from None
 
 
 def refuse_runtime_set_by_policy(engine: Any, bundle: PolicyBundle) -> None:
@@ -167,17 +164,17 @@ def _prepare(engine: Any, decision_path: str) -> None:
 
 
 class EmbeddedEngine:
-    """A small pool of engines, each on a thread of its own (a WorkerLane: an evaluation is posted to it and
-    reports back with one call_soon_threadsafe, without an executor's concurrent Future and its chaining).
+    """One compiled engine and a small pool of threads that evaluate on it (WorkerLanes: an evaluation is
+    posted to one and reports back with one call_soon_threadsafe, without an executor's concurrent Future).
 
-    One opa_bindings engine evaluates one query at a time (it holds a lock), and the
-    native call releases the GIL, so N engines on N threads evaluate N calls at once
-    on N cores. Each engine holds its own compiled copy of the policy (a few MB).
+    The native call releases the GIL, and evaluations on one engine run at once (see _eval_json), so
+    N threads evaluate N calls at once on N cores, all on one compiled copy of the policy: a second
+    copy cost ~20 MiB of Go heap at GOGC=400 (docs/performance.md).
 
     ``workers`` evaluations run at once. The binding cannot cancel an evaluation, so one
-    that overruns its caller's deadline keeps its engine busy until it finishes; then one of
-    ``spare_engines`` standby engines takes its place (its slot is handed on), so that a
-    runaway evaluation stays one call's problem. The overrunning engine returns to the pool
+    that overruns its caller's deadline keeps its thread busy until it finishes; then one of
+    ``spare_engines`` standby threads takes its place (its slot is handed on), so that a
+    runaway evaluation stays one call's problem. The overrunning thread returns to the pool
     when it finishes. With every spare covering an overrun, a further overrun keeps its slot:
     capacity shrinks and callers are refused at their own deadlines, never forwarded.
     """
@@ -204,24 +201,16 @@ class EmbeddedEngine:
         self.provenance: Mapping[str, str] = dict(provenance or {})
         self._closed = False
         self._bundle = rego_dir if isinstance(rego_dir, PolicyBundle) else read_policy_dir(rego_dir)
-        self._engines: list[Any] = []
+        self._engine = new_engine(self._bundle)
         try:
-            self._load_engines(workers + spare_engines, decision_path)
+            set_runtime_data(self._engine, self._bundle, decision_path)
+            _prepare(self._engine, decision_path)
         except BaseException:
-            for engine in self._engines:
-                engine.close()
+            self._engine.close()
             raise
-        self._idle = list(self._engines)  # engines not evaluating; the event loop's only
+        self._lanes = [WorkerLane(f"opa-eval-{n}") for n in range(workers + spare_engines)]
+        self._idle = list(self._lanes)  # threads not evaluating; the event loop's only
         self._slots: asyncio.Semaphore | None = None  # made on the loop that evaluates
-        # One thread per engine: an evaluation is posted to its engine's lane and reports back on its own.
-        self._lanes = {id(engine): WorkerLane(f"opa-eval-{n}") for n, engine in enumerate(self._engines)}
-
-    def _load_engines(self, count: int, decision_path: str) -> None:
-        for _ in range(count):
-            self._engines.append(new_engine(self._bundle))
-        set_runtime_data(self._engines, self._bundle, decision_path)
-        for engine in self._engines:
-            _prepare(engine, decision_path)
 
     @property
     def module_count(self) -> int:
@@ -236,8 +225,8 @@ class EmbeddedEngine:
         return self._spare_engines
 
     def evaluate_sync(self, path: str, input_document: dict[str, Any]) -> Any:
-        """Evaluate on the first engine, on the calling thread (tools and benchmarks)."""
-        return _evaluate_on(self._engines[0], path, input_document)[0]
+        """Evaluate on the calling thread (tools and benchmarks)."""
+        return _evaluate_on(self._engine, path, input_document)[0]
 
     async def evaluate(self, path: str, input_document: dict[str, Any]) -> Any:
         self._refuse_if_behind()
@@ -255,11 +244,12 @@ class EmbeddedEngine:
             self._slots = asyncio.Semaphore(self._workers)
         await self._slots.acquire()
         loop = asyncio.get_running_loop()
-        run = _Run(self._idle.pop())  # a held slot guarantees an idle engine: see _hand_slot_to_spare
+        run = _Run(self._idle.pop())  # a held slot guarantees an idle thread: see _hand_slot_to_spare
         run.timer = loop.call_later(SPARE_AFTER_SECONDS, self._hand_slot_to_spare, run)
         answered: asyncio.Future[tuple[Any, float]] = loop.create_future()
-        self._lanes[id(run.engine)].report(lambda: _evaluate_on(run.engine, path, input_document),
-                                           functools.partial(self._finished, run, answered))
+        engine = self._engine
+        run.lane.report(lambda: _evaluate_on(engine, path, input_document),
+                        functools.partial(self._finished, run, answered))
         try:
             result, elapsed = await answered
         except asyncio.CancelledError:
@@ -270,10 +260,10 @@ class EmbeddedEngine:
         return result
 
     def _hand_slot_to_spare(self, run: _Run) -> None:
-        """A long evaluation lets a spare engine take its slot, so the calls behind it are decided meanwhile.
+        """A long evaluation lets a spare thread take its slot, so the calls behind it are decided meanwhile.
 
-        Busy engines never outnumber the slots held plus the spares in use, so a caller that holds a
-        slot always finds an idle engine.
+        Busy threads never outnumber the slots held plus the spares in use, so a caller that holds a
+        slot always finds an idle thread.
         """
         if run.handed_over or run.finished or self.spares_in_use >= self._spare_engines:
             return
@@ -284,11 +274,11 @@ class EmbeddedEngine:
 
     def _overran(self, run: _Run) -> None:
         """The caller gave up (its deadline passed) while the engine goes on evaluating."""
-        if run.finished:  # it ended in the same loop turn as the deadline: no engine is still busy
+        if run.finished:  # it ended in the same loop turn as the deadline: no thread is still busy
             return
         self.overruns += 1
         self._hand_slot_to_spare(run)
-        log.warning("policy evaluation overran its deadline; %s", "a spare engine stands in until it ends"
+        log.warning("policy evaluation overran its deadline; %s", "a spare thread stands in until it ends"
                     if run.handed_over else "no spare engine left: one evaluation slot fewer until it ends")
 
     def _finished(self, run: _Run, answered: asyncio.Future[tuple[Any, float]], outcome: Outcome) -> None:
@@ -296,10 +286,9 @@ class EmbeddedEngine:
             assert self._slots is not None and run.timer is not None
             run.timer.cancel()
             run.finished = True
-            if self._closed:  # a retired pool (sidecar.policy.live): an overrun outlived it; nobody will use this engine
-                run.engine.close()
+            if self._closed:  # a retired pool (sidecar.policy.live): an overrun outlived it
                 return
-            self._idle.append(run.engine)
+            self._idle.append(run.lane)
             if run.handed_over:
                 self.spares_in_use -= 1
             else:
@@ -333,12 +322,14 @@ class EmbeddedEngine:
         self.close_now()
 
     def close_now(self) -> None:
-        """Close from any context (a retired pool is closed by its last caller, see sidecar.policy.live)."""
+        """Close from any context (a retired pool is closed by its last caller, see sidecar.policy.live).
+
+        An evaluation still running (an overrun) ends on its own: the engine's Go side keeps what it
+        evaluates on until then, and its thread ends after it."""
         self._closed = True
-        for lane in self._lanes.values():
-            lane.stop()  # an evaluation still running ends first
-        for engine in self._idle:  # an engine still overrunning is released by the collector once it finishes
-            engine.close()
+        for lane in self._lanes:
+            lane.stop()
+        self._engine.close()
         self._idle.clear()
 
 
@@ -380,32 +371,47 @@ def _eval_json(engine: Any, document: str, input_json: bytes) -> Any:
     (its internals: opa-golib-python-bindings 0.4.4, pinned in the Makefile) and raises the same
     errors; a binding without them gets the input through its public API instead
     (tests/test_jsoncodec.py checks both agree).
+
+    Evaluations on one engine run at once. The bridge's Go side holds its engine lock only to look up
+    the prepared query and evaluates outside it (OPA's prepared queries are safe for concurrent use).
+    The binding's Python lock serialises evaluations for what the sidecar does not use: its
+    ``last_prints``/``last_coverage`` attributes and the buffers of Python builtins. An engine with
+    Python builtins registered (sidecar.policy.testing) still evaluates under that lock.
     """
     import opa_bindings
 
     native, lock = (getattr(engine, name, None) for name in ("_lib", "_eval_lock"))
-    if native is None or lock is None or not hasattr(engine, "_handle") or not hasattr(engine, "_eval_result"):
+    if native is None or lock is None or not hasattr(engine, "_handle"):
         return engine.eval_document(document, loads(input_json))
-    with lock:
-        engine._eval_reset()
-        handle = engine._handle  # read once: another thread may close the engine (the Go side rejects a stale one)
-        if handle is None:
-            raise opa_bindings.OpaError("closed", "engine has been closed")
-        answer = native.OpaEvalDocument(handle, document.encode(), input_json, 0, 0)
-        if not answer:
-            raise opa_bindings.OpaError("internal", "native call returned NULL")
-        try:
-            raw = ctypes.string_at(answer)
-        finally:
-            native.OpaFreeString(answer)
-        envelope = _parse_envelope(raw)
-        error = envelope.get("error")
-        if error is not None:
-            raise opa_bindings.OpaError(error.get("code", "unknown"), error.get("message", ""))
-        results = engine._eval_result(envelope)
+    if getattr(engine, "_functions", True):
+        with lock:
+            envelope = _eval_native(native, engine, document, input_json)
+    else:
+        envelope = _eval_native(native, engine, document, input_json)
+    error = envelope.get("error")
+    if error is not None:
+        raise opa_bindings.OpaError(error.get("code", "unknown"), error.get("message", ""))
+    results = envelope.get("result")
     if not results or not results[0].get("expressions"):
         raise opa_bindings.OpaUndefinedError(f"data.{document}")
     return results[0]["expressions"][0]["value"]
+
+
+def _eval_native(native: Any, engine: Any, document: str, input_json: bytes) -> Any:
+    """The bridge's answer envelope for one evaluation."""
+    import opa_bindings
+
+    handle = engine._handle  # read once: another thread may close the engine (the Go side rejects a stale one)
+    if handle is None:
+        raise opa_bindings.OpaError("closed", "engine has been closed")
+    answer = native.OpaEvalDocument(handle, document.encode(), input_json, 0, 0)
+    if not answer:
+        raise opa_bindings.OpaError("internal", "native call returned NULL")
+    try:
+        raw = ctypes.string_at(answer)
+    finally:
+        native.OpaFreeString(answer)
+    return _parse_envelope(raw)
 
 
 # Digits as b"0", everything else as b" ": a run of 19 digits in an answer is found by one search.
