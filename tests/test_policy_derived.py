@@ -1,8 +1,8 @@
 """What data alone decides is worked out once at load (data.sidecar.runtime.derived) on every embedded load.
 
 The shipped library's ``derived`` document (rego/sidecar/authz/derived.rego) is evaluated once when an
-embedded engine loads the policy, after the data check, and set beside ``config_checked`` in every engine
-of the pool; a live reload sets it afresh from the new data. The Rego tests (derived_test.rego) check that
+embedded engine loads the policy, after the data check, and set beside ``config_checked`` in the pool's
+engine; a live reload sets it afresh from the new data. The Rego tests (derived_test.rego) check that
 a decision is the same with it and without it; the decision vectors and bench.policy_differential check it
 through both engines.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.policy.embedded import EmbeddedEngine, new_engine, opa_available
+from sidecar.policy.embedded import EmbeddedEngine, _LoadTimeDocuments, new_engine, opa_available
 from sidecar.policy.loader import read_policy_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,3 +136,32 @@ def test_the_loader_refuses_a_module_in_the_sidecars_runtime_package(tmp_path: P
             read_policy_dir(tmp_path)
     else:
         assert read_policy_dir(tmp_path).modules
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["one evaluation", "a document that raises"])
+def test_the_documents_read_at_load_are_what_each_evaluation_alone_gives(tmp_path: Path, broken: bool) -> None:
+    """Read together in one evaluation (one compiled copy of the policy) or, when one of them raises,
+    each on its own: either way each document reads as ``eval_document`` gives it, undefined and
+    errors included."""
+    import opa_bindings
+
+    policy = tmp_path / "rego"
+    shutil.copytree(ROOT / "rego", policy)
+    if broken:
+        (policy / "sidecar" / "authz" / "zz_derived_broken.rego").write_text(
+            "package sidecar.authz\n\nderived.broken := to_number(\"not a number\")\n")
+    paths = ("sidecar.runtime", "sidecar.authz.config_errors", "sidecar.authz.derived")
+    engine = new_engine(read_policy_dir(policy))
+    try:
+        documents = _LoadTimeDocuments(engine, paths)
+        assert (documents._found is None) is broken
+        assert documents.read("sidecar.authz.config_errors") == engine.eval_document("sidecar.authz.config_errors") == []
+        with pytest.raises(opa_bindings.OpaUndefinedError):
+            documents.read("sidecar.runtime")
+        if broken:
+            with pytest.raises(opa_bindings.OpaError, match="not a number"):
+                documents.read("sidecar.authz.derived")
+        else:
+            assert documents.read("sidecar.authz.derived") == derived_of(ROOT / "rego")
+    finally:
+        engine.close()
