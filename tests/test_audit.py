@@ -290,6 +290,84 @@ def test_a_full_queue_is_refused_at_once_and_counted(tmp_path: Path) -> None:
     assert errors == [1]
 
 
+def blocked_lane() -> tuple[WorkerLane, threading.Event]:
+    """A lane whose thread waits, until the returned event is set, behind a job that is already running."""
+    lane = WorkerLane("disk")
+    running, release = threading.Event(), threading.Event()
+
+    def block() -> None:
+        running.set()
+        release.wait(30)
+
+    lane.post(block)
+    assert running.wait(10)
+    return lane, release
+
+
+async def test_the_queue_is_bounded_by_the_bytes_of_policy_input_it_holds(tmp_path: Path) -> None:
+    """Refusals are queued with nobody waiting and an agent sizes their input: bytes, not only events, are bounded."""
+    path = tmp_path / "audit.jsonl"
+    document = JsonDocument({"request": {"body": "x" * 100_000}})
+    size = len(document.json)
+    errors: list[int] = []
+    lane, release = blocked_lane()
+    writer = AuditWriter(HashChainLog(path), queue_bytes=3 * size, on_error=errors.append, lane=lane)
+    try:
+        receipts = [writer.append({"type": "decision", "n": n, "input": document}) for n in range(3)]
+        assert writer.queued_bytes == 3 * size and writer.depth == 3
+        with pytest.raises(AuditError):
+            writer.append({"type": "decision", "n": 3, "input": document}, receipt=False)
+        assert errors == [1] and writer.last_error is not None and not writer.healthy
+        assert writer.queued_bytes == 3 * size and writer.depth == 3  # the refused event holds nothing
+        release.set()
+        assert [r and r["n"] for r in await asyncio.gather(*[r for r in receipts if r is not None])] == [0, 1, 2]
+        assert writer.queued_bytes == 0
+        receipts = [writer.append({"type": "decision", "n": n, "input": document}) for n in range(3, 6)]
+        assert all(await asyncio.gather(*[r for r in receipts if r is not None]))
+        assert writer.queued_bytes == 0 and writer.healthy and errors == [1]
+
+        # A failed write takes its events' bytes off the queue as a written one does.
+        path.unlink()
+        path.mkdir()
+        receipt = writer.append({"type": "decision", "n": 6, "input": document})
+        assert receipt is not None and await receipt is None
+        assert errors == [1, 1] and writer.queued_bytes == 0
+        path.rmdir()
+        assert (await writer.record({"type": "decision", "n": 7, "input": document}))["n"] == 7
+        assert writer.queued_bytes == 0
+    finally:
+        release.set()
+        writer.close()
+        lane.stop()
+    assert writer.queued_bytes == 0
+    assert verify_files(chain_files(path)).ok
+    written = [json.loads(line) for file in chain_files(path) for line in lines(file)]
+    assert [e["n"] for e in written if e["type"] == "decision"] == [0, 1, 2, 3, 4, 5, 7]
+
+
+async def test_one_event_larger_than_the_byte_bound_is_accepted_into_an_empty_queue(tmp_path: Path) -> None:
+    document = JsonDocument({"request": {"body": "x" * 100_000}})
+    errors: list[int] = []
+    lane, release = blocked_lane()
+    writer = AuditWriter(HashChainLog(tmp_path / "audit.jsonl"), queue_bytes=1024, on_error=errors.append, lane=lane)
+    try:
+        receipt = writer.append({"type": "decision", "input": document})
+        assert writer.queued_bytes == len(document.json)
+        with pytest.raises(AuditError):  # one is queued: the next is past the bound
+            writer.append({"type": "decision", "input": document}, receipt=False)
+        release.set()
+        assert receipt is not None and (await receipt) is not None
+        assert (await writer.record({"type": "decision", "input": document}))["type"] == "decision"
+    finally:
+        release.set()
+        writer.close()
+        lane.stop()
+    assert errors == [1] and writer.queued_bytes == 0
+    written = [json.loads(line) for line in lines(tmp_path / "audit.jsonl")]
+    assert [e["type"] for e in written] == ["audit.resumed", "decision", "decision"]  # the chain says the queue was full
+    assert written[0]["after_error"] == "queue full (bytes)"
+
+
 @pytest.mark.parametrize(("audit", "message"), [
     ({"rotate_bytes": 100}, "sidecar.yaml: audit.rotate_bytes: must be 0 (never rotate) or at least 4096"),
     ({"queue_size": 0}, "sidecar.yaml: audit.queue_size: must be a positive integer"),

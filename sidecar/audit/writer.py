@@ -10,7 +10,10 @@ it could not be written. The request path awaits the receipt of an allow
 decision before it forwards the call (fail closed) and ignores the receipts of
 upstream results and refusals, which it queues with ``receipt=False``: then the
 writer has nothing to hand back, and the event loop is not woken for them. Every
-event that is not written is counted through ``on_error``. One drain job writes at
+event that is not written is counted through ``on_error``. The queue is bounded twice: by
+events (``queue_size``) and by the bytes of the policy input they embed (``queue_bytes``),
+since an agent sizes a decision event (its body, once per element of an MCP batch) and
+refusals are queued without anyone waiting for them. One drain job writes at
 most MAX_BATCH events and queues the next one behind the lane's other work, so a
 flood of events never holds up the task store's commits.
 
@@ -40,6 +43,8 @@ from .chain import AuditError, HashChainLog, now_rfc3339
 log = logging.getLogger("sidecar.audit")
 
 MAX_BATCH = 512
+# The bytes of embedded documents (embedded_bytes) that may wait in the queue, unless one event alone holds more.
+QUEUE_BYTES = 64 * 1024 * 1024
 # A drain job stops taking events past this many bytes of policy input (the large part of a decision event,
 # which an agent sizes: its body, once per element of an MCP batch), so that it never holds the lane, and
 # the task store's commits behind it, for long.
@@ -56,11 +61,11 @@ class _Item:
     event: dict[str, Any]
     loop: asyncio.AbstractEventLoop | None = None
     waiter: Receipt | None = None
-    size: int = 0  # bytes of the serialised documents it embeds (_embedded_bytes)
+    size: int = 0  # bytes of the serialised documents it embeds (embedded_bytes)
 
 
 class AuditWriter:
-    def __init__(self, chain: HashChainLog, *, queue_size: int = 10_000,
+    def __init__(self, chain: HashChainLog, *, queue_size: int = 10_000, queue_bytes: int = QUEUE_BYTES,
                  on_error: Callable[[int], None] | None = None,
                  on_written: Callable[[list[dict[str, Any]]], None] | None = None,
                  on_displaced: Callable[[str], None] | None = None, lane: WorkerLane | None = None) -> None:
@@ -68,6 +73,8 @@ class AuditWriter:
         # SimpleQueue: a put costs a C call, not a Condition round trip; the bound is checked in _put.
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
+        self._queued_bytes = 0  # the sizes of the items in _queue: added by _put, taken off by _drain_batch
         self._on_error = on_error or (lambda count: None)
         self._on_written = on_written
         self._on_displaced = on_displaced or (lambda what: None)
@@ -94,6 +101,9 @@ class AuditWriter:
     def append(self, event: dict[str, Any], *, receipt: bool = True) -> Receipt | None:
         """Queue an event; raise AuditError (already counted) when the queue is full or the writer stopped.
 
+        Full: ``queue_size`` events, or ``queue_bytes`` of embedded documents with this one's; an event
+        is always accepted when the queued events embed nothing, so that one larger than the bound is still written.
+
         Returns None when ``receipt`` is false or when called outside an event loop (nobody can await the outcome).
         """
         loop: asyncio.AbstractEventLoop | None = None
@@ -103,7 +113,7 @@ class AuditWriter:
             except RuntimeError:
                 pass
         waiter: Receipt | None = loop.create_future() if loop is not None else None
-        self._put(_Item(_stamped(event), loop, waiter, _embedded_bytes(event)))
+        self._put(_Item(_stamped(event), loop, waiter, embedded_bytes(event)))
         return waiter
 
     def _put(self, item: _Item) -> None:
@@ -117,7 +127,12 @@ class AuditWriter:
                 self._on_error(1)
                 self.last_error = "queue full"
                 raise AuditError("audit queue is full; the sink is not keeping up")
+            if self._queued_bytes and self._queued_bytes + item.size > self._queue_bytes:
+                self._on_error(1)
+                self.last_error = "queue full (bytes)"
+                raise AuditError("audit queue is full (queue_bytes of policy input); the sink is not keeping up")
             self._queue.put(item)
+            self._queued_bytes += item.size
             if not self._draining:
                 self._draining = True
                 try:
@@ -129,6 +144,11 @@ class AuditWriter:
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def queued_bytes(self) -> int:
+        """The bytes of embedded documents waiting in the queue (what ``queue_bytes`` bounds)."""
+        return self._queued_bytes
 
     @property
     def healthy(self) -> bool:
@@ -195,6 +215,9 @@ class AuditWriter:
                 break
             batch.append(item)
             size += item.size
+        if size:
+            with self._closing:  # once a batch: _put reads and adds under it
+                self._queued_bytes -= size
         if batch:
             self._write(batch)
         return bool(batch)
@@ -274,8 +297,11 @@ def _resolve(pairs: list[tuple[Receipt, dict[str, Any] | None]]) -> None:
             waiter.set_result(outcome)
 
 
-def _embedded_bytes(event: dict[str, Any]) -> int:
-    """The size of the serialised documents an event embeds (a decision's policy input, masked or not)."""
+def embedded_bytes(event: dict[str, Any]) -> int:
+    """The size of the serialised documents an event embeds (a decision's policy input, masked or not).
+
+    What bounds the writer's queue and the shipper's by bytes: an agent sizes it, the rest of an event is small.
+    """
     size = 0
     for value in event.values():
         if isinstance(value, JsonDocument):
