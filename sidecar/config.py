@@ -224,6 +224,7 @@ class AuditShipConfig:
     resource: str = "/logs"
     interval_seconds: float = 5.0
     queue_size: int = 10_000
+    queue_bytes: int = 64 * 1024 * 1024  # of embedded policy input; past it the oldest events are dropped too
     max_batch: int = 1_000
     backoff_min_seconds: float = 0.5
     backoff_max_seconds: float = 60.0

@@ -16,6 +16,7 @@ from harness import free_port
 from sidecar.audit.chain import GENESIS, event_hash
 from sidecar.audit.ship import AuditShipper, encode_upload
 from sidecar.config import AuditShipConfig
+from sidecar.jsoncodec import JsonDocument
 from sidecar.observability.metrics import Metrics
 
 
@@ -111,6 +112,36 @@ def test_a_full_shipping_queue_drops_the_oldest_and_counts_them() -> None:
     assert shipper.dropped == 3
     assert [e["seq"] for e in shipper._take()] == [3, 4]
     assert metrics.audit_ship_dropped._value.get() == 3
+
+
+def test_the_shipping_queue_drops_the_oldest_past_queue_bytes_and_counts_them() -> None:
+    """While the sink is down the queue fills: with request bodies in the events, bytes bound it before the count."""
+    metrics = Metrics()
+    document = JsonDocument({"request": {"body": "x" * 10_000}})
+    size = len(document.json)
+    shipper = AuditShipper(AuditShipConfig(url="http://127.0.0.1:9", queue_bytes=3 * size, max_batch=2), metrics)
+    shipper.offer([{"seq": n, "input": document} for n in range(5)])
+    assert shipper.dropped == 2 and shipper.depth == 3 and shipper.queued_bytes == 3 * size
+    taken = shipper._take()
+    assert [e["seq"] for e in taken] == [2, 3] and shipper.queued_bytes == size
+    shipper.offer([{"seq": 5, "input": document}, {"seq": 6, "input": document}])  # the upload of 2, 3 is under way
+    shipper._requeue(taken)  # it failed: back at the head, and the oldest go
+    assert shipper.dropped == 4 and shipper.queued_bytes == 3 * size
+    assert [e["seq"] for e in shipper._take()] == [4, 5]
+    shipper.offer([{"seq": n} for n in range(7, 10)])  # events that embed nothing are bounded by queue_size alone
+    assert shipper.dropped == 4 and shipper.depth == 4
+    assert [e["seq"] for e in shipper._take() + shipper._take()] == [6, 7, 8, 9] and shipper.queued_bytes == 0
+    assert metrics.audit_ship_dropped._value.get() == 4
+
+
+def test_one_event_larger_than_the_shipping_queue_bytes_is_kept_alone() -> None:
+    large = JsonDocument({"request": {"body": "x" * 10_000}})
+    shipper = AuditShipper(AuditShipConfig(url="http://127.0.0.1:9", queue_bytes=1024, max_batch=10))
+    shipper.offer([{"seq": 0}, {"seq": 1, "input": large}])
+    assert shipper.dropped == 1 and [e["seq"] for e in shipper._take()] == [1]
+    shipper._requeue([{"seq": 1, "input": large}])
+    shipper.offer([{"seq": 2, "input": large}])
+    assert shipper.dropped == 2 and [e["seq"] for e in shipper._take()] == [2] and shipper.queued_bytes == 0
 
 
 def test_the_upload_body_is_a_gzipped_json_array_of_the_events_as_chained() -> None:

@@ -6,8 +6,10 @@ resource is ``/logs``) with ``Content-Type: application/json`` and
 ``Content-Encoding: gzip``. Events are shipped exactly as they were chained
 (``seq``, ``prev_hash`` and ``hash`` kept) so the receiver can verify them.
 A non-2xx answer or a network error puts the batch back at the head of the
-queue and waits with exponential backoff. The queue is bounded; when it is
-full the oldest events are dropped and counted.
+queue and waits with exponential backoff. The queue is bounded by events
+(``queue_size``) and by the bytes of policy input they embed (``queue_bytes``,
+the part an agent sizes); past either the oldest events are dropped and counted.
+One event larger than ``queue_bytes`` is kept when it is the only one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import aiohttp
 from ..config import AuditShipConfig
 from ..observability.metrics import Metrics
 from ..secret import Secret
+from .writer import embedded_bytes
 
 log = logging.getLogger("sidecar.audit.ship")
 
@@ -44,7 +47,8 @@ class AuditShipper:
         self.settings = settings
         self.metrics = metrics
         self._lock = threading.Lock()  # offer() runs on the audit writer thread
-        self._queue: deque[dict[str, Any]] = deque()
+        self._queue: deque[tuple[dict[str, Any], int]] = deque()  # each event with its embedded_bytes
+        self._bytes = 0  # the sum of the sizes in _queue
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._backoff = settings.backoff_min_seconds
@@ -54,13 +58,13 @@ class AuditShipper:
     # ------------------------------------------------------------ any thread
 
     def offer(self, events: list[dict[str, Any]]) -> None:
+        sized = [(event, embedded_bytes(event)) for event in events]
         with self._lock:
-            self._queue.extend(events)
-            overflow = len(self._queue) - self.settings.queue_size
-            for _ in range(max(overflow, 0)):
-                self._queue.popleft()
+            self._queue.extend(sized)
+            self._bytes += sum(size for _, size in sized)
+            overflow = self._trim()
             depth = len(self._queue)
-        if overflow > 0:
+        if overflow:
             self._count_dropped(overflow)
         if depth >= self.settings.max_batch and self._loop is not None:
             try:
@@ -73,6 +77,22 @@ class AuditShipper:
         with self._lock:
             return len(self._queue)
 
+    @property
+    def queued_bytes(self) -> int:
+        """The bytes of embedded documents in the queue (what ``queue_bytes`` bounds)."""
+        with self._lock:
+            return self._bytes
+
+    def _trim(self) -> int:
+        """Drop the oldest events past queue_size or queue_bytes (keeping one, however large); how many. Under _lock."""
+        dropped = 0
+        while len(self._queue) > self.settings.queue_size or (
+                self._bytes > self.settings.queue_bytes and len(self._queue) > 1):
+            _, size = self._queue.popleft()
+            self._bytes -= size
+            dropped += 1
+        return dropped
+
     def _count_dropped(self, count: int) -> None:
         self.dropped += count
         log.warning("audit shipping queue full: dropped %d oldest events", count)
@@ -82,15 +102,17 @@ class AuditShipper:
     def _take(self) -> list[dict[str, Any]]:
         with self._lock:
             count = min(len(self._queue), self.settings.max_batch)
-            return [self._queue.popleft() for _ in range(count)]
+            taken = [self._queue.popleft() for _ in range(count)]
+            self._bytes -= sum(size for _, size in taken)
+        return [event for event, _ in taken]
 
     def _requeue(self, batch: list[dict[str, Any]]) -> None:
+        sized = [(event, embedded_bytes(event)) for event in batch]
         with self._lock:
-            self._queue.extendleft(reversed(batch))
-            overflow = len(self._queue) - self.settings.queue_size
-            for _ in range(max(overflow, 0)):
-                self._queue.popleft()
-        if overflow > 0:
+            self._queue.extendleft(reversed(sized))
+            self._bytes += sum(size for _, size in sized)
+            overflow = self._trim()
+        if overflow:
             self._count_dropped(overflow)
 
     # ------------------------------------------------------------ event loop
