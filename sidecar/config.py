@@ -238,6 +238,7 @@ class AuditConfig:
     fail_closed: bool = True
     rotate_bytes: int = 64 * 1024 * 1024  # 0: never rotate
     queue_size: int = 10_000
+    queue_bytes: int = 64 * 1024 * 1024  # of embedded policy input; past it appends are refused too
     ship: AuditShipConfig | None = None
 
 

@@ -381,6 +381,9 @@ class AuditShip(Section):
     resource: Annotated[str, Rule(_ship_resource, pattern="^/[^?#]*$")] = _field("The path posted to.", "/logs")
     interval_seconds: PositiveNumber = _field("How often a batch is sent.", 5.0)
     queue_size: Positive = _field("Events waiting to be shipped; past it the oldest are counted and dropped.", 10_000)
+    queue_bytes: Positive = _field(
+        "Bytes of policy input (request bodies) in the events waiting to be shipped; past it the oldest are counted "
+        "and dropped.", 64 * 1024 * 1024)
     max_batch: Positive = _field("Events per upload.", 1_000)
     backoff_min_seconds: PositiveNumber = _field("First retry delay.", 0.5)
     backoff_max_seconds: PositiveNumber = _field("Longest retry delay.", 60.0)
@@ -402,6 +405,9 @@ class Audit(Section):
     rotate_bytes: Annotated[int, zero_or_between(4096, None, "must be 0 (never rotate) or at least 4096")] = _field(
         "Rotate the file past this size, keeping the chain; 0: never.", 64 * 1024 * 1024)
     queue_size: Positive = _field("Events waiting to be written.", 10_000)
+    queue_bytes: Positive = _field(
+        "Bytes of policy input (request bodies) in the events waiting to be written; past it an event is refused "
+        "and counted, unless the waiting events embed none (one larger event is still written).", 64 * 1024 * 1024)
     ship: AuditShip | None = _field("Ship events to an HTTP sink too.", None)
 
 
@@ -796,10 +802,10 @@ def _config(model: SidecarFile, source: Path, raw: dict[str, Any]) -> Config:
                                 issuer=identity.issuer or None),
         audit=AuditConfig(
             path=Path(audit.path) if audit.path else None, fail_closed=audit.fail_closed,
-            rotate_bytes=audit.rotate_bytes, queue_size=audit.queue_size,
+            rotate_bytes=audit.rotate_bytes, queue_size=audit.queue_size, queue_bytes=audit.queue_bytes,
             ship=None if audit.ship is None else AuditShipConfig(
                 url=audit.ship.url, resource=audit.ship.resource, interval_seconds=audit.ship.interval_seconds,
-                queue_size=audit.ship.queue_size, max_batch=audit.ship.max_batch,
+                queue_size=audit.ship.queue_size, queue_bytes=audit.ship.queue_bytes, max_batch=audit.ship.max_batch,
                 backoff_min_seconds=audit.ship.backoff_min_seconds,
                 backoff_max_seconds=audit.ship.backoff_max_seconds, timeout_seconds=audit.ship.timeout_seconds,
                 bearer_token_file=Path(audit.ship.bearer_token_file) if audit.ship.bearer_token_file else None)),

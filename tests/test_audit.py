@@ -371,6 +371,8 @@ async def test_one_event_larger_than_the_byte_bound_is_accepted_into_an_empty_qu
 @pytest.mark.parametrize(("audit", "message"), [
     ({"rotate_bytes": 100}, "sidecar.yaml: audit.rotate_bytes: must be 0 (never rotate) or at least 4096"),
     ({"queue_size": 0}, "sidecar.yaml: audit.queue_size: must be a positive integer"),
+    ({"queue_bytes": 0}, "sidecar.yaml: audit.queue_bytes: must be a positive integer"),
+    ({"ship": {"url": "http://logs", "queue_bytes": 0}}, "sidecar.yaml: audit.ship.queue_bytes: must be a positive integer"),
     ({"ship": {"interval_seconds": 1}}, "sidecar.yaml: audit.ship.url: is required"),
     ({"ship": {"url": "ftp://logs"}}, "sidecar.yaml: audit.ship.url: not an http(s) URL"),
     ({"ship": {"url": "http://logs", "resource": "logs"}}, "sidecar.yaml: audit.ship.resource: must be a path starting with /"),
@@ -397,3 +399,7 @@ def test_audit_config_defaults_and_ship_section(tmp_path: Path) -> None:
     assert config.audit.fail_closed and config.audit.rotate_bytes == 64 * 1024 * 1024
     assert config.audit.ship is not None and config.audit.ship.url == "https://logs.example"
     assert config.audit.ship.resource == "/logs"
+    assert config.audit.queue_bytes == config.audit.ship.queue_bytes == 64 * 1024 * 1024
+    config = parse_config(sidecar_config(tmp_path, "http://127.0.0.1:1", audit={
+        "queue_bytes": 1000, "ship": {"url": "https://logs.example/", "queue_bytes": 2000}}), tmp_path / "sidecar.yaml")
+    assert config.audit.queue_bytes == 1000 and config.audit.ship is not None and config.audit.ship.queue_bytes == 2000

@@ -44,6 +44,7 @@ def build_audit(config: Config, metrics: Metrics, disk: WorkerLane | None = None
     writer = AuditWriter(
         chain,
         queue_size=config.audit.queue_size,
+        queue_bytes=config.audit.queue_bytes,
         on_error=metrics.audit_write_errors.inc,
         on_written=_consumer(metrics, shipper),
         on_displaced=lambda what: metrics.audit_file_displaced.labels(what).inc(),
