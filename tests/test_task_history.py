@@ -411,9 +411,10 @@ def test_the_policy_view_of_a_history_is_the_admin_view_reduced_as_input_v2_says
     summary.add(call("allow", at="not a time"))
     summary.add(call("allow", at="2025-01-01T00:00:00"))  # no offset: never inside a window
     summary.reserve(Reservation("d-1", call("allow", at=iso_ms(now - 50.5)), now + 30))
-    summary.reserve(Reservation("d-2", call("allow", at=iso_ms(now)), now - 1))  # expired: not in the view
+    summary.reserve(Reservation("d-2", call("allow", at=iso_ms(now)), now - 1))  # expired: counted as completed
     task = Task(id="t-1", agent="a", intent="i", labels={"x": 1}, created_at=now - 200, expires_at=now + 200)
     policy = task.as_policy_input(summary)
     assert policy == reduced(task.as_input(summary))
     assert policy["history"]["recent"]["calls"] == 20
     assert policy["history"]["in_flight"]["calls"] == 1
+    assert policy["history"]["calls"] == 28 and task.as_input(summary)["history"]["recent"][-1]["state"] == "completed"

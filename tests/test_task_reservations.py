@@ -125,16 +125,25 @@ async def test_confirm_and_release_do_not_move_the_version(make_store: StoreFact
     assert await store.reserve(task_id, reserved(refund(), "d-3"), version=2)
 
 
-async def test_an_expired_reservation_is_dropped_and_a_late_confirmation_still_counts(make_store: StoreFactory) -> None:
+async def test_an_expired_reservation_counts_as_a_completed_call_and_a_late_confirmation_not_again(
+        make_store: StoreFactory) -> None:
+    """Fail closed: a reservation nobody settled may have reached its upstream (its sidecar died, its
+    confirmation was lost, its answer streamed past the route's bound), so the task keeps counting it."""
     store = make_store()
     task_id = await open_task(store)
-    stale = reserved(refund(), "d-1", seconds=-1)  # its sidecar died, or its call outlived its bound
+    stale = reserved(refund(), "d-1", seconds=-1)
     assert await store.reserve(task_id, stale, version=0)
     history = (await summary_of(store, task_id)).as_input()
-    assert history["in_flight"]["calls"] == 0 and history["totals"]["amount"] == 0 and history["calls"] == 0
-    await store.confirm(task_id, stale)  # the upstream answered after all: the call counts
+    assert history["in_flight"]["calls"] == 0 and history["totals"]["amount"] == 49 and history["calls"] == 1
+    assert [r["state"] for r in history["recent"]] == ["completed"]
+    # The next reservation settles it into the stored history, for every reader.
+    assert await store.reserve(task_id, reserved(refund(), "d-2"), version=1)
     history = (await summary_of(make_store(), task_id)).as_input()
-    assert history["calls"] == 1 and history["totals"]["amount"] == 49
+    assert history["calls"] == 2 and history["totals"]["amount"] == 98 and history["in_flight"]["calls"] == 1
+    await store.confirm(task_id, stale)  # the upstream answered after all: counted once
+    await store.release(task_id, "d-1")
+    history = (await summary_of(make_store(), task_id)).as_input()
+    assert history["calls"] == 2 and history["totals"]["amount"] == 98
 
 
 async def test_ending_a_task_refuses_reservations_decided_before(make_store: StoreFactory) -> None:

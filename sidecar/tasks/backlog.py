@@ -3,7 +3,8 @@
 A call that reached its upstream is a fact: when the task store cannot take its
 record at that moment (Redis down, disk full), the write is queued here and retried
 with backoff until it succeeds. The queue is bounded; past its capacity the oldest
-write is dropped and counted (its reservation then expires on its own). /readyz is
+write is dropped and counted (its reservation then expires on its own, and counts as a
+completed call: see TaskSummary.settle_expired). /readyz is
 red while writes wait, and the metrics show how many.
 """
 

@@ -35,8 +35,10 @@ from .store import (MAX_IN_FLIGHT_PER_TASK, CallRecord, CredentialState, Reserva
 
 T = TypeVar("T")
 WATCH_RETRIES = 20
-# The in-flight hash outlives its newest reservation by this much (readers drop expired entries anyway).
-IN_FLIGHT_KEEP_SECONDS = 3600
+# The in-flight hash outlives its newest reservation by this much: at least the longest a task lives
+# (sidecar.admin.server.MAX_TASK_TTL), so that an expired reservation is still there for the task's next
+# read, which counts it as a completed call (TaskSummary.settle_expired). Settled entries are deleted.
+IN_FLIGHT_KEEP_SECONDS = 24 * 3600
 
 # KEYS: version, in_flight. ARGV: expected version, reservation id, reservation JSON, in-flight cap,
 # keep-until (epoch seconds). Returns 1 reserved, 0 the version moved (decide again), -1 too many in flight.
@@ -106,17 +108,17 @@ class RedisTaskStore:
         summary = summary_from_json(summary_json) if summary_json else TaskSummary()
         summary.version = int(version or 0)
         summary.in_flight = _reservations(in_flight)
-        expired = summary.drop_expired(time.time())
-        if expired:
-            await self._forget(key, [r.id for r in expired])
+        for reservation in summary.settle_expired(time.time()):
+            await self._settle_expired(task_id, reservation)
         return task_from_json(doc), summary
 
-    async def _forget(self, key: str, reservation_ids: list[str]) -> None:
-        """Expired reservations (their sidecar died, or their call outlived its bound): gone for every reader."""
+    async def _settle_expired(self, task_id: str, reservation: Reservation) -> None:
+        """An expired reservation (see TaskSummary.settle_expired) joins the stored history as a completed call,
+        once for every reader: the confirmation's own write, which a settled reservation makes a no-op."""
         try:
-            await self._redis.hdel(f"{key}:in_flight", *reservation_ids)
-        except RedisError:
-            pass  # readers ignore them anyway; the next reader tries again
+            await self.confirm(task_id, reservation)
+        except Refusal:
+            pass  # every reader counts it until it is settled; the next one tries again
 
     async def _update(self, key: str, change: Callable[[bytes], str | None],
                       also: Callable[[Any], None] | None = None) -> bool:

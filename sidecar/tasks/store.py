@@ -146,14 +146,21 @@ class TaskSummary:
         self.settled.append(reservation_id)
         del self.settled[:-SETTLED_KEPT]
 
-    def drop_expired(self, now: float) -> list[Reservation]:
+    def settle_expired(self, now: float) -> list[Reservation]:
+        """Count the expired reservations as completed calls (fail closed: each may have reached its upstream).
+
+        A reservation outlives its expiry when its sidecar died mid-call, its confirmation could not be
+        written, or its call outlived the route's bound (an answer streamed for longer). Dropping it would
+        let the task's next calls ignore a call that was allowed and may have acted. A confirmation
+        that arrives later finds it settled and does not count it again."""
         expired = [r for r in self.in_flight.values() if not r.live(now)]
         for reservation in expired:
-            del self.in_flight[reservation.id]
+            self.confirm(reservation)
         return expired
 
-    def live_reservations(self, now: float) -> list[Reservation]:
-        return sorted((r for r in self.in_flight.values() if r.live(now)), key=lambda r: r.record.at)
+    def reservations(self) -> list[Reservation]:
+        """Every unsettled reservation, live or expired, oldest decision first."""
+        return sorted(self.in_flight.values(), key=lambda r: r.record.at)
 
     def _count_call(self, record: CallRecord) -> None:
         self.calls += 1
@@ -184,8 +191,10 @@ class TaskSummary:
 
     def _history(self, now: float | None,
                  recent_form: Callable[[list[tuple[CallRecord, str]]], Any]) -> dict[str, Any]:
-        live = self.live_reservations(time.time() if now is None else now)
-        view = self._with_reserved(live) if live else self
+        now = time.time() if now is None else now
+        reserved = self.reservations()
+        live = [r for r in reserved if r.live(now)]  # an expired one counts as completed: see settle_expired
+        view = self._with_reserved(reserved) if reserved else self
         in_flight_totals: dict[str, float] = {}
         for reservation in live:
             for name, value in reservation.record.measure_values().items():
@@ -198,23 +207,24 @@ class TaskSummary:
             "totals": dict(view.totals),
             "external_hosts_written": list(view.external_hosts_written),
             "classifications_read": list(view.classifications_read),
-            "recent": recent_form(self._recent_with(live)),
+            "recent": recent_form(self._recent_with(reserved, now)),
             "in_flight": {"calls": len(live), "totals": in_flight_totals},
         }
 
-    def _recent_with(self, live: list[Reservation]) -> list[tuple[CallRecord, str]]:
+    def _recent_with(self, reserved: list[Reservation], now: float) -> list[tuple[CallRecord, str]]:
         """The last calls, oldest first by decision time (a slow call is confirmed after faster later ones)."""
-        entries = [(r, "completed") for r in self.recent] + [(r.record, "reserved") for r in live]
+        entries = [(r, "completed") for r in self.recent]
+        entries += [(r.record, "reserved" if r.live(now) else "completed") for r in reserved]
         entries.sort(key=lambda entry: entry[0].at)
         return entries[-RECENT_CALLS:]
 
-    def _with_reserved(self, live: list[Reservation]) -> TaskSummary:
-        """A copy with the live reservations counted as calls (``recent`` aside: see _recent_with)."""
+    def _with_reserved(self, reserved: list[Reservation]) -> TaskSummary:
+        """A copy with the reservations counted as calls (``recent`` aside: see _recent_with)."""
         view = TaskSummary(calls=self.calls, by_route=dict(self.by_route), by_method=dict(self.by_method),
                            by_tool=dict(self.by_tool), totals=dict(self.totals),
                            external_hosts_written=list(self.external_hosts_written),
                            classifications_read=list(self.classifications_read))
-        for reservation in live:
+        for reservation in reserved:
             view._count_call(reservation.record)
         return view
 
@@ -341,7 +351,7 @@ def reserve_in(summary: TaskSummary, reservation: Reservation, version: int) -> 
     """Compare-and-set for the stores that hold the summary in this process (memory, SQLite)."""
     if summary.version != version:
         return False
-    summary.drop_expired(time.time())
+    summary.settle_expired(time.time())
     check_room_in_flight(len(summary.in_flight))
     summary.reserve(reservation)
     return True
