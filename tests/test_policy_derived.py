@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.policy.embedded import EmbeddedEngine, _LoadTimeDocuments, new_engine, opa_available
-from sidecar.policy.loader import read_policy_dir
+from sidecar.policy.embedded import EmbeddedEngine, _LoadTimeDocuments, new_engine, opa_available, set_runtime_data
+from sidecar.policy.loader import PolicyLoadError, read_policy_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,3 +165,35 @@ def test_the_documents_read_at_load_are_what_each_evaluation_alone_gives(tmp_pat
             assert documents.read("sidecar.authz.derived") == derived_of(ROOT / "rego")
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("check", ["fails", "absent"])
+def test_derived_is_not_evaluated_unless_the_data_check_passed(tmp_path: Path, check: str) -> None:
+    """``derived`` is worked out only after the data check passed (derive_once): a knob the check refuses
+    may make it fail or run for ever (``numbers.range`` over a bad limit: gigabytes at load), and a
+    policy without a check never gets it set. Read together with the other load-time documents, it
+    must still not be evaluated before the check has passed. A print in its body shows whether it ran."""
+    import opa_bindings
+
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    check_rule = 'config_errors contains "limits.batch: must be at most 1000"\n' if check == "fails" else ""
+    (policy / "p.rego").write_text(
+        'package sidecar.authz\n\nimport rego.v1\n\n'
+        'decision := {"allow": false, "reasons": ["fixture"], "risk": "low"}\n\n' + check_rule +
+        'derived := {"evaluated": true} if {\n\tprint("derived evaluated")\n}\n')
+    bundle = read_policy_dir(policy)
+    engine = new_engine(bundle)
+    printed: list[str] = []
+    engine.print_handler = lambda message, location: printed.append(message)
+    try:
+        if check == "fails":
+            with pytest.raises(PolicyLoadError, match="limits.batch: must be at most 1000"):
+                set_runtime_data(engine, bundle, "sidecar/authz/decision")
+        else:
+            set_runtime_data(engine, bundle, "sidecar/authz/decision")
+            with pytest.raises(opa_bindings.OpaUndefinedError):
+                engine.eval_document("sidecar.runtime")
+    finally:
+        engine.close()
+    assert printed == []

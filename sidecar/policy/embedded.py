@@ -70,21 +70,29 @@ class _LoadTimeDocuments:
     Go heap that loading leaves behind (GOGC=400: five times the live heap of its last collection)
     grew with them: 98–111 MiB of process after loading the shipped library, 88–89 with one query.
     When that one evaluation fails (a document that raises), each document is evaluated on its own,
-    so that the failure is reported for the document that failed, as before.
+    so that the failure is reported for the document that failed, as before. A document with a guard
+    is evaluated only where its guard holds (``derived``: once the data check passed).
     """
 
-    def __init__(self, engine: Any, paths: tuple[str, ...]) -> None:
+    def __init__(self, engine: Any, paths: tuple[str, ...], guards: Mapping[str, str] | None = None) -> None:
+        """``guards``: path -> a Rego condition (over ``d0``, ``d1``... the documents before it) that must hold
+        for that document to be evaluated here; where it does not, ``read`` evaluates it on its own."""
         import opa_bindings
 
         self._engine = engine
-        query = "; ".join(f"d{n} := [x | x := data.{path}]" for n, path in enumerate(paths))
+        guards = guards or {}
+        parts = []
+        for n, path in enumerate(paths):
+            guard = guards.get(path)
+            parts.append(f"d{n} := [x | {guard}; x := data.{path}]; g{n} := [1 | {guard}]" if guard
+                         else f"d{n} := [x | x := data.{path}]; g{n} := [1]")
         self._found: dict[str, list[Any]] | None = None
         try:
-            bindings = engine.eval_query(query)
+            bindings = engine.eval_query("; ".join(parts))
         except opa_bindings.OpaError:
             return
         if bindings:
-            self._found = {path: bindings[0][f"d{n}"] for n, path in enumerate(paths)}
+            self._found = {path: bindings[0][f"d{n}"] for n, path in enumerate(paths) if bindings[0][f"g{n}"]}
 
     def read(self, path: str) -> Any:
         """The document at ``data.<path>``, raising as ``eval_document`` does."""
@@ -132,7 +140,12 @@ def set_runtime_data(engine: Any, bundle: PolicyBundle, decision_path: str) -> N
     import opa_bindings
 
     package = _package(decision_path)
-    documents = _LoadTimeDocuments(engine, (RUNTIME_DATA_PATH, f"{package}.config_errors", f"{package}.derived"))
+    # derived only once the policy is not refused and its data check passed: no errors (an empty collection).
+    # It may rely on the knobs' types, and a knob the check refuses may make it run for ever. Errors of
+    # another type (count raises) make the query fail, and each document is then read on its own.
+    passed = "d0 == []; count(d1) == 1; count(d1[0]) == 0"
+    documents = _LoadTimeDocuments(engine, (RUNTIME_DATA_PATH, f"{package}.config_errors", f"{package}.derived"),
+                                   {f"{package}.derived": passed})
     refuse_runtime_set_by_policy(documents, bundle)
     if not check_data_once(documents, bundle, decision_path):
         return
