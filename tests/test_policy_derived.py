@@ -197,3 +197,17 @@ def test_derived_is_not_evaluated_unless_the_data_check_passed(tmp_path: Path, c
     finally:
         engine.close()
     assert printed == []
+
+
+def test_a_policy_whose_decision_cannot_be_prepared_with_the_runtime_data_is_refused_at_load(tmp_path: Path) -> None:
+    """A rule under data.sidecar.runtime that is undefined at load passes the check that the policy sets
+    nothing there, and then conflicts with the data the sidecar sets: the decision cannot be compiled.
+    Loaded, every call would be refused (and compiled again); it is refused at load instead, so a reload
+    keeps the policy that works."""
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "a.rego").write_text('package sidecar.authz\n\nimport rego.v1\n\nconfig_errors := []\n\n'
+                                   'decision := {"allow": false, "reasons": ["fixture"], "risk": "low"}\n')
+    (policy / "b.rego").write_text('package sidecar\n\nimport rego.v1\n\nruntime := {"derived": {}} if input.x\n')
+    with pytest.raises(PolicyLoadError, match="cannot be prepared: .*conflicting rule"):
+        EmbeddedEngine(policy)

@@ -205,18 +205,24 @@ def _package(decision_path: str) -> str:
     return decision_path.rsplit("/", 1)[0].replace("/", ".")
 
 
-def _prepare(engine: Any, decision_path: str) -> None:
+def _prepare(engine: Any, bundle: PolicyBundle, decision_path: str) -> None:
     """Evaluate the decision once at load, so that the engine prepares its query now.
 
     The first evaluation of a query costs ~50 ms of preparation, 40 times a normal one; done by the
     first call it would delay that call and seed the evaluation-time average that shedding uses.
+    A query that cannot be prepared refuses the policy: every call would fail (and prepare again,
+    under the engine's lock). A policy can get there past every earlier check, e.g. a rule under
+    ``data.sidecar.runtime`` that is undefined at load and conflicts with the data set there.
     """
     import opa_bindings
 
     try:
         engine.eval_document(decision_path.replace("/", "."), {})
-    except opa_bindings.OpaError:
-        pass  # an empty input may well be an error for a policy; the query is prepared all the same
+    except opa_bindings.OpaError as exc:
+        if exc.code == "prepare_error":
+            raise PolicyLoadError(bundle.root, f"data.{decision_path.replace('/', '.')} cannot be prepared: "
+                                               f"{exc.message}") from None
+        # otherwise an empty input may well be an error for a policy; the query is prepared all the same
 
 
 class EmbeddedEngine:
@@ -260,7 +266,7 @@ class EmbeddedEngine:
         self._engine = new_engine(self._bundle)
         try:
             set_runtime_data(self._engine, self._bundle, decision_path)
-            _prepare(self._engine, decision_path)
+            _prepare(self._engine, self._bundle, decision_path)
         except BaseException:
             self._engine.close()
             raise
