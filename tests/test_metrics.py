@@ -29,6 +29,7 @@ EXPECTED = [
     "agent_sidecar_audit_write_errors_total",
     "agent_sidecar_audit_events_total",
     "agent_sidecar_audit_queue_events",
+    "agent_sidecar_audit_queue_bytes",
 ]
 
 

@@ -51,8 +51,10 @@ def build_audit(config: Config, metrics: Metrics, disk: WorkerLane | None = None
         lane=disk,
     )
     metrics.audit_queue.set_function(lambda: writer.depth)
+    metrics.audit_queue_bytes.set_function(lambda: writer.queued_bytes)
     if shipper is not None:
         metrics.audit_ship_queue.set_function(lambda: shipper.depth)
+        metrics.audit_ship_queue_bytes.set_function(lambda: shipper.queued_bytes)
     return AuditParts(writer, shipper)
 
 

@@ -88,6 +88,9 @@ class Metrics:
                                             registry=r)
         self.audit_queue = Gauge("agent_sidecar_audit_queue_events", "Audit events waiting for the writer thread.",
                                  registry=r)
+        self.audit_queue_bytes = Gauge("agent_sidecar_audit_queue_bytes",
+                                       "Bytes of policy input embedded in the audit events waiting (audit.queue_bytes).",
+                                       registry=r)
         self.audit_shipped = Counter("agent_sidecar_audit_shipped_events", "Audit events accepted by the HTTP sink.",
                                      registry=r)
         self.audit_ship_failures = Counter("agent_sidecar_audit_ship_failures",
@@ -96,6 +99,9 @@ class Metrics:
                                           "Audit events dropped from the full shipping queue.", registry=r)
         self.audit_ship_queue = Gauge("agent_sidecar_audit_ship_queue_events", "Audit events waiting to be shipped.",
                                       registry=r)
+        self.audit_ship_queue_bytes = Gauge("agent_sidecar_audit_ship_queue_bytes",
+                                            "Bytes of policy input embedded in the audit events waiting to be shipped "
+                                            "(audit.ship.queue_bytes).", registry=r)
         self.record_failures = Counter("agent_sidecar_record_failures",
                                        "Records of decided or forwarded calls that the store could not take at once "
                                        "(queued and retried), by record.", ["record"], registry=r)
