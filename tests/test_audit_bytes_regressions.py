@@ -1,0 +1,98 @@
+"""Regressions found attacking the audit writer's byte bound (7027fe9, 48265b6, a8fda5e).
+
+``queue_bytes`` is meant to bound the memory an agent can make the audit queue hold. It counts only
+the serialised bytes of top-level JsonDocument values, so: an input orjson cannot serialise (an
+integer beyond 64 bits, in a 40-byte body) counts as DRAIN_BYTES (4 MiB) and 16 of them refuse
+every other call; bytes outside a JsonDocument (task.opened's labels) count as nothing; and the
+queue holds the parsed document, which can be ~25x its serialised bytes.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from sidecar.audit.chain import AuditError, HashChainLog
+from sidecar.audit.writer import QUEUE_BYTES, AuditWriter
+from sidecar.jsoncodec import JsonDocument
+from sidecar.lane import WorkerLane
+
+
+def blocked_lane() -> tuple[WorkerLane, threading.Event]:
+    """A lane busy (a slow disk) until the returned event is set."""
+    lane = WorkerLane("disk")
+    running, release = threading.Event(), threading.Event()
+
+    def block() -> None:
+        running.set()
+        release.wait(30)
+
+    lane.post(block)
+    assert running.wait(10)
+    return lane, release
+
+
+def test_a_small_input_beyond_orjson_counts_as_its_size_not_as_four_mebibytes(tmp_path: Path) -> None:
+    """A 40-byte JSON body with a 65-bit integer (the policy refuses it, its decision event is audited)."""
+    lane, release = blocked_lane()
+    writer = AuditWriter(HashChainLog(tmp_path / "audit.jsonl"), lane=lane)
+    try:
+        for n in range(20):
+            writer.append({"type": "decision", "n": n,
+                           "input": JsonDocument({"request": {"body": {"note": 2 ** 100}}})}, receipt=False)
+        # An ordinary call's decision next: 20 tiny events queued, nowhere near 64 MiB of policy input.
+        writer.append({"type": "decision", "input": JsonDocument({"request": {"body": {"amount": 49}}})},
+                      receipt=False)
+        assert writer.queued_bytes < 1024 * 1024
+    finally:
+        release.set()
+        writer.close()
+        lane.stop()
+
+
+def test_bytes_an_event_holds_outside_a_json_document_count_too(tmp_path: Path) -> None:
+    """task.opened carries the agent's labels (POST /v1/tasks takes up to 64 KiB): 10,000 of them are ~14 GiB
+    as Python objects, and queue_bytes sees none of it."""
+    labels = json.dumps({"ticket": "x" * 60_000})
+    lane, release = blocked_lane()
+    writer = AuditWriter(HashChainLog(tmp_path / "audit.jsonl"), queue_bytes=1024 * 1024, lane=lane)
+    try:
+        with pytest.raises(AuditError):
+            for n in range(100):  # 6 MB of labels under a 1 MiB bound
+                writer.append({"type": "task.opened", "task_id": f"t-{n}", "labels": json.loads(labels)},
+                              receipt=False)
+    finally:
+        release.set()
+        writer.close()
+        lane.stop()
+
+
+def test_the_queue_holds_about_the_bytes_it_counts(tmp_path: Path) -> None:
+    """A 1 MiB body of empty arrays parses to ~26 MB of Python objects: queue_bytes must bound what is held."""
+    body = "[" + ",".join(["[]"] * (1024 * 1024 // 3)) + "]"
+    bound = 4 * 1024 * 1024
+    lane, release = blocked_lane()
+    writer = AuditWriter(HashChainLog(tmp_path / "audit.jsonl"), queue_bytes=bound, lane=lane)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        try:
+            while True:
+                writer.append({"type": "decision", "input": JsonDocument({"request": {"body": json.loads(body)}})},
+                              receipt=False)
+        except AuditError:
+            pass
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+        assert held < 4 * bound, f"{held / 2**20:.0f} MiB held under a bound of {bound / 2**20:.0f} MiB"
+    finally:
+        tracemalloc.stop()
+        release.set()
+        writer.close()
+        lane.stop()
+    assert QUEUE_BYTES == 64 * 1024 * 1024
