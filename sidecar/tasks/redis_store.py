@@ -46,7 +46,7 @@ RESERVE_SCRIPT = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 0 end
 if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[4]) then return -1 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('EXPIREAT', KEYS[2], ARGV[5])
+redis.call('EXPIREAT', KEYS[2], math.max(tonumber(ARGV[5]), redis.call('EXPIRETIME', KEYS[1])))
 redis.call('INCR', KEYS[1])
 if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIREAT', KEYS[1], ARGV[5]) end
 return 1
@@ -108,17 +108,18 @@ class RedisTaskStore:
         summary = summary_from_json(summary_json) if summary_json else TaskSummary()
         summary.version = int(version or 0)
         summary.in_flight = _reservations(in_flight)
-        for reservation in summary.settle_expired(time.time()):
-            await self._settle_expired(task_id, reservation)
+        expired = summary.settle_expired(time.time())
+        if expired:
+            await self._settle_expired(task_id, expired)
         return task_from_json(doc), summary
 
-    async def _settle_expired(self, task_id: str, reservation: Reservation) -> None:
-        """An expired reservation (see TaskSummary.settle_expired) joins the stored history as a completed call,
-        once for every reader: the confirmation's own write, which a settled reservation makes a no-op."""
+    async def _settle_expired(self, task_id: str, reservations: list[Reservation]) -> None:
+        """Expired reservations (see TaskSummary.settle_expired) join the stored history as completed calls, all
+        in one transaction, each only while it is still in the in-flight hash (so once, whoever settles it)."""
         try:
-            await self.confirm(task_id, reservation)
+            await self._guarded(lambda: self._settle(task_id, reservations))
         except Refusal:
-            pass  # every reader counts it until it is settled; the next one tries again
+            pass  # every reader counts them until they are settled; the next one tries again
 
     async def _update(self, key: str, change: Callable[[bytes], str | None],
                       also: Callable[[Any], None] | None = None) -> bool:
@@ -171,17 +172,33 @@ class RedisTaskStore:
         return None  # reserve answered only once Redis had applied it
 
     async def confirm(self, task_id: str, reservation: Reservation) -> None:
+        await self._guarded(lambda: self._settle(task_id, [reservation]))
+
+    async def _settle(self, task_id: str, reservations: list[Reservation]) -> None:
+        """Count the reservations still in the in-flight hash as completed calls and delete them, in one MULTI
+        watching both keys: one gone from the hash was settled already (a retry, another replica, its expiry)."""
         key = self._task_key(task_id)
-
-        def add(current: bytes) -> str | None:
-            summary = summary_from_json(current)
-            if not summary.confirm(reservation):
-                return None  # confirmed already (a retry after a lost answer): nothing to write
-            return summary_to_json(summary, in_flight=False)
-
-        # The completed record and the end of the reservation in one MULTI: no reader sees both or neither.
-        await self._guarded(lambda: self._update(f"{key}:summary", add,
-                                                 also=lambda pipe: pipe.hdel(f"{key}:in_flight", reservation.id)))
+        summary_key, in_flight = f"{key}:summary", f"{key}:in_flight"
+        for _ in range(WATCH_RETRIES):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(summary_key, in_flight)
+                    present = await pipe.hmget(in_flight, [r.id for r in reservations])
+                    pending = [r for r, there in zip(reservations, present) if there is not None]
+                    current = await pipe.get(summary_key)
+                    if not pending or current is None:
+                        return
+                    summary = summary_from_json(current)
+                    for reservation in pending:
+                        summary.count_settled(reservation)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(summary_key, summary_to_json(summary, in_flight=False), keepttl=True)
+                    pipe.hdel(in_flight, *[r.id for r in pending])
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue
+        raise Refusal("store_unavailable", "task store (redis): too much contention on one task")
 
     async def release(self, task_id: str, reservation_id: str) -> None:
         await self._guarded(lambda: self._redis.hdel(f"{self._task_key(task_id)}:in_flight", reservation_id))

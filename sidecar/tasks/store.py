@@ -129,12 +129,17 @@ class TaskSummary:
     def confirm(self, reservation: Reservation) -> bool:
         """The upstream answered: the reserved call joins the completed history (even if its reservation expired).
         False when it was settled already (a retried write)."""
-        if reservation.id in self.settled:
+        # Counted only while it is still reserved here: settled (confirmed, released, or counted on its expiry)
+        # it is gone from in_flight, however many other calls were settled since (``settled`` is a window).
+        if self.in_flight.pop(reservation.id, None) is None:
             return False
-        self.in_flight.pop(reservation.id, None)
+        self.count_settled(reservation)
+        return True
+
+    def count_settled(self, reservation: Reservation) -> None:
+        """Count a reservation held apart from this summary (Redis: its in-flight hash) as a completed call."""
         self._count_call(reservation.record)
         self._settle(reservation.id)
-        return True
 
     def release(self, reservation_id: str) -> bool:
         if reservation_id in self.settled:
