@@ -35,10 +35,11 @@ from .store import (MAX_IN_FLIGHT_PER_TASK, CallRecord, CredentialState, Reserva
 
 T = TypeVar("T")
 WATCH_RETRIES = 20
-# The in-flight hash outlives its newest reservation by this much: at least the longest a task lives
-# (sidecar.admin.server.MAX_TASK_TTL), so that an expired reservation is still there for the task's next
-# read, which counts it as a completed call (TaskSummary.settle_expired). Settled entries are deleted.
-IN_FLIGHT_KEEP_SECONDS = 24 * 3600
+# The in-flight hash outlives its newest reservation by this much: at least as long as its task's keys are
+# kept (the longest a task lives, sidecar.admin.server.MAX_TASK_TTL, plus TASK_RETENTION_SECONDS after its
+# end), so that an expired reservation is still there for any later read, which counts it as a completed
+# call (TaskSummary.settle_expired). Settled entries are deleted at once; only unsettled ones wait this long.
+IN_FLIGHT_KEEP_SECONDS = 24 * 3600 + TASK_RETENTION_SECONDS
 
 # KEYS: version, in_flight. ARGV: expected version, reservation id, reservation JSON, in-flight cap,
 # keep-until (epoch seconds). Returns 1 reserved, 0 the version moved (decide again), -1 too many in flight.
@@ -46,7 +47,7 @@ RESERVE_SCRIPT = """
 if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 0 end
 if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[4]) then return -1 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('EXPIREAT', KEYS[2], math.max(tonumber(ARGV[5]), redis.call('EXPIRETIME', KEYS[1])))
+redis.call('EXPIREAT', KEYS[2], ARGV[5])
 redis.call('INCR', KEYS[1])
 if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIREAT', KEYS[1], ARGV[5]) end
 return 1
