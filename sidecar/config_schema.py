@@ -382,8 +382,8 @@ class AuditShip(Section):
     interval_seconds: PositiveNumber = _field("How often a batch is sent.", 5.0)
     queue_size: Positive = _field("Events waiting to be shipped; past it the oldest are counted and dropped.", 10_000)
     queue_bytes: Positive = _field(
-        "Bytes of policy input (request bodies) in the events waiting to be shipped; past it the oldest are counted "
-        "and dropped.", 64 * 1024 * 1024)
+        "Bytes held by the events waiting to be shipped (their policy input, request bodies included, and their "
+        "other values' JSON); past it the oldest are counted and dropped.", 64 * 1024 * 1024)
     max_batch: Positive = _field("Events per upload.", 1_000)
     backoff_min_seconds: PositiveNumber = _field("First retry delay.", 0.5)
     backoff_max_seconds: PositiveNumber = _field("Longest retry delay.", 60.0)
@@ -406,8 +406,9 @@ class Audit(Section):
         "Rotate the file past this size, keeping the chain; 0: never.", 64 * 1024 * 1024)
     queue_size: Positive = _field("Events waiting to be written.", 10_000)
     queue_bytes: Positive = _field(
-        "Bytes of policy input (request bodies) in the events waiting to be written; past it an event is refused "
-        "and counted, unless the waiting events embed none (one larger event is still written).", 64 * 1024 * 1024)
+        "Bytes held by the events waiting to be written (their policy input, request bodies included, and their "
+        "other values' JSON); past it an event is refused and counted, unless the waiting events hold none (one "
+        "larger event is still written).", 64 * 1024 * 1024)
     ship: AuditShip | None = _field("Ship events to an HTTP sink too.", None)
 
 

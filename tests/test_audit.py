@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from sidecar.audit import AuditError, AuditWriter, HashChainLog, chain_files, verify_files
-from sidecar.audit.writer import DRAIN_BYTES, MAX_BATCH
+from sidecar.audit.writer import DRAIN_BYTES, MAX_BATCH, embedded_bytes
 from sidecar.jsoncodec import JsonDocument
 from sidecar.lane import WorkerLane
-from sidecar.audit.chain import GENESIS, event_hash, rotated_files, rotated_name
+from sidecar.audit.chain import GENESIS, event_hash, now_rfc3339, rotated_files, rotated_name
 from sidecar.cli import main
 
 CLI = [sys.executable, "-m", "sidecar"]
@@ -308,7 +308,9 @@ async def test_the_queue_is_bounded_by_the_bytes_of_policy_input_it_holds(tmp_pa
     """Refusals are queued with nobody waiting and an agent sizes their input: bytes, not only events, are bounded."""
     path = tmp_path / "audit.jsonl"
     document = JsonDocument({"request": {"body": "x" * 100_000}})
-    size = len(document.json)
+    # The document, the type's name and the time it is stamped with (a fixed width).
+    size = embedded_bytes({"type": "decision", "n": 0, "input": document, "timestamp": now_rfc3339()})
+    assert len(document.json) < size < len(document.json) + 64
     errors: list[int] = []
     lane, release = blocked_lane()
     writer = AuditWriter(HashChainLog(path), queue_bytes=3 * size, on_error=errors.append, lane=lane)
@@ -352,7 +354,7 @@ async def test_one_event_larger_than_the_byte_bound_is_accepted_into_an_empty_qu
     writer = AuditWriter(HashChainLog(tmp_path / "audit.jsonl"), queue_bytes=1024, on_error=errors.append, lane=lane)
     try:
         receipt = writer.append({"type": "decision", "input": document})
-        assert writer.queued_bytes == len(document.json)
+        assert writer.queued_bytes == embedded_bytes({"type": "decision", "input": document, "timestamp": now_rfc3339()})
         with pytest.raises(AuditError):  # one is queued: the next is past the bound
             writer.append({"type": "decision", "input": document}, receipt=False)
         release.set()

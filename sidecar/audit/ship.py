@@ -26,6 +26,7 @@ import aiohttp
 
 from ..config import AuditShipConfig
 from ..observability.metrics import Metrics
+from ..jsoncodec import stdlib_default
 from ..secret import Secret
 from .writer import embedded_bytes
 
@@ -38,7 +39,7 @@ def endpoint(settings: AuditShipConfig) -> str:
 
 def encode_upload(events: list[dict[str, Any]]) -> bytes:
     """OPA's upload body: a gzipped JSON array."""
-    return gzip.compress(json.dumps(events, separators=(",", ":"), ensure_ascii=False, default=str).encode(),
+    return gzip.compress(json.dumps(events, separators=(",", ":"), ensure_ascii=False, default=stdlib_default).encode(),
                          compresslevel=5)
 
 

@@ -29,6 +29,7 @@ recovering.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import threading
@@ -36,7 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..jsoncodec import JsonDocument
+import orjson
+
+from ..jsoncodec import JsonDocument, SerialisedJson
 from ..lane import WorkerLane
 from .chain import AuditError, HashChainLog, now_rfc3339
 
@@ -113,7 +116,8 @@ class AuditWriter:
             except RuntimeError:
                 pass
         waiter: Receipt | None = loop.create_future() if loop is not None else None
-        self._put(_Item(_stamped(event), loop, waiter, embedded_bytes(event)))
+        queued = _serialised(_stamped(event))
+        self._put(_Item(queued, loop, waiter, embedded_bytes(queued)))
         return waiter
 
     def _put(self, item: _Item) -> None:
@@ -298,18 +302,42 @@ def _resolve(pairs: list[tuple[Receipt, dict[str, Any] | None]]) -> None:
 
 
 def embedded_bytes(event: dict[str, Any]) -> int:
-    """The size of the serialised documents an event embeds (a decision's policy input, masked or not).
+    """About the bytes an event holds: what bounds the writer's queue and the shipper's (``queue_bytes``).
 
-    What bounds the writer's queue and the shipper's by bytes: an agent sizes it, the rest of an event is small.
+    Its documents (a decision's policy input, held as bytes: see _serialised) by their serialised size,
+    its other values by theirs (an agent sizes a task's labels, a refusal's detail); keys and numbers
+    are small. One document orjson cannot serialise (an integer beyond 64 bits) is sized by the
+    standard library, as the chain writes it.
     """
     size = 0
     for value in event.values():
-        if isinstance(value, JsonDocument):
+        if isinstance(value, (JsonDocument, SerialisedJson)):
             try:
                 size += len(value.json)
-            except TypeError:  # beyond orjson (the chain writes it with the standard library): a drain of its own
-                size += DRAIN_BYTES
+            except TypeError:
+                size += len(json.dumps(value, ensure_ascii=False, default=str))
+        elif isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, (dict, list)):
+            try:
+                size += len(orjson.dumps(value, default=str))
+            except TypeError:
+                size += len(json.dumps(value, ensure_ascii=False, default=str))
     return size
+
+
+def _serialised(event: dict[str, Any]) -> dict[str, Any]:
+    """The event with each document it embeds held as its bytes, not as its parsed tree (see SerialisedJson)."""
+    documents = {key: value for key, value in event.items() if isinstance(value, JsonDocument)}
+    if not documents:
+        return event
+    held = dict(event)
+    for key, document in documents.items():
+        try:
+            held[key] = SerialisedJson(document.json)
+        except TypeError:  # beyond orjson: kept as it is, and written by the standard library
+            pass
+    return held
 
 
 def _stamped(event: dict[str, Any]) -> dict[str, Any]:
