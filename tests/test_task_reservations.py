@@ -398,3 +398,20 @@ async def test_a_retried_confirmation_counts_the_call_once(make_store: StoreFact
     await make_store().confirm(task_id, call)  # the background retry of a write whose answer was lost
     history = (await summary_of(make_store(), task_id)).as_input()
     assert history["calls"] == 1 and history["totals"]["amount"] == 49 and history["in_flight"]["calls"] == 0
+
+
+async def test_a_measure_beyond_a_double_saturates_and_leaves_its_task_readable(make_store: StoreFactory) -> None:
+    """1e308 + 1e308 (two amounts of an MCP batch) is infinity, which JSON stores as null: a reservation or a
+    record holding it made every later read of its task fail. It is the largest float instead, over every cap."""
+    import sys
+
+    store = make_store()
+    task_id = await open_task(store)
+    huge = refund(amount=1e308 + 1e308)
+    assert huge.amount == sys.float_info.max and huge.measures == {"amount": sys.float_info.max}
+    assert await store.reserve(task_id, reserved(huge, "d-1", seconds=-1), version=0)  # expired: settled on reading
+    history = (await summary_of(make_store(), task_id)).as_input()
+    assert history["calls"] == 1 and history["totals"]["amount"] == sys.float_info.max
+    assert await store.reserve(task_id, reserved(huge, "d-2"), version=1)
+    history = (await summary_of(make_store(), task_id)).as_input()
+    assert history["calls"] == 2 and history["in_flight"]["totals"]["amount"] == sys.float_info.max

@@ -66,8 +66,29 @@ class CallRecord:
     measures: dict[str, float] = field(default_factory=dict)  # route-configured; amount/records win over the fields above
     tool: str | None = None  # the MCP tool called, if any
 
+    def __post_init__(self) -> None:
+        # A measure beyond a double (1e308 + 1e308 from an MCP batch) is stored as JSON null, which would make
+        # every later read of its task fail: it saturates at the largest float, over every cap, as totals do.
+        object.__setattr__(self, "amount", _saturated(self.amount))
+        object.__setattr__(self, "records", _saturated(self.records))
+        if any(not _finite(value) for value in self.measures.values()):
+            object.__setattr__(self, "measures", {name: _saturated(value) for name, value in self.measures.items()})
+
     def measure_values(self) -> dict[str, float]:
         return {"amount": self.amount, "records": self.records, **self.measures}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _saturated(value: Any) -> float:
+    """A measure as a finite number: beyond a double, or null as such a value was stored, is the largest float."""
+    if _finite(value):
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, (int, float)) and value < 0:
+        return -sys.float_info.max
+    return sys.float_info.max
 
 
 @dataclass(frozen=True)
@@ -75,8 +96,9 @@ class Reservation:
     """What an allowed call adds to its task, counted from its decision until the upstream answers.
 
     Confirmed (the record joins the completed history) when the upstream answers; released when
-    the call is refused after its decision or the upstream fails; ignored once expired, so a
-    sidecar killed mid-call leaves no task stuck.
+    the call is refused after its decision or never reached its upstream; counted as a completed
+    call once expired (TaskSummary.settle_expired), so a sidecar killed mid-call leaves no task
+    stuck and gives no budget back.
     """
 
     id: str  # the decision id
