@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import threading
 import tracemalloc
 from pathlib import Path
 
@@ -20,21 +19,7 @@ import pytest
 from sidecar.audit.chain import AuditError, HashChainLog
 from sidecar.audit.writer import QUEUE_BYTES, AuditWriter
 from sidecar.jsoncodec import JsonDocument
-from sidecar.lane import WorkerLane
-
-
-def blocked_lane() -> tuple[WorkerLane, threading.Event]:
-    """A lane busy (a slow disk) until the returned event is set."""
-    lane = WorkerLane("disk")
-    running, release = threading.Event(), threading.Event()
-
-    def block() -> None:
-        running.set()
-        release.wait(30)
-
-    lane.post(block)
-    assert running.wait(10)
-    return lane, release
+from test_audit import blocked_lane
 
 
 def test_a_small_input_beyond_orjson_counts_as_its_size_not_as_four_mebibytes(tmp_path: Path) -> None:

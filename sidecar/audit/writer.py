@@ -35,7 +35,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -128,13 +128,9 @@ class AuditWriter:
                 self._on_error(1)
                 raise AuditError("audit writer is stopped")
             if self._queue.qsize() >= self._queue_size:
-                self._on_error(1)
-                self.last_error = "queue full"
-                raise AuditError("audit queue is full; the sink is not keeping up")
+                self._refuse_full("queue full", "audit queue is full")
             if self._queued_bytes and self._queued_bytes + item.size > self._queue_bytes:
-                self._on_error(1)
-                self.last_error = "queue full (bytes)"
-                raise AuditError("audit queue is full (queue_bytes of policy input); the sink is not keeping up")
+                self._refuse_full("queue full (bytes)", "audit queue is full (queue_bytes of policy input)")
             self._queue.put(item)
             self._queued_bytes += item.size
             if not self._draining:
@@ -144,6 +140,11 @@ class AuditWriter:
                 except RuntimeError:  # the lane was stopped under a writer that was not closed: nothing writes it
                     self._on_error(1)
                     raise AuditError("audit writer is stopped") from None
+
+    def _refuse_full(self, error: str, message: str) -> NoReturn:
+        self._on_error(1)
+        self.last_error = error
+        raise AuditError(f"{message}; the sink is not keeping up")
 
     @property
     def depth(self) -> int:
@@ -315,15 +316,20 @@ def embedded_bytes(event: dict[str, Any]) -> int:
             try:
                 size += len(value.json)
             except TypeError:
-                size += len(json.dumps(value, ensure_ascii=False, default=str))
+                size += _stdlib_size(value)
         elif isinstance(value, str):
             size += len(value)
         elif isinstance(value, (dict, list)):
             try:
                 size += len(orjson.dumps(value, default=str))
             except TypeError:
-                size += len(json.dumps(value, ensure_ascii=False, default=str))
+                size += _stdlib_size(value)
     return size
+
+
+def _stdlib_size(value: Any) -> int:
+    """The JSON size of what orjson refuses (an integer beyond 64 bits), as the standard library writes it."""
+    return len(json.dumps(value, ensure_ascii=False, default=str))
 
 
 def _serialised(event: dict[str, Any]) -> dict[str, Any]:
