@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from sidecar.audit.chain import AuditError, HashChainLog
-from sidecar.audit.writer import QUEUE_BYTES, AuditWriter
-from sidecar.jsoncodec import JsonDocument
+from sidecar.audit.writer import QUEUE_BYTES, AuditWriter, _serialised
+from sidecar.jsoncodec import JsonDocument, SerialisedJson
+from sidecar.problems import Refusal
+from sidecar.proxy.body import strict_json
 from test_audit import blocked_lane
 
 
@@ -81,3 +83,31 @@ def test_the_queue_holds_about_the_bytes_it_counts(tmp_path: Path) -> None:
         writer.close()
         lane.stop()
     assert QUEUE_BYTES == 64 * 1024 * 1024
+
+
+_EMPTY_ARRAYS = b",".join([b"[]"] * 200_000)
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 128 + b"]" * 128,
+    b'{"a":' * 127 + b"{}" + b"}" * 127,
+    b'{"max":18446744073709551615,"min":-9223372036854775808}',
+    b"[" + _EMPTY_ARRAYS + b"]",
+], ids=["128-arrays-deep", "128-objects-deep", "64-bit-bounds", "many-small-values"])
+def test_every_body_the_door_accepts_is_queued_as_bytes(body: bytes) -> None:
+    """The byte bound holds only if no accepted body makes orjson fail, which would queue the parsed tree."""
+    queued = _serialised({"type": "decision", "input": JsonDocument({"request": {"body": strict_json(body)}})})
+    assert isinstance(queued["input"], SerialisedJson)
+
+
+@pytest.mark.parametrize("body", [
+    b"[" + _EMPTY_ARRAYS + b",18446744073709551616]",
+    b"[" + _EMPTY_ARRAYS + b",-9223372036854775809]",
+    b"[" + _EMPTY_ARRAYS + b"," + b"[" * 129 + b"]" * 129 + b"]",
+    b"[1" + b"0" * 5000 + b"]",
+], ids=["integer-beyond-64-bits", "negative-integer-beyond-64-bits", "129-deep", "5000-digits"])
+def test_a_body_orjson_cannot_write_is_refused_at_the_door(body: bytes) -> None:
+    """attack3: one such value in a 1 MiB body of empty arrays held 22.5 MB in the queue, counted as 1.4 MB."""
+    with pytest.raises(Refusal) as refused:
+        strict_json(body)
+    assert refused.value.code == "bad_request"

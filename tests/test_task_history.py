@@ -196,6 +196,18 @@ def test_totals_that_overflow_saturate_instead_of_becoming_infinite() -> None:
     assert loads(JsonDocument({"history": history}).json)["history"]["totals"]["amount"] == sys.float_info.max
 
 
+def test_a_measure_that_overflows_is_the_largest_float_never_infinity_or_nothing() -> None:
+    """A wildcard sum beyond a double, a batch's sum, and an integer beyond a double each count as over every
+    cap: infinity would be written null in the chain, and an ignored leaf would give the budget back."""
+    import sys
+
+    biggest = sys.float_info.max
+    assert path_value(parse_path("$.items[*].amount"), {"items": [{"amount": 1e308}] * 2}) == biggest
+    assert path_value(parse_path("$.amount"), {"amount": 10 ** 400}) == biggest
+    assert summed_measures(DEFAULT_MEASURES, [{"amount": 1e308}, {"amount": 1e308}])["amount"] == biggest
+    assert call(amount=10 ** 400, measures={"amount": 2 ** 1100}).measure_values()["amount"] == biggest
+
+
 def test_external_hosts_and_classifications_count_only_what_was_forwarded() -> None:
     summary = TaskSummary()
     summary.add(call(method="GET", write=False, route="crm", host="crm.internal", classification="confidential"))

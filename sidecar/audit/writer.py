@@ -341,7 +341,7 @@ def _serialised(event: dict[str, Any]) -> dict[str, Any]:
     for key, document in documents.items():
         try:
             held[key] = SerialisedJson(document.json)
-        except TypeError:  # beyond orjson: kept as it is, and written by the standard library
+        except TypeError:  # beyond orjson (the door refuses every body that is): kept, written by the standard library
             pass
     return held
 

@@ -6,8 +6,8 @@ sidecar refuses every body that two such readers could understand differently:
 
 - every non-empty body is tried as JSON; labelled JSON must parse; duplicate keys at
   any depth, keys equal ignoring case in one object, a key with a non-ASCII letter that
-  folds to ASCII (``ſ`` reads as ``s``), NaN, Infinity, a number too large for a float
-  and a lone surrogate are refused;
+  folds to ASCII (``ſ`` reads as ``s``), NaN, Infinity, a number too large for a float,
+  an integer beyond 64 bits, nesting deeper than 128 levels and a lone surrogate are refused;
 - ``application/x-www-form-urlencoded`` is read as an object of names to strings, with
   the same rules for names, and ``_method`` refused;
 - anything else is unreadable: the policy sees ``body: null, body_readable: false``;
@@ -24,6 +24,8 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from ..problems import Refusal
 from .canonical import QUERY_CHARS, canonical_query, query_pairs
@@ -72,7 +74,8 @@ class _NotJson(Exception):
 def strict_json(body: bytes) -> Any:
     """Parse JSON, refusing what two parsers could read differently (raises Refusal), or raise _NotJson."""
     try:
-        value = json.loads(body, object_pairs_hook=_object, parse_constant=_constant, parse_float=_float)
+        value = json.loads(body, object_pairs_hook=_object, parse_constant=_constant, parse_float=_float,
+                           parse_int=_int)
     except _Ambiguous as exc:
         raise Refusal("bad_request", f"ambiguous JSON body: {exc}") from None
     except RecursionError:
@@ -82,6 +85,8 @@ def strict_json(body: bytes) -> Any:
         raise _NotJson() from None
     if b"\\u" in body and _SURROGATE_ESCAPE.search(body):
         _refuse_lone_surrogates(value)
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _deeper_than_allowed(value):
+        raise Refusal("bad_request", f"JSON body nested deeper than {MAX_JSON_DEPTH} levels")
     return value
 
 
@@ -118,6 +123,55 @@ def _float(text: str) -> float:
     number = float(text)
     if not math.isfinite(number):
         raise _Ambiguous(f"number {text[:40]} is out of range")
+    return number
+
+
+# serde_json's default limit; and the policy input, which orjson writes to at most _ORJSON_DEPTH levels,
+# holds a body a few levels down.
+MAX_JSON_DEPTH = 128
+
+
+def _orjson_depth() -> int:
+    """The deepest nesting orjson writes (254 in orjson 3), found once rather than assumed."""
+    nested: list[Any] = []
+    for depth in range(1, 4096):
+        try:
+            orjson.dumps(nested)
+        except TypeError:
+            return depth - 1
+        nested = [nested]
+    raise RuntimeError("orjson writes any nesting: the depth check needs another way")
+
+
+_ORJSON_DEPTH = _orjson_depth()
+if _ORJSON_DEPTH < MAX_JSON_DEPTH + 8:
+    raise RuntimeError("orjson cannot write a policy input that holds a body nested MAX_JSON_DEPTH levels")
+
+
+def _deeper_than_allowed(value: Any) -> bool:
+    """Whether ``value`` nests deeper than MAX_JSON_DEPTH, in C: orjson writes it inside enough arrays to
+    reach its own limit only if it is no deeper (a walk in Python costs 160 ms for a 1 MiB body)."""
+    wrapped = value
+    for _ in range(_ORJSON_DEPTH - MAX_JSON_DEPTH):
+        wrapped = [wrapped]
+    try:
+        orjson.dumps(wrapped)
+    except TypeError:
+        return True
+    return False
+
+
+# Integers a 64-bit field holds, signed or not. Beyond them parsers part ways (Go and serde refuse or round,
+# JavaScript rounds, Python keeps every digit, orjson refuses), so the policy and the upstream could read
+# two numbers; and one such integer would also make the audit queue hold the parsed tree, not bytes.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_INT_DIGITS = len(str(_INT_MIN))
+
+
+def _int(text: str) -> int:
+    number = int(text) if len(text) <= _INT_DIGITS else None  # never convert thousands of digits
+    if number is None or not _INT_MIN <= number <= _INT_MAX:
+        raise _Ambiguous(f"integer {text[:40]} is beyond 64 bits")
     return number
 
 

@@ -25,6 +25,7 @@ import functools
 import ipaddress
 import math
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -126,13 +127,19 @@ def summed_measures(measures: Sequence[Measure], documents: Iterable[Any]) -> di
     total: dict[str, float] = {}
     for document in documents:
         for name, value in call_measures(measures, document).items():
-            total[name] = total.get(name, 0.0) + value
+            total[name] = saturated_sum((total.get(name, 0.0), value))
     return total
 
 
 def path_value(path: MeasurePath, document: Any) -> float | None:
     numbers = [n for n in (_leaf_number(leaf, path.count) for leaf in _walk(document, path.steps)) if n is not None]
-    return float(sum(numbers)) if numbers else None
+    return saturated_sum(numbers) if numbers else None
+
+
+def saturated_sum(numbers: Iterable[float]) -> float:
+    """A sum that overflows is the largest float (over every cap), never infinity, which JSON cannot carry."""
+    total = float(sum(numbers))
+    return total if math.isfinite(total) else math.copysign(sys.float_info.max, total)
 
 
 def _walk(node: Any, steps: tuple[Step, ...]) -> Iterator[Any]:
@@ -171,12 +178,15 @@ def _leaf_number(leaf: Any, count: bool) -> float | None:
     if isinstance(leaf, bool):
         return None
     if isinstance(leaf, (int, float)):
-        number = float(leaf)
+        try:
+            number = abs(float(leaf))
+        except OverflowError:  # an integer beyond a double (the door refuses those beyond 64 bits)
+            return sys.float_info.max
     elif isinstance(leaf, str) and _NUMBER_TEXT.match(leaf):
-        number = float(leaf)
+        number = abs(float(leaf))
     else:
         return None
-    return abs(number) if math.isfinite(number) else None
+    return number if math.isfinite(number) else sys.float_info.max
 
 
 # -- where a call writes ---------------------------------------------------------

@@ -79,7 +79,10 @@ class CallRecord:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    try:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an integer beyond a double
+        return False
 
 
 def _saturated(value: Any) -> float:
