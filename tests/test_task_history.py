@@ -221,6 +221,25 @@ def test_external_hosts_and_classifications_count_only_what_was_forwarded() -> N
     assert history["external_hosts_written"] == ["hooks.example.com"]
 
 
+def test_a_slow_call_settled_late_does_not_push_a_later_call_out_of_the_rate_window() -> None:
+    """``recent`` holds the latest calls by decision time. Appended when it settled, the slow call decided at
+    :00 evicted the call decided at :01, so a rate window over the last calls counted one call fewer."""
+    from sidecar.tasks.store import Reservation
+
+    summary = TaskSummary()
+    slow = Reservation("slow", call(at="2025-01-01T00:00:00Z"), expires_at=2e9)
+    summary.reserve(slow)
+    for second in range(1, 21):
+        summary.add(call(at=f"2025-01-01T00:00:{second:02d}Z"))
+    summary.confirm(slow)
+    kept = summary.as_policy_input(now=1.9e9)["recent"]["at_ms"]["allow"]
+    assert kept == [1735689600000 + 1000 * second for second in range(1, 21)]
+    assert summary.calls == 21
+    summary.add(call(at="2025-01-01T00:00:10.5Z"))  # settled late too, but among the latest: kept in order
+    assert [r.at for r in summary.recent][8:11] == ["2025-01-01T00:00:10Z", "2025-01-01T00:00:10.5Z",
+                                                    "2025-01-01T00:00:11Z"]
+
+
 def test_agent_chosen_keys_are_bounded() -> None:
     summary = TaskSummary()
     for n in range(100):

@@ -207,7 +207,7 @@ class TaskSummary:
             self.external_hosts_written.append(record.host)
         if forwarded and record.classification and not record.write and record.classification not in self.classifications_read:
             self.classifications_read.append(record.classification)
-        self.recent.append(record)
+        _keep_latest(self.recent, record)
 
     def as_input(self, now: float | None = None) -> dict[str, Any]:
         """The history as the admin API shows it: completed calls and live reservations counted alike, the
@@ -245,7 +245,7 @@ class TaskSummary:
         """The last calls, oldest first by decision time (a slow call is confirmed after faster later ones)."""
         entries = [(r, "completed") for r in self.recent]
         entries += [(r.record, "reserved" if r.live(now) else "completed") for r in reserved]
-        entries.sort(key=lambda entry: entry[0].at)
+        entries.sort(key=lambda entry: epoch_ms(entry[0].at))
         return entries[-RECENT_CALLS:]
 
     def _with_reserved(self, reserved: list[Reservation]) -> TaskSummary:
@@ -257,6 +257,20 @@ class TaskSummary:
         for reservation in reserved:
             view._count_call(reservation.record)
         return view
+
+
+def _keep_latest(recent: deque[CallRecord], record: CallRecord) -> None:
+    """Keep the RECENT_CALLS latest calls by decision time, oldest first. A slow call is counted when it
+    settles, after later ones: appended, it would push a later call out of the rate window in its place."""
+    at = epoch_ms(record.at)
+    if len(recent) == recent.maxlen:
+        if at < epoch_ms(recent[0].at):
+            return  # older than every call kept: not among the latest
+        recent.popleft()
+    position = len(recent)
+    while position and epoch_ms(recent[position - 1].at) > at:
+        position -= 1
+    recent.insert(position, record)
 
 
 def _recent_objects(entries: list[tuple[CallRecord, str]]) -> list[dict[str, Any]]:
