@@ -137,6 +137,28 @@ async def test_a_batch_past_the_limit_is_refused_before_any_decision(make_sideca
     assert len(decisions) == MAX_BATCH  # none for the refused batch
 
 
+async def test_a_batch_carries_at_most_the_body_limit_over_its_length(make_sidecar: Any, echo_tool: EchoTool) -> None:
+    """Each message is judged and audited with the whole body: 32 messages in 1 MiB wrote 32 MiB of audit."""
+    sc = await mcp_sidecar(make_sidecar, echo_tool.base)
+    limit = 1024 * 1024  # the harness's limits.max_body_bytes
+
+    def batch(size: int, body_bytes: int) -> bytes:
+        message = {"jsonrpc": "2.0", "method": "ping", "params": {"pad": ""}}
+        empty = len(json.dumps([message] * size, separators=(",", ":")))
+        message["params"]["pad"] = "x" * ((body_bytes - empty) // size)
+        return json.dumps([message] * size, separators=(",", ":")).encode()
+
+    async with httpx.AsyncClient() as agent:
+        headers = {"content-type": "application/json"}
+        refused = await agent.post(f"{sc.proxy}/tools/mcp2", content=batch(32, limit // 32 + 64), headers=headers)
+        allowed = await agent.post(f"{sc.proxy}/tools/mcp2", content=batch(32, limit // 32 - 64), headers=headers)
+        single = await agent.post(f"{sc.proxy}/tools/mcp2", content=batch(1, limit - 64), headers=headers)
+    assert refused.status_code == 413 and "batch of 32 messages carries at most 32768 bytes" in refused.json()["detail"]
+    assert allowed.status_code == 200 and single.status_code == 200 and len(echo_tool.seen) == 2
+    decisions = [e for e in audit_events(sc.audit_path) if e["type"] == "decision"]
+    assert len(decisions) == 33  # none for the refused batch
+
+
 @pytest.mark.parametrize("message, detail", [
     ({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"arguments": {}}}, "tools/call without a tool name"),
     ({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x", "arguments": [1]}}, "arguments must be an object"),

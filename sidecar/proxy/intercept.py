@@ -68,7 +68,7 @@ class Interceptor:
             body_readable=view.readable,
             body_sha256=hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256,
             content_type=content_type,
-            mcp_calls=_mcp_calls(route, method, view),
+            mcp_calls=_mcp_calls(route, method, view, len(body), self.max_body_bytes),
             task_id=_token(request, "X-Agent-Task"),
             approval_id=_token(request, "X-Agent-Approval"),
             prefer_wait_seconds=_prefer_wait(request),
@@ -184,8 +184,12 @@ def _split_upstream(url: str) -> SplitResult:
 _MCP_BODILESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
-def _mcp_calls(route: Route, method: str, view: BodyView) -> tuple[McpCall, ...]:
-    """JSON-RPC on MCP routes only; every other method carries exactly one well-formed message."""
+def _mcp_calls(route: Route, method: str, view: BodyView, size: int, max_body_bytes: int) -> tuple[McpCall, ...]:
+    """JSON-RPC on MCP routes only; every other method carries exactly one well-formed message.
+
+    Each message of a batch is judged and audited with the whole body, so a batch of n messages carries at
+    most ``max_body_bytes / n``: one request never costs more evaluation input or audit bytes than the
+    largest single call."""
     if not route.is_mcp:
         return ()
     if view.kind == "empty":
@@ -194,7 +198,12 @@ def _mcp_calls(route: Route, method: str, view: BodyView) -> tuple[McpCall, ...]
         raise Refusal("bad_request", f"a {method} on MCP route {route.name} must carry a JSON-RPC message")
     if view.kind != "json":
         raise Refusal("bad_request", f"route {route.name} takes JSON-RPC 2.0 bodies only")
-    return mcp.parse_calls(view.value)
+    calls = mcp.parse_calls(view.value)
+    if len(calls) > 1 and size * len(calls) > max_body_bytes:
+        raise Refusal("body_too_large", f"an MCP batch of {len(calls)} messages carries at most "
+                      f"{max_body_bytes // len(calls)} bytes (each message is judged and audited with the whole body)",
+                      extra={"limit_bytes": max_body_bytes // len(calls)})
+    return calls
 
 
 def _original_destination(request: web.BaseRequest, mode: Mode) -> str | None:
