@@ -175,7 +175,8 @@ def build_sidecar(config: Config) -> Sidecar:
     decider = Decider(engine, config.policy.decision_path, config.policy.timeout_ms)
     path = RequestPath(
         interceptor=Interceptor(RouteTable(config.routes), config.max_body_bytes,
-                                body_timeout_seconds=config.connections.body_timeout_seconds),
+                                body_timeout_seconds=config.connections.body_timeout_seconds,
+                                max_body_bytes_in_flight=config.max_body_bytes_in_flight),
         identity=identity,
         tasks=tasks,
         decider=decider,

@@ -261,6 +261,7 @@ class Config:
     state_dir: Path = Path(".state")
     max_body_bytes: int = 1024 * 1024
     max_in_flight: int = 4096
+    max_body_bytes_in_flight: int = 16 * 1024 * 1024
     connections: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)

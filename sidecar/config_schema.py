@@ -272,6 +272,9 @@ class Limits(Section):
 
     max_body_bytes: Positive = _field("Bodies past this are refused with 413, never forwarded unchecked.", 1024 * 1024)
     max_in_flight: Positive = _field("Calls past this are refused at once with 503 overloaded.", 4096)
+    max_body_bytes_in_flight: Positive = _field(
+        "The bodies of every call in flight together (a parsed JSON body can take ~25 times its bytes): a call "
+        "whose body would go past this is refused with 503 overloaded.", 16 * 1024 * 1024)
     header_timeout_seconds: Annotated[float, between(0.1, 3600, "must be between 0.1 and 3600")] = _field(
         "A request head must arrive this soon after its first byte (408 otherwise).", 10.0)
     body_timeout_seconds: Annotated[float, between(0.1, 3600, "must be between 0.1 and 3600")] = _field(
@@ -279,6 +282,13 @@ class Limits(Section):
     idle_timeout_seconds: Annotated[float, between(0.1, 3600, "must be between 0.1 and 3600")] = _field(
         "An idle kept-alive connection is closed after this.", 30.0)
     max_connections: Positive = _field("One more connection is answered 503 and closed.", 1024)
+
+    @model_validator(mode="after")
+    def _one_body_fits(self) -> "Limits":
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise _fail("must be at least max_body_bytes (a body of the largest size could never be read)",
+                        "max_body_bytes_in_flight")
+        return self
 
 
 class PolicyRest(Section):
@@ -781,6 +791,7 @@ def _config(model: SidecarFile, source: Path, raw: dict[str, Any]) -> Config:
         state_dir=Path(model.state_dir) if model.state_dir else source.parent / ".state",
         max_body_bytes=limits.max_body_bytes,
         max_in_flight=limits.max_in_flight,
+        max_body_bytes_in_flight=limits.max_body_bytes_in_flight,
         connections=ConnectionLimits(header_timeout_seconds=limits.header_timeout_seconds,
                                      body_timeout_seconds=limits.body_timeout_seconds,
                                      idle_timeout_seconds=limits.idle_timeout_seconds,

@@ -87,6 +87,7 @@ class Trace:
     approval_id: str | None = None
     reservation: Reservation | None = None  # held by the handler until forwarding takes it over
     remembered: bool = False  # a held or denied call already in its task's history
+    orphaned: bool = False  # the agent left while its call was forwarded: the forwarding ends it
 
 
 @dataclass
@@ -137,6 +138,8 @@ class RequestPath:
             return await self._refuse(trace, Refusal("internal_error", f"internal error ({type(exc).__name__})"))
         finally:
             self.in_flight -= 1
+            if trace.call is not None and not trace.orphaned:
+                self.interceptor.release(trace.call)
 
     async def _serve(self, request: web.BaseRequest, trace: Trace) -> web.StreamResponse:
         if request.method == "CONNECT":
@@ -175,11 +178,15 @@ class RequestPath:
             return await asyncio.shield(finishing)
         except asyncio.CancelledError:
             self.orphaned += 1
-            finishing.add_done_callback(self._orphan_finished)
+            trace.orphaned = True  # its body stays charged until the forwarding ends
+            call = trace.call
+            assert call is not None
+            finishing.add_done_callback(lambda _: self._orphan_finished(call))
             raise
 
-    def _orphan_finished(self, task: asyncio.Task[Any]) -> None:
+    def _orphan_finished(self, call: InterceptedCall) -> None:
         self.orphaned -= 1
+        self.interceptor.release(call)
 
     async def _forward_then_record(self, request: web.BaseRequest, trace: Trace, decision: Decision,
                                    credential: MintedCredential, reservation: Reservation | None) -> web.StreamResponse:

@@ -30,11 +30,40 @@ _TOKEN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
+class BodyBudget:
+    """The bytes of the bodies of every call in flight, together (``limits.max_body_bytes_in_flight``).
+
+    ``max_in_flight`` bounds the calls and ``max_body_bytes`` each body, but a parsed JSON body can take ~25
+    times its bytes (a 1 MiB array of empty arrays, 26 MB), so 4,096 calls of 1 MiB could hold 100 GB.
+    A call is charged its body as it is read and until it ends; one that would go past the limit is
+    refused as ``overloaded``, like a call past ``max_in_flight``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        """Charge ``size`` bytes (a negative size gives them back), or refuse the call."""
+        if size > 0 and self.used + size > self.limit:
+            raise Refusal("overloaded", f"the bodies of the calls in flight hold {self.used} bytes, this one would "
+                          f"go past {self.limit} (limits.max_body_bytes_in_flight)", headers={"Retry-After": "1"})
+        self.used += size
+
+    def give_back(self, size: int) -> None:
+        self.used -= size
+
+
 class Interceptor:
-    def __init__(self, routes: RouteTable, max_body_bytes: int, body_timeout_seconds: float = 30.0) -> None:
+    def __init__(self, routes: RouteTable, max_body_bytes: int, body_timeout_seconds: float = 30.0,
+                 max_body_bytes_in_flight: int | None = None) -> None:
         self.routes = routes
         self.max_body_bytes = max_body_bytes
         self.body_timeout_seconds = body_timeout_seconds
+        self.bodies = BodyBudget(max_body_bytes_in_flight if max_body_bytes_in_flight is not None else 16 * max_body_bytes)
+
+    def release(self, call: InterceptedCall) -> None:
+        """The call has ended (answered, refused, or its forwarding finished after the agent left)."""
+        self.bodies.give_back(len(call.body))
 
     async def intercept(self, request: web.BaseRequest) -> InterceptedCall:
         mode, target, match = self._locate(request)
@@ -47,8 +76,20 @@ class Interceptor:
         codings = content_codings(request.headers.getall("content-encoding", ()))
         forward_headers = hdr.forwardable(request.headers, route.credential_headers,
                                           also_drop=("content-encoding",) if codings else ())
-        raw_body = await self._read_body(request)
-        body = decode_content(raw_body, codings, route.content_encodings, self.max_body_bytes)
+        raw_body = await self._read_body(request)  # charged to self.bodies
+        charged = len(raw_body)
+        try:
+            body = decode_content(raw_body, codings, route.content_encodings, self.max_body_bytes)
+            self.bodies.take(len(body) - charged)  # a decoded body is charged as what it is
+            charged = len(body)  # from here on the call's, given back by release(call)
+            return self._call(request, mode, target, match, method, forward_headers, body)
+        except BaseException:
+            self.bodies.give_back(charged)
+            raise
+
+    def _call(self, request: web.BaseRequest, mode: Mode, target: canonical.Target, match: RouteMatchResult,
+              method: str, forward_headers: tuple[tuple[str, str], ...], body: bytes) -> InterceptedCall:
+        route = match.route
         content_type = hdr.single(request.headers, "content-type") or ""  # two types: either body could be read
         view = read_body(body, content_type)
         upstream = _split_upstream(route.upstream)
@@ -157,13 +198,22 @@ class Interceptor:
         if declared is not None and declared > self.max_body_bytes:
             raise Refusal("body_too_large", f"body of {declared} bytes exceeds the limit of {self.max_body_bytes}",
                           extra={"limit_bytes": self.max_body_bytes})
+        self.bodies.take(declared or 0)  # refused before reading what would go past the budget
+        charged = [declared or 0]
         try:
             async with asyncio.timeout(self.body_timeout_seconds):
-                return await self._read_chunks(request)
+                body = await self._read_chunks(request, charged)
         except TimeoutError:
+            self.bodies.give_back(charged[0])
             raise Refusal("request_timeout", f"the body was not received within {self.body_timeout_seconds:g}s") from None
+        except BaseException:
+            self.bodies.give_back(charged[0])
+            raise
+        self.bodies.give_back(charged[0] - len(body))
+        return body
 
-    async def _read_chunks(self, request: web.BaseRequest) -> bytes:
+    async def _read_chunks(self, request: web.BaseRequest, charged: list[int]) -> bytes:
+        """The body, charging ``self.bodies`` for what goes past ``charged[0]`` as it arrives."""
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_chunked(65536):
@@ -171,6 +221,9 @@ class Interceptor:
             if size > self.max_body_bytes:
                 raise Refusal("body_too_large", f"body exceeds the limit of {self.max_body_bytes} bytes",
                               extra={"limit_bytes": self.max_body_bytes})
+            if size > charged[0]:
+                self.bodies.take(size - charged[0])
+                charged[0] = size
             chunks.append(chunk)
         return b"".join(chunks)
 
