@@ -415,3 +415,18 @@ async def test_a_measure_beyond_a_double_saturates_and_leaves_its_task_readable(
     assert await store.reserve(task_id, reserved(huge, "d-2"), version=1)
     history = (await summary_of(make_store(), task_id)).as_input()
     assert history["calls"] == 2 and history["in_flight"]["totals"]["amount"] == sys.float_info.max
+
+
+def test_allowed_calls_pushed_out_of_recent_are_stored_once_and_read_back() -> None:
+    """``recent_allowed`` shares its records with ``recent``; only the older ones are written apart."""
+    from dataclasses import replace
+
+    summary = TaskSummary()
+    for n in range(23):
+        summary.add(replace(_stored_record(0, outcome="allow" if n < 3 else "hold"), at=f"2026-11-27T15:00:{n:02d}.123Z"))
+    stored = summary_to_json(summary)
+    assert stored.count('"outcome":"allow"') == 3 and '"allowed_before"' in stored
+    again = summary_from_json(stored)
+    assert again.as_policy_input(now=0) == summary.as_policy_input(now=0)
+    assert len(again.as_policy_input(now=0)["recent"]["at_ms"]["allow"]) == 3
+    assert summary_to_json(again) == stored

@@ -1,8 +1,8 @@
 """JSON round trips for Task and TaskSummary, shared by the SQLite and Redis stores.
 
 Generic over the dataclass fields so a field added to TaskSummary (JSON-native
-types) is persisted without touching this file; only ``recent`` and ``in_flight``
-(the reservations) need help.
+types) is persisted without touching this file; only ``recent``, ``recent_allowed`` and
+``in_flight`` (the reservations) need help.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from .store import RECENT_CALLS, CallRecord, Reservation, Task, TaskSummary
+from .store import RECENT_CALLS, CallRecord, Reservation, Task, TaskSummary, epoch_ms
 
 
 def _dumps(doc: dict[str, Any]) -> str:
@@ -51,6 +51,13 @@ def summary_to_json(summary: TaskSummary, *, in_flight: bool = True) -> str:
     """``in_flight=False`` leaves the reservations (and the version) to a store that keeps them apart (Redis)."""
     doc: dict[str, Any] = {name: getattr(summary, name) for name in _SUMMARY_FIELDS}
     doc["recent"] = [vars(record) for record in summary.recent]
+    # Stored once: only the allowed calls older than every call in ``recent`` are written apart (and only when
+    # there are some, so that a history of allowed calls is stored as it always was).
+    del doc["recent_allowed"]
+    in_recent = {id(record) for record in summary.recent}
+    before = [vars(record) for record in summary.recent_allowed if id(record) not in in_recent]
+    if before:
+        doc["allowed_before"] = before
     if in_flight:
         doc["in_flight"] = [reservation_doc(r) for r in summary.in_flight.values()]
     else:
@@ -65,7 +72,13 @@ def summary_from_json(text: str | bytes) -> TaskSummary:
         if field.name not in doc:
             continue  # a field added after this summary was stored keeps its default
         if field.name == "recent":
-            summary.recent = deque((_record(r) for r in doc["recent"]), maxlen=RECENT_CALLS)
+            # Sorted: a history stored before recent was kept by decision time is in the order calls settled.
+            records = sorted((_record(r) for r in doc["recent"]), key=lambda record: epoch_ms(record.at))
+            summary.recent = deque(records, maxlen=RECENT_CALLS)
+            allowed = [_record(r) for r in doc.get("allowed_before", ())]
+            allowed += [record for record in records if record.outcome == "allow"]
+            allowed.sort(key=lambda record: epoch_ms(record.at))
+            summary.recent_allowed = deque(allowed, maxlen=RECENT_CALLS)
         elif field.name == "in_flight":
             reservations = (reservation_from_doc(r) for r in doc["in_flight"])
             summary.in_flight = {r.id: r for r in reservations}

@@ -138,6 +138,9 @@ class TaskSummary:
     external_hosts_written: list[str] = field(default_factory=list)
     classifications_read: list[str] = field(default_factory=list)
     recent: deque[CallRecord] = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))
+    # The latest allowed calls, which the rate counts, kept apart: in ``recent`` alone, held and denied calls
+    # mixed in would push allowed ones out of the rate window. The same records as in ``recent`` where both.
+    recent_allowed: deque[CallRecord] = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))
     version: int = 0
     in_flight: dict[str, Reservation] = field(default_factory=dict)
     settled: list[str] = field(default_factory=list)  # ids of the last SETTLED_KEPT reservations confirmed or released
@@ -208,6 +211,8 @@ class TaskSummary:
         if forwarded and record.classification and not record.write and record.classification not in self.classifications_read:
             self.classifications_read.append(record.classification)
         _keep_latest(self.recent, record)
+        if forwarded:
+            _keep_latest(self.recent_allowed, record)
 
     def as_input(self, now: float | None = None) -> dict[str, Any]:
         """The history as the admin API shows it: completed calls and live reservations counted alike, the
@@ -220,7 +225,7 @@ class TaskSummary:
         return self._history(now, _recent_times)
 
     def _history(self, now: float | None,
-                 recent_form: Callable[[list[tuple[CallRecord, str]]], Any]) -> dict[str, Any]:
+                 recent_form: Callable[[list[tuple[CallRecord, str]], list[CallRecord]], Any]) -> dict[str, Any]:
         now = time.time() if now is None else now
         reserved = self.reservations()
         live = [r for r in reserved if r.live(now)]  # an expired one counts as completed: see settle_expired
@@ -237,7 +242,7 @@ class TaskSummary:
             "totals": dict(view.totals),
             "external_hosts_written": list(view.external_hosts_written),
             "classifications_read": list(view.classifications_read),
-            "recent": recent_form(self._recent_with(reserved, now)),
+            "recent": recent_form(self._recent_with(reserved, now), self._allowed_with(reserved)),
             "in_flight": {"calls": len(live), "totals": in_flight_totals},
         }
 
@@ -246,6 +251,14 @@ class TaskSummary:
         entries = [(r, "completed") for r in self.recent]
         entries += [(r.record, "reserved" if r.live(now) else "completed") for r in reserved]
         entries.sort(key=lambda entry: epoch_ms(entry[0].at))
+        return entries[-RECENT_CALLS:]
+
+    def _allowed_with(self, reserved: list[Reservation]) -> list[CallRecord]:
+        """The latest allowed calls, reservations included (each is an allowed call), oldest first."""
+        if not reserved:
+            return list(self.recent_allowed)
+        entries = [*self.recent_allowed, *(r.record for r in reserved)]
+        entries.sort(key=lambda record: epoch_ms(record.at))
         return entries[-RECENT_CALLS:]
 
     def _with_reserved(self, reserved: list[Reservation]) -> TaskSummary:
@@ -273,15 +286,20 @@ def _keep_latest(recent: deque[CallRecord], record: CallRecord) -> None:
     recent.insert(position, record)
 
 
-def _recent_objects(entries: list[tuple[CallRecord, str]]) -> list[dict[str, Any]]:
+def _recent_objects(entries: list[tuple[CallRecord, str]], allowed: list[CallRecord]) -> list[dict[str, Any]]:
     return [{"route": r.route, "method": r.method, "path": r.path, "host": r.host, "outcome": r.outcome, "at": r.at,
              "state": state} for r, state in entries]
 
 
-def _recent_times(entries: list[tuple[CallRecord, str]]) -> dict[str, Any]:
+def _recent_times(entries: list[tuple[CallRecord, str]], allowed: list[CallRecord]) -> dict[str, Any]:
+    """The last calls' count and, per outcome, their times; ``allow`` from the latest allowed calls, however
+    many held or denied calls came between (the rate counts allowed calls)."""
     at_ms: dict[str, list[int]] = {}
     for record, _ in entries:
-        at_ms.setdefault(record.outcome, []).append(epoch_ms(record.at))
+        if record.outcome != "allow":
+            at_ms.setdefault(record.outcome, []).append(epoch_ms(record.at))
+    if allowed:
+        at_ms["allow"] = [epoch_ms(record.at) for record in allowed]
     return {"calls": len(entries), "at_ms": at_ms}
 
 
