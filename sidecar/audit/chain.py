@@ -281,7 +281,11 @@ class HashChainLog:
             record.setdefault("timestamp", now_rfc3339())
             # One serialisation per event: the hash covers the canonical body, and the line is that
             # body with "hash" appended (verifiers re-canonicalise, so key order on disk is free).
-            body = canonical(record)
+            try:
+                body = canonical(record)
+            except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+                record = _unencodable(record, exc)
+                body = canonical(record)
             record["hash"] = prev = hashlib.sha256(body).hexdigest()
             records.append(record)
             lines.append(body[:-1] + b',"hash":"' + prev.encode() + b'"}\n')
@@ -405,3 +409,15 @@ def _link_problem(where: str, event: dict[str, Any] | None, prev: str | None, se
         expected = f" (expected seq {seq + 1}, found seq {event.get('seq')})" if isinstance(seq, int) else ""
         return f"{where}: broken link: prev_hash does not match the previous event{expected}; an event is missing or out of order"
     return None
+
+
+UNENCODABLE = "audit.unencodable"
+
+
+def _unencodable(record: dict[str, Any], exc: Exception) -> dict[str, Any]:
+    """In place of an event JSON cannot carry (a lone surrogate the door missed), a record that says so: one
+    bad event must not lose the others written with it. Its writer is told it was not written."""
+    kept = {key: record[key] for key in ("seq", "chain", "timestamp", "prev_hash")}
+    about = {key: value for key in ("type", "decision_id", "task_id", "route")
+             if isinstance(value := record.get(key), str) and value.isascii()}
+    return {**kept, "type": UNENCODABLE, "event": about, "error": type(exc).__name__}

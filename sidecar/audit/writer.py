@@ -33,7 +33,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -41,7 +41,7 @@ import orjson
 
 from ..jsoncodec import JsonDocument, SerialisedJson
 from ..lane import WorkerLane
-from .chain import AuditError, HashChainLog, now_rfc3339
+from .chain import UNENCODABLE, AuditError, HashChainLog, now_rfc3339
 
 log = logging.getLogger("sidecar.audit")
 
@@ -247,7 +247,12 @@ class AuditWriter:
         records = written[len(notices):]
         everything = self.chain.notices_written + written
         self.written += len(everything)
-        self._settle(batch, records)
+        unwritten = [i for i, (item, record) in enumerate(zip(batch, records, strict=True))
+                     if record["type"] == UNENCODABLE and item.event.get("type") != UNENCODABLE]
+        if unwritten:
+            log.error("audit: %d events JSON cannot carry were written as %s", len(unwritten), UNENCODABLE)
+            self._on_error(len(unwritten))
+        self._settle(batch, [None if i in unwritten else record for i, record in enumerate(records)])
         self._consume(everything)
 
     def _displaced(self, what: str, notice: dict[str, Any]) -> None:
@@ -282,7 +287,7 @@ class AuditWriter:
                 log.exception("audit consumer failed")
 
     @staticmethod
-    def _settle(batch: list[_Item], outcomes: list[dict[str, Any]] | list[None]) -> None:
+    def _settle(batch: list[_Item], outcomes: Sequence[dict[str, Any] | None]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Receipt, dict[str, Any] | None]]] = {}
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.loop is not None and item.waiter is not None:

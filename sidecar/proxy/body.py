@@ -32,6 +32,7 @@ from .canonical import QUERY_CHARS, canonical_query, query_pairs
 
 SUPPORTED_ENCODINGS = ("gzip", "deflate")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_ENCODED_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")  # U+D800..U+DFFF as UTF-8 would encode them
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,13 @@ def strict_json(body: bytes) -> Any:
     except RecursionError:
         # Too deep for this parser, not for every upstream's: judged unreadable it could still be read as JSON.
         raise Refusal("bad_request", "malformed JSON body: nested too deeply") from None
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except UnicodeDecodeError:
+        if _json_once_repaired(body):
+            raise Refusal("bad_request", "ambiguous JSON body: invalid UTF-8 (a parser that replaces it reads JSON)") from None
         raise _NotJson() from None
-    if b"\\u" in body and _SURROGATE_ESCAPE.search(body):
+    except ValueError:  # JSONDecodeError
+        raise _NotJson() from None
+    if _may_hold_lone_surrogates(body):
         _refuse_lone_surrogates(value)
     if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _deeper_than_allowed(value):
         raise Refusal("bad_request", f"JSON body nested deeper than {MAX_JSON_DEPTH} levels")
@@ -173,6 +178,24 @@ def _int(text: str) -> int:
     if number is None or not _INT_MIN <= number <= _INT_MAX:
         raise _Ambiguous(f"integer {text[:40]} is beyond 64 bits")
     return number
+
+
+def _may_hold_lone_surrogates(body: bytes) -> bool:
+    """Whether parsing may have produced a lone surrogate: escaped (``\\ud800``), encoded in UTF-8 (the bytes
+    ED A0 80, which json.loads decodes with surrogatepass), or in a UTF-16/32 body (which json.loads detects)."""
+    return bool((b"\\u" in body and _SURROGATE_ESCAPE.search(body)) or _ENCODED_SURROGATE.search(body)
+                or json.detect_encoding(body) not in ("utf-8", "utf-8-sig"))
+
+
+def _json_once_repaired(body: bytes) -> bool:
+    """Whether a body that is not UTF-8 is JSON to a parser that replaces what is not (Go's encoding/json)."""
+    try:
+        json.loads(body.decode("utf-8", "replace"))
+    except RecursionError:
+        return True
+    except ValueError:
+        return False
+    return True
 
 
 def _refuse_lone_surrogates(value: Any) -> None:

@@ -61,7 +61,9 @@ def refuse_meaning_changers(headers: CIMultiDictProxy[str]) -> None:
     named = connection_tokens(headers) & END_TO_END_CONTENT
     if named:
         raise Refusal("header_not_allowed", f"Connection names {sorted(named)[0]}, which says what the body or target is")
-    for name in headers:
+    for name, value in headers.items():
+        if not (name.isascii() and value.isascii()):
+            _refuse_if_not_utf8(name, value)
         lower = name.lower()
         if "_" in name:
             raise Refusal("header_not_allowed", f"header names with '_' are refused ({name[:40]})")
@@ -69,6 +71,17 @@ def refuse_meaning_changers(headers: CIMultiDictProxy[str]) -> None:
             raise Refusal("method_override", f"{name} would change the method after the decision")
         if lower in TARGET_OVERRIDES:
             raise Refusal("header_not_allowed", f"{name} would change the target after the decision")
+
+
+def _refuse_if_not_utf8(name: str, value: str) -> None:
+    """aiohttp decodes header bytes that are not UTF-8 as lone surrogates (surrogateescape): a value the policy
+    input, the audit chain and the credential's binding cannot carry as JSON, and each upstream reads its own way."""
+    try:
+        name.encode("utf-8")
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = name.encode("ascii", "backslashreplace").decode("ascii")[:40]
+        raise Refusal("bad_request", f"header {shown} is not UTF-8") from None
 
 
 def is_proxy_claim(name: str) -> bool:
