@@ -24,8 +24,8 @@
 #     "recent": {                                    the last calls (20 by default)
 #       "calls": 12,                                 how many
 #       "at_ms": {"allow": [1748779198000, ...],     per outcome ("allow", "deny", "hold"), when each
-#                 "deny": [1748779199000]}           was decided, in Unix milliseconds, oldest first
-#     },
+#                 "deny": [1748779199000]}           was decided, in Unix milliseconds, oldest first;
+#     },                                             "allow": the 20 latest allowed calls, whatever came between
 #     "in_flight": {"calls": 1, "totals": {"amount": 49}}   the allowed calls not answered yet, apart
 #   }
 # The task itself carries "expires_at_epoch" (Unix seconds) next to "expires_at".
