@@ -20,7 +20,7 @@ from sidecar.audit.chain import AuditError, HashChainLog
 from sidecar.audit.writer import QUEUE_BYTES, AuditWriter, _serialised
 from sidecar.jsoncodec import JsonDocument, SerialisedJson
 from sidecar.problems import Refusal
-from sidecar.proxy.body import strict_json
+from sidecar.strictjson import strict_json
 from test_audit import blocked_lane
 
 

@@ -6,7 +6,6 @@ completion (``audit_unavailable``) and the task stays open.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from ..audit import AuditSink
 from ..audit.evidence import write_after, write_first
 from ..credentials.introspection import IntrospectionCallers, Introspector
 from ..problems import Refusal
+from ..strictjson import NotJson, strict_json
 from ..tasks import Task, TaskStore
 
 
@@ -82,8 +82,8 @@ async def _token_parameter(request: web.Request) -> str:
     token: Any = None
     if request.content_type == "application/json":
         try:
-            document = json.loads(body)
-        except ValueError:
+            document = strict_json(body)
+        except NotJson:
             raise Refusal("bad_request", "malformed JSON body") from None
         token = document.get("token") if isinstance(document, dict) else None
     else:

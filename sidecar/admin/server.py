@@ -15,6 +15,7 @@ from ..credentials import KeyRing
 from .credentials_api import CredentialsApi
 from ..pipeline import IdentitySource
 from ..problems import Refusal
+from ..strictjson import NotJson, strict_json
 from ..tasks import TaskStore
 
 MAX_TASK_TTL = 24 * 3600
@@ -47,8 +48,8 @@ async def read_json(request: web.Request, limit: int = 64 * 1024) -> dict[str, A
     if len(body) > limit:
         raise Refusal("body_too_large", f"body exceeds {limit} bytes")
     try:
-        value = json.loads(body or b"{}")
-    except ValueError:
+        value = strict_json(body) if body else {}  # an intent or label JSON cannot carry would break every call
+    except NotJson:
         raise Refusal("bad_request", "malformed JSON body") from None
     if not isinstance(value, dict):
         raise Refusal("bad_request", "body must be a JSON object")
