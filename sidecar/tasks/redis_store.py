@@ -127,22 +127,30 @@ class RedisTaskStore:
         """WATCH key, compute its new value from the old one, write it back unless someone else did first.
 
         ``also`` queues further commands into the same MULTI (they happen only with the write)."""
+        async def attempt(pipe: Any) -> bool:
+            current = await pipe.get(key)
+            if current is None:
+                return False
+            new = change(current if isinstance(current, bytes) else str(current).encode())
+            if new is None:
+                return True
+            pipe.multi()
+            pipe.set(key, new, keepttl=True)
+            if also is not None:
+                also(pipe)
+            await pipe.execute()
+            return True
+
+        return await self._transaction([key], attempt)
+
+    async def _transaction(self, keys: list[str], attempt: Callable[[Any], Awaitable[T]]) -> T:
+        """``attempt(pipe)`` with ``keys`` watched: it reads, then writes in one MULTI; again if another client
+        wrote one of the keys first."""
         for _ in range(WATCH_RETRIES):
             async with self._redis.pipeline(transaction=True) as pipe:
                 try:
-                    await pipe.watch(key)
-                    current = await pipe.get(key)
-                    if current is None:
-                        return False
-                    new = change(current if isinstance(current, bytes) else str(current).encode())
-                    if new is None:
-                        return True
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(key, new, keepttl=True)
-                    if also is not None:
-                        also(pipe)
-                    await pipe.execute()
-                    return True
+                    await pipe.watch(*keys)
+                    return await attempt(pipe)
                 except WatchError:
                     continue
         raise Refusal("store_unavailable", "task store (redis): too much contention on one task")
@@ -180,26 +188,22 @@ class RedisTaskStore:
         watching both keys: one gone from the hash was settled already (a retry, another replica, its expiry)."""
         key = self._task_key(task_id)
         summary_key, in_flight = f"{key}:summary", f"{key}:in_flight"
-        for _ in range(WATCH_RETRIES):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(summary_key, in_flight)
-                    present = await pipe.hmget(in_flight, [r.id for r in reservations])
-                    pending = [r for r, there in zip(reservations, present) if there is not None]
-                    current = await pipe.get(summary_key)
-                    if not pending or current is None:
-                        return
-                    summary = summary_from_json(current)
-                    for reservation in pending:
-                        summary.count_settled(reservation)
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(summary_key, summary_to_json(summary, in_flight=False), keepttl=True)
-                    pipe.hdel(in_flight, *[r.id for r in pending])
-                    await pipe.execute()
-                    return
-                except WatchError:
-                    continue
-        raise Refusal("store_unavailable", "task store (redis): too much contention on one task")
+
+        async def attempt(pipe: Any) -> None:
+            present = await pipe.hmget(in_flight, [r.id for r in reservations])
+            pending = [r for r, there in zip(reservations, present) if there is not None]
+            current = await pipe.get(summary_key)
+            if not pending or current is None:
+                return
+            summary = summary_from_json(current)
+            for reservation in pending:
+                summary.count_settled(reservation)
+            pipe.multi()
+            pipe.set(summary_key, summary_to_json(summary, in_flight=False), keepttl=True)
+            pipe.hdel(in_flight, *[r.id for r in pending])
+            await pipe.execute()
+
+        await self._transaction([summary_key, in_flight], attempt)
 
     async def release(self, task_id: str, reservation_id: str) -> None:
         await self._guarded(lambda: self._redis.hdel(f"{self._task_key(task_id)}:in_flight", reservation_id))
