@@ -323,7 +323,7 @@ def embedded_bytes(event: dict[str, Any]) -> int:
             except TypeError:
                 size += _stdlib_size(value)
         elif isinstance(value, str):
-            size += len(value)
+            size += len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
         elif isinstance(value, (dict, list)):
             try:
                 size += len(orjson.dumps(value, default=str))
