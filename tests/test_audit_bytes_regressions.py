@@ -63,8 +63,8 @@ def test_a_string_counts_its_utf8_bytes_not_its_characters() -> None:
     """An intent of 16,000 emoji is 64 KB queued (UTF-8 in the chain, more as a Python str), not 16,000."""
     from sidecar.audit.writer import embedded_bytes
 
-    assert embedded_bytes({"type": "task.opened", "intent": "\U0001F600" * 16_000}) == 64_000
-    assert embedded_bytes({"type": "task.opened", "intent": "a" * 16_000}) == 16_000
+    assert embedded_bytes({"type": "task.opened", "intent": "\U0001F600" * 16_000}) == 11 + 64_000
+    assert embedded_bytes({"type": "task.opened", "intent": "a" * 16_000}) == 11 + 16_000
 
 
 def test_the_queue_holds_about_the_bytes_it_counts(tmp_path: Path) -> None:
