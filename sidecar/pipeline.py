@@ -46,7 +46,8 @@ log = logging.getLogger("sidecar.pipeline")
 
 # RequestBinding field that differs -> its refusal code.
 MISMATCH_CODES = {"method": "approval_wrong_method", "target": "approval_wrong_target",
-                  "body_sha256": "approval_wrong_body", "agent": "approval_wrong_agent", "task_id": "approval_wrong_task"}
+                  "body_sha256": "approval_wrong_body", "agent": "approval_wrong_agent", "task_id": "approval_wrong_task",
+                  "route": "approval_wrong_route"}
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -345,16 +346,18 @@ class RequestPath:
         """Within the task's turn: decide, then count the call before the next decision reads the history.
 
         A call that will be forwarded is reserved (None if the history moved past ``version``: decide again);
-        a denied call, or a held one that will not wait for its approval, is recorded as it is."""
+        a denied call, or a held one that will not wait for its approval, is recorded as it is. A call held
+        although it carries an approval is held: the policy, seeing the approval, says it does not cover the
+        call as things stand now (the risk rose and needs another approver), and only the policy judges."""
         try:
             decision = await self._decide(call, agent, trace, approval)
         except Refusal as refusal:
             if refusal.code == "denied":  # a policy obligation revoked the task
                 await self._remember(trace, "deny")
             raise
-        if decision.outcome == "allow" or (decision.outcome == "hold" and approval is not None):
+        if decision.outcome == "allow":
             return decision if await self._reserve(call, trace, decision, version) else None
-        if decision.outcome == "deny" or self._wait_seconds(call) <= 0:
+        if decision.outcome == "deny" or approval is not None or self._wait_seconds(call) <= 0:
             await self._remember(trace, decision.outcome)
         return decision
 
@@ -434,20 +437,20 @@ class RequestPath:
         if decision.outcome == "deny":
             raise Refusal("denied", "; ".join(decision.reasons) or "denied by policy",
                           reasons=list(decision.reasons), decision_id=decision.decision_id)
-        if approval is not None:
-            # The human approved this exact request: single use, consumed before forwarding.
-            if not await self.approvals.consume(approval.id):
-                raise Refusal("approval_used", f"approval {approval.id} was already used", approval_id=approval.id)
-            trace.approval_id = approval.id
-            return
-        if decision.outcome == "hold":
+        if decision.outcome == "hold":  # with an approval too: the policy saw it and holds the call still
+            covered = f" (approval {approval.id} does not cover it now)" if approval is not None else ""
             trace.approval_id = await self._hold(call, agent, trace, decision)
-            raise Refusal("approval_required", "; ".join(decision.reasons) or "approval required",
+            raise Refusal("approval_required", ("; ".join(decision.reasons) or "approval required") + covered,
                           reasons=list(decision.reasons), decision_id=decision.decision_id,
                           approval_id=trace.approval_id,
                           extra={"approval_status_url": f"/v1/approvals/{trace.approval_id}",
                                  "retry_with_header": "X-Agent-Approval"},
                           headers={"Retry-After": "10"})
+        if approval is not None:
+            # The human approved this exact request: single use, consumed before forwarding.
+            if not await self.approvals.consume(approval.id):
+                raise Refusal("approval_used", f"approval {approval.id} was already used", approval_id=approval.id)
+            trace.approval_id = approval.id
 
     async def _hold(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace, decision: Decision) -> str:
         if mcp.call_binding(call) is not None:
@@ -525,7 +528,8 @@ class RequestPath:
 
     @staticmethod
     def _binding(call: InterceptedCall, agent: AgentIdentity) -> RequestBinding:
-        return RequestBinding(call.method, call.target_url, mcp.call_binding(call) or call.body_sha256, agent.id, call.task_id)
+        return RequestBinding(call.method, call.target_url, mcp.call_binding(call) or call.body_sha256, agent.id, call.task_id,
+                              call.route.name)
 
     # ---------------------------------------------------------------- 5. mint
 

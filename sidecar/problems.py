@@ -33,6 +33,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "approval_wrong_body": (403, "The approval was made for another body"),
     "approval_wrong_agent": (403, "The approval was made for another agent"),
     "approval_wrong_task": (403, "The approval was made for another task"),
+    "approval_wrong_route": (403, "The approval was made for another route"),
     "approval_denied": (403, "The approval was denied"),
     "approval_expired": (403, "The approval has expired"),
     "approval_used": (403, "The approval was already used"),

@@ -28,22 +28,27 @@ POLL_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class RequestBinding:
-    """What an approval is valid for: this method, target, body, agent and task only."""
+    """What an approval is valid for: this method, target, body, agent, task and route only.
+
+    The route too: two routes can reach the same upstream target, each with its own credential (audience,
+    scopes); the approver approved the call on the route shown. Records stored before the route was bound
+    have ``route=""`` and match no call."""
 
     method: str
     target: str
     body_sha256: str
     agent: str
     task_id: str | None
+    route: str = ""
 
     @property
     def key(self) -> str:
         """One string for the whole binding: approvals are looked up by it when a client cannot send their id."""
-        fields = "\n".join((self.method, self.target, self.body_sha256, self.agent, self.task_id or ""))
+        fields = "\n".join((self.method, self.target, self.body_sha256, self.agent, self.task_id or "", self.route))
         return hashlib.sha256(fields.encode()).hexdigest()
 
     def mismatch(self, other: RequestBinding) -> str | None:
-        for name in ("method", "target", "body_sha256", "agent", "task_id"):
+        for name in ("method", "target", "body_sha256", "agent", "task_id", "route"):
             if getattr(self, name) != getattr(other, name):
                 return name
         return None

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from ..jsoncodec import canonical
 
@@ -109,24 +109,37 @@ def expand(paths: list[Path]) -> list[Path]:
 
 
 def _last_event(path: Path) -> dict[str, Any] | None:
-    """The last complete line of a file, read from its end."""
+    """The last complete line of a file, read from its end, however long it is (a decision event embeds its
+    call's body: a line can pass a mebibyte)."""
     try:
         with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            block = min(size, 1 << 20)
-            handle.seek(size - block)
-            lines = handle.read(block).splitlines()
+            line = _last_line(handle)
     except FileNotFoundError:
         return None
-    for line in reversed(lines):
-        if line.strip():
-            try:
-                value = json.loads(line)
-            except ValueError:
-                raise AuditError(f"{path}: last line is not JSON; refusing to extend a broken chain") from None
-            return value if isinstance(value, dict) else None
-    return None
+    if not line:
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError:
+        raise AuditError(f"{path}: last line is not JSON; refusing to extend a broken chain") from None
+    return value if isinstance(value, dict) else None
+
+
+def _last_line(handle: BinaryIO) -> bytes:
+    """Blocks read backwards, each twice the last, until the line before the last non-blank one begins."""
+    position = handle.seek(0, os.SEEK_END)
+    tail, block = b"", 1 << 16
+    while position > 0:
+        step = min(block, position)
+        position -= step
+        handle.seek(position)
+        tail = handle.read(step) + tail
+        content = tail.rstrip()
+        start = content.rfind(b"\n")
+        if start >= 0:
+            return content[start + 1:]
+        block *= 2
+    return tail.strip()
 
 
 def chain_tail(active: Path) -> dict[str, Any] | None:
