@@ -98,15 +98,14 @@ async def test_refused_mcp_call_is_a_jsonrpc_error_when_the_route_asks(make_side
 async def test_batch_with_one_refused_call_refuses_the_batch(make_sidecar: Any, echo_tool: EchoTool) -> None:
     sc = await mcp_sidecar(make_sidecar, echo_tool.base)
     batch = [
-        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
-        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "delete_user", "arguments": {"id": 3}}},
         {"jsonrpc": "2.0", "method": "notifications/progress", "params": {}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "delete_user", "arguments": {"id": 3}}},
     ]
     async with httpx.AsyncClient() as agent:
         response = await agent.post(f"{sc.proxy}/tools/mcp", json=batch)
     assert response.status_code == 200
     answers = response.json()
-    assert [a["id"] for a in answers] == [1, 2]
+    assert [a["id"] for a in answers] == [2]
     assert all(a["result"]["isError"] and a["result"]["_meta"]["dev.agent-sidecar/problem"]["code"] == "denied"
                for a in answers)
     assert echo_tool.seen == []
@@ -114,12 +113,29 @@ async def test_batch_with_one_refused_call_refuses_the_batch(make_sidecar: Any, 
 
 async def test_allowed_batch_is_forwarded_once(make_sidecar: Any, echo_tool: EchoTool) -> None:
     sc = await mcp_sidecar(make_sidecar, echo_tool.base)
-    batch = [{"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"name": "get_weather", "arguments": {}}}
-             for i in range(3)]
+    batch = [{"jsonrpc": "2.0", "method": "notifications/initialized"},
+             {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "get_weather", "arguments": {}}},
+             {"jsonrpc": "2.0", "id": 7, "result": {}}]
     async with httpx.AsyncClient() as agent:
         response = await agent.post(f"{sc.proxy}/tools/mcp2", json=batch)
     assert response.status_code == 200
     assert len(echo_tool.seen) == 1
+
+
+@pytest.mark.parametrize("second", [
+    {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "get_weather", "arguments": {}}},
+    {"jsonrpc": "2.0", "id": 2, "method": "ping"},
+    {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "get_weather", "arguments": {}}},  # no id
+], ids=["two-tool-calls", "a-ping-beside", "a-call-without-id"])
+async def test_a_batch_of_two_requests_is_refused(make_sidecar: Any, echo_tool: EchoTool, second: Any) -> None:
+    """attack8: each request was decided on the history before the batch, and the batch counted as one call:
+    eleven refunds of 49 moved 539 past a task total of 500, 96 tool calls passed a cap of 6."""
+    sc = await mcp_sidecar(make_sidecar, echo_tool.base)
+    first = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "get_weather", "arguments": {}}}
+    async with httpx.AsyncClient() as agent:
+        response = await agent.post(f"{sc.proxy}/tools/mcp2", json=[first, second])
+    assert response.status_code == 400 and "at most one request" in response.text
+    assert echo_tool.seen == []
 
 
 async def test_a_batch_past_the_limit_is_refused_before_any_decision(make_sidecar: Any, echo_tool: EchoTool) -> None:
@@ -127,7 +143,7 @@ async def test_a_batch_past_the_limit_is_refused_before_any_decision(make_sideca
     from sidecar.proxy.mcp import MAX_BATCH
 
     sc = await mcp_sidecar(make_sidecar, echo_tool.base)
-    ping = {"jsonrpc": "2.0", "method": "ping"}
+    ping = {"jsonrpc": "2.0", "method": "notifications/progress"}
     async with httpx.AsyncClient() as agent:
         refused = await agent.post(f"{sc.proxy}/tools/mcp2", json=[ping] * (MAX_BATCH + 1))
         allowed = await agent.post(f"{sc.proxy}/tools/mcp2", json=[ping] * MAX_BATCH)
@@ -143,7 +159,7 @@ async def test_a_batch_carries_at_most_the_body_limit_over_its_length(make_sidec
     limit = 1024 * 1024  # the harness's limits.max_body_bytes
 
     def batch(size: int, body_bytes: int) -> bytes:
-        message = {"jsonrpc": "2.0", "method": "ping", "params": {"pad": ""}}
+        message = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"pad": ""}}
         empty = len(json.dumps([message] * size, separators=(",", ":")))
         message["params"]["pad"] = "x" * ((body_bytes - empty) // size)
         return json.dumps([message] * size, separators=(",", ":")).encode()

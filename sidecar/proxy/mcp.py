@@ -14,9 +14,10 @@ from typing import Any
 from ..documents import InterceptedCall, McpCall
 from ..problems import Refusal
 
-# Each request of a batch is decided on its own, with the whole body in its policy input and its audit event:
+# Each message of a batch is decided on its own, with the whole body in its policy input and its audit event:
 # an unbounded batch would turn one body into thousands of evaluations and as many copies of it in the audit
-# log. MCP clients send one request at a time (the 2025-06-18 specification dropped batching).
+# log. And a batch is one call of its task, so it carries at most one request beside notifications and
+# responses. MCP clients send one request at a time (the 2025-06-18 specification dropped batching).
 MAX_BATCH = 32
 
 
@@ -28,7 +29,13 @@ def parse_calls(body: Any) -> tuple[McpCall, ...]:
         raise Refusal("bad_request", "an MCP route takes a JSON-RPC 2.0 object or a non-empty batch of them")
     if len(body) > MAX_BATCH:
         raise Refusal("bad_request", f"an MCP batch holds at most {MAX_BATCH} messages, this one {len(body)}")
-    return tuple(_one(item, index, len(body)) for index, item in enumerate(body))
+    calls = tuple(_one(item, index, len(body)) for index, item in enumerate(body))
+    acting = [c for c in calls if c.method != "(response)" and not c.method.startswith("notifications/")]
+    if len(acting) > 1:
+        # Each would be a call of the task, judged against the others; a batch is judged and counted as one.
+        raise Refusal("bad_request", f"an MCP batch carries at most one request (other than notifications and "
+                      f"responses), this one {len(acting)}: send them one at a time")
+    return calls
 
 
 def _one(item: Any, index: int | None, size: int | None) -> McpCall:
