@@ -50,12 +50,12 @@ _intern = sys.intern
 def summary_to_json(summary: TaskSummary, *, in_flight: bool = True) -> str:
     """``in_flight=False`` leaves the reservations (and the version) to a store that keeps them apart (Redis)."""
     doc: dict[str, Any] = {name: getattr(summary, name) for name in _SUMMARY_FIELDS}
-    doc["recent"] = [vars(record) for record in summary.recent]
+    doc["recent"] = [record_doc(record) for record in summary.recent]
     # Stored once: only the allowed calls older than every call in ``recent`` are written apart (and only when
     # there are some, so that a history of allowed calls is stored as it always was).
     del doc["recent_allowed"]
     in_recent = {id(record) for record in summary.recent}
-    before = [vars(record) for record in summary.recent_allowed if id(record) not in in_recent]
+    before = [record_doc(record) for record in summary.recent_allowed if id(record) not in in_recent]
     if before:
         doc["allowed_before"] = before
     if in_flight:
@@ -90,6 +90,14 @@ def summary_from_json(text: str | bytes) -> TaskSummary:
     return summary
 
 
+def record_doc(record: CallRecord) -> dict[str, Any]:
+    """A record's fields; ``reads`` only when set, so that a REST call's record is stored as it always was."""
+    doc = vars(record)
+    if doc["reads"] is None:
+        doc = {key: value for key, value in doc.items() if key != "reads"}
+    return doc
+
+
 def _record(doc: dict[str, Any]) -> CallRecord:
     known: dict[str, Any] = {k: (_intern(v) if k in _SHARED_STRINGS and v.__class__ is str else v)
                              for k, v in doc.items() if k in _RECORD_FIELDS}
@@ -97,7 +105,7 @@ def _record(doc: dict[str, Any]) -> CallRecord:
 
 
 def reservation_doc(reservation: Reservation) -> dict[str, Any]:
-    return {"id": reservation.id, "expires_at": reservation.expires_at, "record": vars(reservation.record)}
+    return {"id": reservation.id, "expires_at": reservation.expires_at, "record": record_doc(reservation.record)}
 
 
 def reservation_to_json(reservation: Reservation) -> str:

@@ -65,6 +65,9 @@ class CallRecord:
     write: bool = False
     measures: dict[str, float] = field(default_factory=dict)  # route-configured; amount/records win over the fields above
     tool: str | None = None  # the MCP tool called, if any
+    # Whether the call may return its route's data (joins classifications_read when forwarded); None, as in
+    # records stored before it existed: a call reads unless it writes.
+    reads: bool | None = None
 
     def __post_init__(self) -> None:
         # A measure beyond a double (1e308 + 1e308 from an MCP batch) is stored as JSON null, which would make
@@ -208,7 +211,8 @@ class TaskSummary:
         forwarded = record.outcome == "allow"
         if forwarded and record.external and record.write and record.host not in self.external_hosts_written and len(self.external_hosts_written) < 50:
             self.external_hosts_written.append(record.host)
-        if forwarded and record.classification and not record.write and record.classification not in self.classifications_read:
+        reads = record.reads if record.reads is not None else not record.write
+        if forwarded and record.classification and reads and record.classification not in self.classifications_read:
             self.classifications_read.append(record.classification)
         _keep_latest(self.recent, record)
         if forwarded:
