@@ -115,6 +115,7 @@ class Decision:
     approval: ApprovalSpec = field(default_factory=ApprovalSpec)
     obligations: tuple[str, ...] = ()
     rules: tuple[str, ...] = ()
+    measures: Mapping[str, float] = field(default_factory=dict)  # what the call adds to its task, as judged
     result: dict[str, Any] = field(default_factory=dict)  # the raw result, for the audit log
     eval_ns: int = 0
     bundles: Mapping[str, str] = field(default_factory=dict)  # bundle name -> revision of the policy that decided

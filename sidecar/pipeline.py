@@ -38,7 +38,7 @@ from .proxy.mcp_catalog import ResponseTap, ToolCatalog, policy_hints
 from .proxy.tunnel import intercept_tunnel, run_tunnel
 from .tasks import CallRecord, TaskStore
 from .tasks.backlog import PendingWrite, RecordBacklog
-from .tasks.measures import destination_external, effective_measures, payload, summed_measures
+from .tasks.measures import destination_external, effective_measures, payload, summed_measures, summed_measures_of
 from .tasks.store import Reservation, iso, iso_ms
 from .tasks.turns import TaskTurns
 
@@ -365,7 +365,7 @@ class RequestPath:
         """Reserve the allowed call's part of its task, if the history is still the one the decision read."""
         assert call.task_id is not None
         expires_at = time.time() + call.route.timeout_seconds + RESERVATION_MARGIN_SECONDS
-        reservation = Reservation(decision.decision_id, _call_record(call, "allow"), expires_at)
+        reservation = Reservation(decision.decision_id, _call_record(call, "allow", trace.decisions), expires_at)
         # Counted at once for the task's next decision; committed with the credential record of this call,
         # and awaited (tasks.committed) before the call leaves.
         if not await self.tasks.reserve(call.task_id, reservation, version=version, wait=False):
@@ -608,7 +608,7 @@ class RequestPath:
         if call is None or call.task_id is None or trace.remembered:
             return
         trace.remembered = True
-        task_id, record = call.task_id, _call_record(call, outcome)
+        task_id, record = call.task_id, _call_record(call, outcome, trace.decisions)
         await self._write_record(call, None, "task_history", lambda: self.tasks.record(task_id, record))
 
     # ---------------------------------------------------------------- 6. record: reservations
@@ -728,10 +728,15 @@ def _mcp_reads(call: InterceptedCall) -> bool:
     return any(c.method != "(response)" and not c.method.startswith("notifications/") for c in call.mcp_calls)
 
 
-def _call_record(call: InterceptedCall, outcome: str) -> CallRecord:
-    """What a call adds to its task's history (its reservation, when it is allowed)."""
+def _call_record(call: InterceptedCall, outcome: str, decisions: list[tuple[Decision, Any]]) -> CallRecord:
+    """What a call adds to its task's history (its reservation, when it is allowed): per measure, the larger
+    of what the route's measures found and what its decisions say they judged (the policy may read an
+    amount where no measure looks: the query, an array body, another field)."""
     payloads = [payload(call.body_json, c) for c in call.mcp_calls] if call.mcp_calls else [call.body_json]
     measures = summed_measures(effective_measures(call.route.measures), payloads)
+    judged = summed_measures_of([decision.measures for decision, _ in decisions])
+    for name, value in judged.items():
+        measures[name] = max(measures.get(name, 0.0), value)
     labels = call.route.labels
     tool = next((c.tool for c in call.mcp_calls if c.method == "tools/call" and c.tool), None)
     return CallRecord(

@@ -124,9 +124,14 @@ def call_measures(measures: Iterable[Measure], document: Any) -> dict[str, float
 
 def summed_measures(measures: Sequence[Measure], documents: Iterable[Any]) -> dict[str, float]:
     """One call's measures over several payloads (the requests of an MCP batch)."""
+    return summed_measures_of(call_measures(measures, document) for document in documents)
+
+
+def summed_measures_of(values: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Measures by name, summed (saturating) over several sets of them."""
     total: dict[str, float] = {}
-    for document in documents:
-        for name, value in call_measures(measures, document).items():
+    for each in values:
+        for name, value in each.items():
             total[name] = saturated_sum((total.get(name, 0.0), value))
     return total
 

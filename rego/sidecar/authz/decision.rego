@@ -54,6 +54,7 @@ decision := {
 	"approval": approval_requirements,
 	"obligations": [],
 	"rules": ["allowed"],
+	"measures": judged_measures,
 } if {
 	nothing_found
 } else := {
@@ -65,7 +66,15 @@ decision := {
 	"approval": approval_requirements,
 	"obligations": sort(obligations),
 	"rules": sort(fired_rules),
+	"measures": judged_measures,
 }
+
+# What this call adds to its task's totals, as the rules above judged it: the sidecar counts the larger of
+# this and its own measures, so a total never misses an amount read from the query or an array body.
+# Amounts are judged on writes only (a read moves no money), so a read reports its records alone.
+judged_measures := {"amount": call_amount, "records": call_records} if {
+	is_write
+} else := {"records": call_records}
 
 # Rules that only ever apply to writes are kept in their own sets, which a read
 # never evaluates: write_deny, write_hold and write_notes.

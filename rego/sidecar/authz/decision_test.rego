@@ -101,11 +101,22 @@ test_every_reason_names_its_rule if {
 
 test_decision_has_the_full_shape if {
 	d := decide(call("DELETE", "crm", "/customers/42", null))
-	object.keys(d) == {"allow", "require_approval", "reasons", "risk", "credential", "approval", "obligations", "rules"}
+	object.keys(d) == {"allow", "require_approval", "reasons", "risk", "credential", "approval", "obligations", "rules", "measures"}
 	object.keys(d.credential) == {"audience", "scopes", "ttl_seconds"}
 	object.keys(d.approval) == {"approvers", "group", "expires_in_seconds"}
 	is_array(d.obligations)
 	is_array(d.rules)
+	d.measures == {"amount": 0, "records": 0}
+}
+
+test_a_read_reports_its_records_alone if {
+	d := decide(object.union(call("GET", "crm", "/customers", null), {"request": {"query": {"limit": ["90"]}}}))
+	d.measures == {"records": 90}
+}
+
+test_decision_reports_the_measures_it_judged if {
+	d := decide(call("POST", "payments", "/refunds", [{"amount": 49}]))
+	d.measures.amount == 49
 }
 
 test_approval_group_falls_back_when_blank if {
