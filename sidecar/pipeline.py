@@ -376,7 +376,8 @@ class RequestPath:
     async def _decide(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace,
                       approval: Approval | None) -> Decision:
         """One decision per call; an MCP batch gets one per JSON-RPC request and the strictest wins."""
-        approval_doc = {"id": approval.id, "status": approval.status, "approvals": approval.approvals} if approval else None
+        approval_doc = ({"id": approval.id, "status": approval.status, "approvals": approval.approvals,
+                         "group": approval.group} if approval else None)
         targets = call.mcp_calls or (None,)
         for mcp_call in targets:
             tool = mcp_call.tool if mcp_call else None
@@ -453,10 +454,13 @@ class RequestPath:
             trace.approval_id = approval.id
 
     async def _hold(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace, decision: Decision) -> str:
+        earlier = await self.approvals.for_binding(self._binding(call, agent))
+        if (earlier is not None and earlier.status == "pending" and earlier.approvers_required == decision.approval.approvers
+                and earlier.group == decision.approval.group):
+            # The agent called again before the human decided: still that one approval (one per call held, not
+            # one per retry), unless the policy now asks more of it (more approvers, another group).
+            return earlier.id
         if mcp.call_binding(call) is not None:
-            earlier = await self.approvals.for_binding(self._binding(call, agent))
-            if earlier is not None and earlier.status == "pending":
-                return earlier.id  # the model called again before the human decided: still that one approval
             if earlier is not None and earlier.status == "denied":
                 # A human said no to this very call in this task: the model reads that, nobody is asked again.
                 raise Refusal("approval_denied", f"approval {earlier.id} was denied", reasons=list(decision.reasons),
@@ -493,6 +497,8 @@ class RequestPath:
         trace.decisions.clear()  # recorded; what follows is recorded as its own event
         wait = self._wait_seconds(call)
         approval = await self.approvals.wait(approval_id, wait)
+        if approval is None or approval.status != "approved":
+            await self._remember(trace, "hold")  # held, and not forwarded: in its task's history as such
         if approval is None:
             raise Refusal("approval_invalid", "the approval disappeared from the store", approval_id=approval_id)
         if approval.status == "approved":

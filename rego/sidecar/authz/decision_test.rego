@@ -140,3 +140,13 @@ test_v1_document_denied_as_malformed if {
 	outcome(d) == "deny"
 	reason_for(d, "malformed_input") == "malformed_input: input is not a v2 document; denied"
 }
+
+test_an_approval_of_another_group_does_not_cover_the_call if {
+	held := call("DELETE", "crm", "/customers/42", null)
+	ok := object.union(held, {"approval": {"id": "ap-1", "status": "approved", "group": "approvers", "approvals": [{"approver": "alice"}]}})
+	d := decide(ok)
+	d.allow == true
+	other := object.union(held, {"approval": {"id": "ap-1", "status": "approved", "group": "security", "approvals": [{"approver": "alice"}]}})
+	d2 := decide(other)
+	d2.require_approval == true
+}

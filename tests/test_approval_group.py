@@ -1,0 +1,72 @@
+"""An approval granted by one approver group was honoured for a call whose risk rose to a level that
+needs another group (approval.<risk>.group, a documented operator knob). The commit that made a hold with an
+approval enforceable covered the approver count only: input.approval carries no groups and the approval's own
+group is never compared with the decision's requirements, so the policy, seeing one distinct approver, allows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from approvals_support import ApproverIdP, approve, audit_events, open_task
+from harness import EchoTool, SidecarFactory
+from task_concurrency_support import tuned_policy
+
+ALICE = "alice@example.com"
+
+
+@pytest.fixture
+def idp(tmp_path: Path) -> ApproverIdP:
+    return ApproverIdP(tmp_path)
+
+
+def routes(upstream: str) -> list[dict]:
+    return [
+        {"name": "crm", "match": {"path_prefix": "/crm"}, "upstream": f"{upstream}/crm",
+         "labels": {"environment": "dev", "data_classification": "confidential"}},
+        {"name": "publish", "match": {"path_prefix": "/publish"}, "upstream": f"{upstream}/publish",
+         "labels": {"environment": "dev", "external": True}},
+    ]
+
+
+def tiered_policy(tmp_path: Path) -> Path:
+    """High risk: one member of 'approvers'. Critical: one member of 'security' (a stricter group)."""
+    return tuned_policy(tmp_path, approval={
+        "low": {"approvers": 1, "group": "approvers", "expires_in_seconds": 3600},
+        "medium": {"approvers": 1, "group": "approvers", "expires_in_seconds": 3600},
+        "high": {"approvers": 1, "group": "approvers", "expires_in_seconds": 1800},
+        "critical": {"approvers": 1, "group": "security", "expires_in_seconds": 900},
+    })
+
+
+async def test_an_approval_from_the_high_risk_group_does_not_cover_a_call_now_critical(
+        make_sidecar: SidecarFactory, echo_tool: EchoTool, idp: ApproverIdP, tmp_path: Path) -> None:
+    sc = await make_sidecar(policy_dir=tiered_policy(tmp_path), approvals=idp.config(), routes=routes(echo_tool.base))
+    task = await open_task(sc.admin, "publish a post and look up customer 42")
+    body = b'{"text": "hello"}'
+    headers = {"X-Agent-Task": task, "Content-Type": "application/json"}
+    async with httpx.AsyncClient() as agent:
+        held = await agent.post(f"{sc.proxy}/publish/posts", content=body, headers=headers)
+        assert held.json()["code"] == "approval_required", held.text
+        approval_id = held.json()["approval_id"]
+        shown = (await agent.get(f"{sc.admin}/v1/approvals/{approval_id}")).json()
+        assert shown["group"] == "approvers", shown
+        # A member of 'approvers' (not of 'security') approves the post while it is 'high' risk.
+        granted = await approve(sc.admin, approval_id, idp.token(ALICE, ["approvers"]))
+        assert granted.status_code == 200, granted.text
+        # The task then reads confidential data: the post becomes an exfiltration chain, critical,
+        # which this deployment reserves to the 'security' group.
+        read = await agent.get(f"{sc.proxy}/crm/customers/42", headers={"X-Agent-Task": task})
+        assert read.status_code == 200, read.text
+        retried = await agent.post(f"{sc.proxy}/publish/posts", content=body,
+                                   headers={**headers, "X-Agent-Approval": approval_id})
+    posted = [s for s in echo_tool.seen if s.method == "POST"]
+    allowed = [e["result"] for e in audit_events(sc.audit_path)
+               if e.get("type") == "decision" and e.get("approval_id") == approval_id and e.get("outcome") == "allow"]
+    said = [(r.get("risk"), r.get("approval")) for r in allowed if r]
+    assert retried.status_code == 403 and posted == [], (
+        f"a critical call was forwarded ({retried.status_code}) on an approval given by group 'approvers' only, "
+        f"the policy's own requirements for it being {said}")
+    assert retried.json()["code"] == "approval_required", retried.text

@@ -1,0 +1,70 @@
+"""Approval spam. Each retry of one identical held REST call asked the humans again: a new pending
+approval, a new approval.requested event and a new webhook notification every time, with no bound per call,
+task or agent. The new path (a call carrying a granted approval the policy still holds) does the same: the
+agent told to "retry_with_header" re-presents its old approval and every retry files another approval.
+An MCP tools/call keeps one pending approval per identical call (_hold's for_binding check); REST does not.
+Identical approvals pile up in the approvers' queue: approving them (they look alike) lets the one call run
+once per approval; a flood fills the webhook queue (1000) and the pending list (500 shown)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from approvals_support import ApproverIdP, approve, list_pending, open_task
+from harness import SHIPPED_POLICY, EchoTool, SidecarFactory
+
+ALICE = "alice@example.com"
+RETRIES = 10
+
+
+@pytest.fixture
+def idp(tmp_path: Path) -> ApproverIdP:
+    return ApproverIdP(tmp_path)
+
+
+async def test_retrying_one_held_call_does_not_file_an_approval_per_retry(make_sidecar: SidecarFactory,
+                                                                          idp: ApproverIdP) -> None:
+    sc = await make_sidecar(approvals=idp.config())
+    task = await open_task(sc.admin, "clean up duplicate customer records")
+    async with httpx.AsyncClient() as agent:
+        answers = [await agent.delete(f"{sc.proxy}/crm/customers/42", headers={"X-Agent-Task": task})
+                   for _ in range(RETRIES)]
+    assert {a.json()["code"] for a in answers} == {"approval_required"}
+    ids = {a.json()["approval_id"] for a in answers}
+    pending = await list_pending(sc.admin, idp.token(ALICE, ["approvers"]))
+    assert len(ids) == 1 and len(pending) == 1, (
+        f"{RETRIES} retries of one identical held DELETE filed {len(ids)} approvals "
+        f"({len(pending)} pending in the approvers' queue)")
+
+
+def routes(upstream: str) -> list[dict]:
+    return [
+        {"name": "crm", "match": {"path_prefix": "/crm"}, "upstream": f"{upstream}/crm",
+         "labels": {"environment": "dev", "data_classification": "confidential"}},
+        {"name": "publish", "match": {"path_prefix": "/publish"}, "upstream": f"{upstream}/publish",
+         "labels": {"environment": "dev", "external": True}},
+    ]
+
+
+async def test_re_presenting_an_approval_the_policy_still_holds_does_not_file_one_per_retry(
+        make_sidecar: SidecarFactory, echo_tool: EchoTool, idp: ApproverIdP) -> None:
+    sc = await make_sidecar(policy_dir=SHIPPED_POLICY, approvals=idp.config(), routes=routes(echo_tool.base))
+    task = await open_task(sc.admin, "publish a post and look up customer 42")
+    body = b'{"text": "hello"}'
+    headers = {"X-Agent-Task": task, "Content-Type": "application/json"}
+    async with httpx.AsyncClient() as agent:
+        held = await agent.post(f"{sc.proxy}/publish/posts", content=body, headers=headers)
+        approval_id = held.json()["approval_id"]
+        assert (await approve(sc.admin, approval_id, idp.token(ALICE, ["approvers"]))).status_code == 200
+        assert (await agent.get(f"{sc.proxy}/crm/customers/42", headers={"X-Agent-Task": task})).status_code == 200
+        retries = [await agent.post(f"{sc.proxy}/publish/posts", content=body,
+                                    headers={**headers, "X-Agent-Approval": approval_id}) for _ in range(RETRIES)]
+    assert {r.json()["code"] for r in retries} == {"approval_required"}, [r.text for r in retries]
+    new_ids = {r.json()["approval_id"] for r in retries}
+    pending = await list_pending(sc.admin, idp.token("bob@example.com", ["approvers"]))
+    assert len(new_ids) == 1 and len(pending) == 1, (
+        f"{RETRIES} retries carrying approval {approval_id} (the policy still holds: critical, 2 approvers) "
+        f"filed {len(new_ids)} new approvals ({len(pending)} pending for the same call)")
