@@ -38,10 +38,24 @@ def parse_calls(body: Any) -> tuple[McpCall, ...]:
     return calls
 
 
+# JSON-RPC's members, and those of tools/call's params. Go's encoding/json (and MCP servers built on it) match
+# keys ignoring case: {"Method": "tools/call", "result": {}} is a response here and a tool call there.
+_MESSAGE_MEMBERS = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
+_CALL_MEMBERS = frozenset({"name", "arguments", "_meta"})
+
+
+def _refuse_case_variants(members: Any, names: frozenset[str], where: str) -> None:
+    for key in members:
+        if key not in names and key.lower() in names:
+            raise Refusal("bad_request", f"{where}: member {key[:40]!r} is {key.lower()!r} to a server that "
+                          "matches keys ignoring case")
+
+
 def _one(item: Any, index: int | None, size: int | None) -> McpCall:
     where = f"batch element {index}" if index is not None else "the message"
     if not isinstance(item, dict) or item.get("jsonrpc") != "2.0":
         raise Refusal("bad_request", f"{where} is not a JSON-RPC 2.0 object")
+    _refuse_case_variants(item, _MESSAGE_MEMBERS, where)
     request_id = item.get("id")
     if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, (str, int, float))):
         raise Refusal("bad_request", f"{where}: a JSON-RPC id is a string or a number")
@@ -56,6 +70,8 @@ def _one(item: Any, index: int | None, size: int | None) -> McpCall:
         raise Refusal("bad_request", "JSON-RPC params must be an object or an array")
     tool: str | None = None
     arguments: dict[str, Any] | None = None
+    if isinstance(params, dict):
+        _refuse_case_variants(params, _CALL_MEMBERS, where)
     if method == "tools/call":
         if not isinstance(params, dict) or not isinstance(params.get("name"), str) or not params["name"]:
             raise Refusal("bad_request", "tools/call without a tool name")
