@@ -377,7 +377,7 @@ class RequestPath:
                       approval: Approval | None) -> Decision:
         """One decision per call; an MCP batch gets one per JSON-RPC request and the strictest wins."""
         approval_doc = ({"id": approval.id, "status": approval.status, "approvals": approval.approvals,
-                         "group": approval.group} if approval else None)
+                         "group": approval.group, "rules": approval.rules} if approval else None)
         targets = call.mcp_calls or (None,)
         for mcp_call in targets:
             tool = mcp_call.tool if mcp_call else None
@@ -455,10 +455,10 @@ class RequestPath:
 
     async def _hold(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace, decision: Decision) -> str:
         earlier = await self.approvals.for_binding(self._binding(call, agent))
-        if (earlier is not None and earlier.status == "pending" and earlier.approvers_required == decision.approval.approvers
-                and earlier.group == decision.approval.group):
+        if earlier is not None and earlier.status == "pending" and _asks_the_same(earlier, decision):
             # The agent called again before the human decided: still that one approval (one per call held, not
-            # one per retry), unless the policy now asks more of it (more approvers, another group).
+            # one per retry), unless the policy now holds it otherwise (other rules or risk, more approvers,
+            # another group): the humans must see what they approve.
             return earlier.id
         if mcp.call_binding(call) is not None:
             if earlier is not None and earlier.status == "denied":
@@ -470,7 +470,7 @@ class RequestPath:
         expires_in = decision.approval.expires_in_seconds if policy_set_expiry else self.hold.default_expiry_seconds
         approval = Approval(
             id=new_approval_id(), binding=self._binding(call, agent), decision_id=decision.decision_id,
-            route=call.route.name, reasons=list(decision.reasons), risk=decision.risk,
+            route=call.route.name, reasons=list(decision.reasons), risk=decision.risk, rules=list(decision.rules),
             approvers_required=decision.approval.approvers, group=decision.approval.group,
             created_at=now, expires_at=now + expires_in,
             intent=trace.task["intent"] if trace.task else None,
@@ -716,6 +716,11 @@ def _masked_input(document: dict[str, Any], preview: PreviewSettings) -> dict[st
     if isinstance(mcp_doc, dict) and "arguments" in mcp_doc:
         masked["mcp"] = {**mcp_doc, "arguments": masked_arguments}
     return JsonDocument(masked)
+
+
+def _asks_the_same(approval: Approval, decision: Decision) -> bool:
+    return (approval.approvers_required == decision.approval.approvers and approval.group == decision.approval.group
+            and approval.risk == decision.risk and set(approval.rules) == set(decision.rules))
 
 
 def _strictest(decisions: list[Decision]) -> Decision:

@@ -76,6 +76,9 @@ class Approval:
     # The target as approvers and the API see it: the values of masked query parameters replaced
     # (approvals.mask_fields); the binding keeps the exact one. None in records stored before it existed.
     shown_target: str | None = None
+    # The rules that held the call when the humans were asked: the approval covers the call for those, and the
+    # shipped library does not count it once another rule holds it too. Empty in records stored before.
+    rules: list[str] = field(default_factory=list)
 
     def effective_status(self, now: float) -> str:
         if self.status in ("pending", "approved") and now >= self.expires_at:

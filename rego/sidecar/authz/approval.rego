@@ -31,6 +31,17 @@ approval_granted if {
 	object.get(doc.approval, "status", "approved") in {"approved", "granted"}
 	not approvers_short
 	not approved_by_another_group
+	not held_for_another_rule
+}
+
+# The approval lists the rules that held the call when the humans were asked; a rule holding it now that
+# they were not shown (a confidential read since: exfiltration_chain) is not covered. Approvals without
+# the list (made by an older sidecar) are judged by their approvers and group alone.
+held_for_another_rule if {
+	shown := {r | some r in doc.approval.rules; is_string(r)}
+	count(shown) > 0
+	some f in hold
+	not f.rule in shown
 }
 
 # The approval was asked of one group (its approvers were checked against it when they signed); a call

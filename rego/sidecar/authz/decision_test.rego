@@ -150,3 +150,14 @@ test_an_approval_of_another_group_does_not_cover_the_call if {
 	d2 := decide(other)
 	d2.require_approval == true
 }
+
+test_an_approval_shown_other_rules_does_not_cover_the_call if {
+	held := call("DELETE", "crm", "/customers/42", null)
+	asked := decide(held)
+	asked.require_approval == true
+	approval := {"id": "ap-1", "status": "approved", "group": "approvers", "approvals": [{"approver": "alice"}]}
+	seen := decide(object.union(held, {"approval": object.union(approval, {"rules": asked.rules})}))
+	seen.allow == true
+	unseen := decide(object.union(held, {"approval": object.union(approval, {"rules": ["external_publish"]})}))
+	unseen.require_approval == true
+}
