@@ -62,6 +62,17 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], *, deadline: floa
         await asyncio.sleep(0.02)
 
 
+def exfiltration_routes(upstream: str, external: str = "publish") -> list[dict[str, Any]]:
+    """A confidential route and an external one: a write to the second after a read of the first is an
+    exfiltration chain to the shipped library."""
+    return [
+        {"name": "crm", "match": {"path_prefix": "/crm"}, "upstream": f"{upstream}/crm",
+         "labels": {"environment": "dev", "data_classification": "confidential"}},
+        {"name": external, "match": {"path_prefix": f"/{external}"}, "upstream": f"{upstream}/{external}",
+         "labels": {"environment": "dev", "external": True}},
+    ]
+
+
 def audit_events(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

@@ -62,3 +62,11 @@ def redis_server() -> Any:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def idp(tmp_path: Path) -> Any:
+    """An identity provider for approvers (tests/approvals_support.py); a test module may define its own."""
+    from approvals_support import ApproverIdP
+
+    return ApproverIdP(tmp_path)

@@ -8,27 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import pytest
 
-from approvals_support import ApproverIdP, approve, audit_events, open_task
+from approvals_support import ApproverIdP, approve, audit_events, exfiltration_routes, open_task
 from harness import EchoTool, SidecarFactory
 from task_concurrency_support import tuned_policy
 
 ALICE = "alice@example.com"
 
 
-@pytest.fixture
-def idp(tmp_path: Path) -> ApproverIdP:
-    return ApproverIdP(tmp_path)
-
-
-def routes(upstream: str) -> list[dict]:
-    return [
-        {"name": "crm", "match": {"path_prefix": "/crm"}, "upstream": f"{upstream}/crm",
-         "labels": {"environment": "dev", "data_classification": "confidential"}},
-        {"name": "publish", "match": {"path_prefix": "/publish"}, "upstream": f"{upstream}/publish",
-         "labels": {"environment": "dev", "external": True}},
-    ]
 
 
 def tiered_policy(tmp_path: Path) -> Path:
@@ -43,7 +30,7 @@ def tiered_policy(tmp_path: Path) -> Path:
 
 async def test_an_approval_from_the_high_risk_group_does_not_cover_a_call_now_critical(
         make_sidecar: SidecarFactory, echo_tool: EchoTool, idp: ApproverIdP, tmp_path: Path) -> None:
-    sc = await make_sidecar(policy_dir=tiered_policy(tmp_path), approvals=idp.config(), routes=routes(echo_tool.base))
+    sc = await make_sidecar(policy_dir=tiered_policy(tmp_path), approvals=idp.config(), routes=exfiltration_routes(echo_tool.base))
     task = await open_task(sc.admin, "publish a post and look up customer 42")
     body = b'{"text": "hello"}'
     headers = {"X-Agent-Task": task, "Content-Type": "application/json"}

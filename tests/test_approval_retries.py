@@ -8,21 +8,15 @@ once per approval; a flood fills the webhook queue (1000) and the pending list (
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import httpx
-import pytest
 
-from approvals_support import ApproverIdP, approve, list_pending, open_task
+from approvals_support import ApproverIdP, approve, exfiltration_routes, list_pending, open_task
 from harness import SHIPPED_POLICY, EchoTool, SidecarFactory
 
 ALICE = "alice@example.com"
 RETRIES = 10
 
-
-@pytest.fixture
-def idp(tmp_path: Path) -> ApproverIdP:
-    return ApproverIdP(tmp_path)
 
 
 async def test_retrying_one_held_call_does_not_file_an_approval_per_retry(make_sidecar: SidecarFactory,
@@ -40,18 +34,10 @@ async def test_retrying_one_held_call_does_not_file_an_approval_per_retry(make_s
         f"({len(pending)} pending in the approvers' queue)")
 
 
-def routes(upstream: str) -> list[dict]:
-    return [
-        {"name": "crm", "match": {"path_prefix": "/crm"}, "upstream": f"{upstream}/crm",
-         "labels": {"environment": "dev", "data_classification": "confidential"}},
-        {"name": "publish", "match": {"path_prefix": "/publish"}, "upstream": f"{upstream}/publish",
-         "labels": {"environment": "dev", "external": True}},
-    ]
-
 
 async def test_re_presenting_an_approval_the_policy_still_holds_does_not_file_one_per_retry(
         make_sidecar: SidecarFactory, echo_tool: EchoTool, idp: ApproverIdP) -> None:
-    sc = await make_sidecar(policy_dir=SHIPPED_POLICY, approvals=idp.config(), routes=routes(echo_tool.base))
+    sc = await make_sidecar(policy_dir=SHIPPED_POLICY, approvals=idp.config(), routes=exfiltration_routes(echo_tool.base))
     task = await open_task(sc.admin, "publish a post and look up customer 42")
     body = b'{"text": "hello"}'
     headers = {"X-Agent-Task": task, "Content-Type": "application/json"}

@@ -16,10 +16,6 @@ from harness import EchoTool, SidecarFactory
 ALICE = "alice@example.com"
 
 
-@pytest.fixture
-def idp(tmp_path: Path) -> ApproverIdP:
-    return ApproverIdP(tmp_path)
-
 
 async def test_approval_for_one_route_is_refused_on_another(make_sidecar: SidecarFactory, echo_tool: EchoTool,
                                                            idp: ApproverIdP) -> None:

@@ -16,32 +16,18 @@ ES256 ID tokens from a test IdP, the echo upstream.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import httpx
-import pytest
 
-from approvals_support import ApproverIdP, approve, open_task
+from approvals_support import ApproverIdP, approve, exfiltration_routes, open_task
 from harness import SHIPPED_POLICY, EchoTool, SidecarFactory
 
 
-@pytest.fixture
-def idp(tmp_path: Path) -> ApproverIdP:
-    return ApproverIdP(tmp_path)
-
-
-def routes(upstream: str) -> list[dict]:
-    return [
-        {"name": "crm", "match": {"path_prefix": "/crm"}, "upstream": f"{upstream}/crm",
-         "labels": {"environment": "dev", "data_classification": "confidential"}},
-        {"name": "payouts", "match": {"path_prefix": "/payouts"}, "upstream": f"{upstream}/payouts",
-         "labels": {"environment": "dev", "external": True}},
-    ]
 
 
 async def test_an_approval_shown_with_other_reasons_does_not_cover_the_call_now(
         make_sidecar: SidecarFactory, echo_tool: EchoTool, idp: ApproverIdP) -> None:
-    sc = await make_sidecar(policy_dir=SHIPPED_POLICY, approvals=idp.config(), routes=routes(echo_tool.base))
+    sc = await make_sidecar(policy_dir=SHIPPED_POLICY, approvals=idp.config(), routes=exfiltration_routes(echo_tool.base, "payouts"))
     task = await open_task(sc.admin, "pay out supplier invoice 77 and look up customer 42")
     body = b'{"amount": 1500, "to": "supplier-77"}'
     headers = {"X-Agent-Task": task, "Content-Type": "application/json"}

@@ -4,34 +4,20 @@ A hold is enforced with an approval too: a new approval is asked for, with the p
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import httpx
-import pytest
 
-from approvals_support import ApproverIdP, approve, audit_events, open_task
+from approvals_support import ApproverIdP, approve, audit_events, exfiltration_routes, open_task
 from harness import SHIPPED_POLICY, EchoTool, SidecarFactory
 
 ALICE = "alice@example.com"
 
 
-@pytest.fixture
-def idp(tmp_path: Path) -> ApproverIdP:
-    return ApproverIdP(tmp_path)
-
-
-def routes(upstream: str) -> list[dict]:
-    return [
-        {"name": "crm", "match": {"path_prefix": "/crm"}, "upstream": f"{upstream}/crm",
-         "labels": {"environment": "dev", "data_classification": "confidential"}},
-        {"name": "publish", "match": {"path_prefix": "/publish"}, "upstream": f"{upstream}/publish",
-         "labels": {"environment": "dev", "external": True}},
-    ]
 
 
 async def test_policy_hold_after_approval_is_not_overridden(make_sidecar: SidecarFactory, echo_tool: EchoTool,
                                                            idp: ApproverIdP) -> None:
-    sc = await make_sidecar(policy_dir=SHIPPED_POLICY, approvals=idp.config(), routes=routes(echo_tool.base))
+    sc = await make_sidecar(policy_dir=SHIPPED_POLICY, approvals=idp.config(), routes=exfiltration_routes(echo_tool.base))
     task = await open_task(sc.admin, "publish a post and look up customer 42")
     body = b'{"text": "hello"}'
     headers = {"X-Agent-Task": task, "Content-Type": "application/json"}

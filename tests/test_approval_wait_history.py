@@ -18,10 +18,6 @@ from harness import SidecarFactory
 ALICE = "alice@example.com"
 
 
-@pytest.fixture
-def idp(tmp_path: Path) -> ApproverIdP:
-    return ApproverIdP(tmp_path)
-
 
 async def history(admin: str, task: str) -> dict[str, Any]:
     async with httpx.AsyncClient() as client:
