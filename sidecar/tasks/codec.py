@@ -51,8 +51,7 @@ def summary_to_json(summary: TaskSummary, *, in_flight: bool = True) -> str:
     """``in_flight=False`` leaves the reservations (and the version) to a store that keeps them apart (Redis)."""
     doc: dict[str, Any] = {name: getattr(summary, name) for name in _SUMMARY_FIELDS}
     doc["recent"] = [record_doc(record) for record in summary.recent]
-    # Stored once: only the allowed calls older than every call in ``recent`` are written apart (and only when
-    # there are some, so that a history of allowed calls is stored as it always was).
+    # Stored once: only the allowed calls no longer in ``recent`` are written apart (and only when there are some).
     del doc["recent_allowed"]
     in_recent = {id(record) for record in summary.recent}
     before = [record_doc(record) for record in summary.recent_allowed if id(record) not in in_recent]
@@ -91,11 +90,8 @@ def summary_from_json(text: str | bytes) -> TaskSummary:
 
 
 def record_doc(record: CallRecord) -> dict[str, Any]:
-    """A record's fields; ``reads`` only when set, so that a REST call's record is stored as it always was."""
-    doc = vars(record)
-    if doc["reads"] is None:
-        doc = {key: value for key, value in doc.items() if key != "reads"}
-    return doc
+    """A record's fields, as they are (no copy: a history of 20 records is written twice a call)."""
+    return vars(record)
 
 
 def _record(doc: dict[str, Any]) -> CallRecord:
