@@ -179,6 +179,14 @@ def test_embedded_engine_refuses_a_mistyped_knob_at_load_naming_it(tmp_path: Pat
     assert str(policy / "data.json") in str(caught.value)
 
 
+def test_a_rate_cap_the_history_cannot_reach_is_refused_at_load(tmp_path: Path) -> None:
+    """attack8: past 20 (the allowed calls' times the history carries) the rate rule was off without a word."""
+    policy = library_with_data(tmp_path, {"sidecar": {"config": {"anomalies": {"max_calls_in_window": 21}}}})
+    with pytest.raises(PolicyLoadError) as caught:
+        EmbeddedEngine(policy)
+    assert "anomalies.max_calls_in_window must be at most 20" in str(caught.value)
+
+
 def test_sidecar_start_names_the_knob_and_the_setting(tmp_path: Path) -> None:
     policy = library_with_data(tmp_path, {"sidecar": {"config": {"read_methods": "GET"}}})
     config_file = tmp_path / "sidecar.yaml"

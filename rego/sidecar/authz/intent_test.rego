@@ -94,6 +94,12 @@ test_missing_knob_denies_everything if {
 	reason_for(d, "config_invalid") == "config_invalid: data.sidecar.config.limits.critical_amount must be a number; every call is denied until the policy data is fixed"
 }
 
+test_a_rate_cap_beyond_the_history_denies_everything if {
+	d := decide(call("GET", "crm", "/customers/42", null)) with data.sidecar.config.anomalies.max_calls_in_window as 21
+	outcome(d) == "deny"
+	reason_for(d, "config_invalid") == "config_invalid: data.sidecar.config.anomalies.max_calls_in_window must be at most 20 (the history carries the 20 latest allowed calls); every call is denied until the policy data is fixed"
+}
+
 test_mistyped_knob_denies_everything if {
 	d := decide(call("GET", "crm", "/customers/42", null)) with data.sidecar.config.limits.per_call_amount as "50"
 	outcome(d) == "deny"

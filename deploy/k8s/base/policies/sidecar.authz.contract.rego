@@ -88,6 +88,15 @@ config_errors contains sprintf("%s must be a %s", [concat(".", knob), want]) if 
 	type_name(object.get(cfg, knob, null)) != want
 }
 
+# The sidecar sends the times of the 20 latest allowed calls (task.history.recent.at_ms.allow): a higher
+# cap could never be reached, and the rate rule would be off without a word.
+config_errors contains sprintf("anomalies.max_calls_in_window must be at most %d (the history carries the %d latest allowed calls)", [recent_window, recent_window]) if {
+	is_number(cfg.anomalies.max_calls_in_window)
+	cfg.anomalies.max_calls_in_window > recent_window
+}
+
+recent_window := 20
+
 deny contains {
 	"rule": "config_invalid",
 	"reason": sprintf("config_invalid: data.sidecar.config.%s; every call is denied until the policy data is fixed", [msg]),
