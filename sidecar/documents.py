@@ -29,6 +29,12 @@ class McpCall:
     batch_index: int | None = None
     batch_size: int | None = None
 
+    @property
+    def is_request(self) -> bool:
+        """Whether the server acts on it and answers (a tools/call without an id included): not a
+        notification, not a response the client sends back."""
+        return self.method != "(response)" and not self.method.startswith("notifications/")
+
     def as_input(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"method": self.method, "id": self.id, "tool": self.tool, "arguments": self.arguments}
         if self.batch_index is not None:

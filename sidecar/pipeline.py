@@ -732,13 +732,6 @@ def _outcome_label(code: str) -> str:
     return {"denied": "denied", "approval_required": "approval_required"}.get(code, "error" if code.endswith("unavailable") or code.startswith("upstream") else "refused")
 
 
-def _mcp_reads(call: InterceptedCall) -> bool:
-    """An MCP request is a POST whatever it does, and any of them (tools/call, resources/read, prompts/get)
-    can return the server's data: each counts as reading its route's classification (the exfiltration chain).
-    Only notifications and responses, which get no answer, read nothing."""
-    return any(c.method != "(response)" and not c.method.startswith("notifications/") for c in call.mcp_calls)
-
-
 def _call_record(call: InterceptedCall, outcome: str, decisions: list[tuple[Decision, Any]]) -> CallRecord:
     """What a call adds to its task's history (its reservation, when it is allowed): per measure, the larger
     of what the route's measures found and what its decisions say they judged (the policy may read an
@@ -755,7 +748,10 @@ def _call_record(call: InterceptedCall, outcome: str, decisions: list[tuple[Deci
         at=iso_ms(time.time()), amount=measures.get("amount", 0.0), records=measures.get("records", 0.0),
         classification=str(labels["data_classification"]) if "data_classification" in labels else None,
         external=destination_external(labels, call.host), write=call.method not in READ_METHODS,
-        measures=measures, tool=tool[:120] if tool else None, reads=_mcp_reads(call) if call.mcp_calls else None,
+        measures=measures, tool=tool[:120] if tool else None,
+        # An MCP request is a POST whatever it does, and any of them can return the server's data: each reads
+        # its route's classification (the exfiltration chain); notifications and responses get no answer.
+        reads=any(c.is_request for c in call.mcp_calls) if call.mcp_calls else None,
     )
 
 

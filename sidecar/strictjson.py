@@ -31,7 +31,7 @@ class NotJson(Exception):
 def strict_json(body: bytes) -> Any:
     """Parse JSON, refusing what two parsers could read differently (raises Refusal), or raise NotJson."""
     try:
-        value = json.loads(body, object_pairs_hook=_object, parse_constant=_constant, parse_float=_float,
+        value = json.loads(body, object_pairs_hook=unique_members, parse_constant=_constant, parse_float=_float,
                            parse_int=_int)
     except Ambiguous as exc:
         raise Refusal("bad_request", f"ambiguous JSON body: {exc}") from None
@@ -53,10 +53,6 @@ def strict_json(body: bytes) -> Any:
 
 class Ambiguous(Exception):
     pass
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    return unique_members(pairs)
 
 
 def unique_members(pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
 from aiohttp import web
 
-from harness import free_port
+from harness import EchoTool
 
 
 def go_field(message: dict[str, Any], tag: str) -> Any:
@@ -35,29 +36,11 @@ def go_field(message: dict[str, Any], tag: str) -> Any:
     return next((value for key, value in message.items() if key.lower() == tag.lower()), None)
 
 
-class GoStyleMcpServer:
+@dataclass
+class GoStyleMcpServer(EchoTool):
     """What a Go MCP server dispatches: by Method, decoded case-insensitively (mcp-go's HandleMessage shape)."""
 
-    def __init__(self) -> None:
-        self.ran: list[str] = []
-        self.runner: web.AppRunner | None = None
-        self.port = 0
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        self.port = free_port()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+    ran: list[str] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = json.loads(await request.read())

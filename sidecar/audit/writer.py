@@ -247,8 +247,8 @@ class AuditWriter:
         records = written[len(notices):]
         everything = self.chain.notices_written + written
         self.written += len(everything)
-        unwritten = [i for i, (item, record) in enumerate(zip(batch, records, strict=True))
-                     if record["type"] == UNENCODABLE and item.event.get("type") != UNENCODABLE]
+        unwritten = {i for i, (item, record) in enumerate(zip(batch, records, strict=True))
+                     if record["type"] == UNENCODABLE and item.event.get("type") != UNENCODABLE}
         if unwritten:
             log.error("audit: %d events JSON cannot carry were written as %s", len(unwritten), UNENCODABLE)
             self._on_error(len(unwritten))

@@ -30,11 +30,11 @@ def parse_calls(body: Any) -> tuple[McpCall, ...]:
     if len(body) > MAX_BATCH:
         raise Refusal("bad_request", f"an MCP batch holds at most {MAX_BATCH} messages, this one {len(body)}")
     calls = tuple(_one(item, index, len(body)) for index, item in enumerate(body))
-    acting = [c for c in calls if c.method != "(response)" and not c.method.startswith("notifications/")]
-    if len(acting) > 1:
+    requests = sum(1 for c in calls if c.is_request)
+    if requests > 1:
         # Each would be a call of the task, judged against the others; a batch is judged and counted as one.
         raise Refusal("bad_request", f"an MCP batch carries at most one request (other than notifications and "
-                      f"responses), this one {len(acting)}: send them one at a time")
+                      f"responses), this one {requests}: send them one at a time")
     return calls
 
 

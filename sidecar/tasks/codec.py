@@ -50,11 +50,11 @@ _intern = sys.intern
 def summary_to_json(summary: TaskSummary, *, in_flight: bool = True) -> str:
     """``in_flight=False`` leaves the reservations (and the version) to a store that keeps them apart (Redis)."""
     doc: dict[str, Any] = {name: getattr(summary, name) for name in _SUMMARY_FIELDS}
-    doc["recent"] = [record_doc(record) for record in summary.recent]
+    doc["recent"] = [vars(record) for record in summary.recent]
     # Stored once: only the allowed calls no longer in ``recent`` are written apart (and only when there are some).
     del doc["recent_allowed"]
     in_recent = {id(record) for record in summary.recent}
-    before = [record_doc(record) for record in summary.recent_allowed if id(record) not in in_recent]
+    before = [vars(record) for record in summary.recent_allowed if id(record) not in in_recent]
     if before:
         doc["allowed_before"] = before
     if in_flight:
@@ -89,11 +89,6 @@ def summary_from_json(text: str | bytes) -> TaskSummary:
     return summary
 
 
-def record_doc(record: CallRecord) -> dict[str, Any]:
-    """A record's fields, as they are (no copy: a history of 20 records is written twice a call)."""
-    return vars(record)
-
-
 def _record(doc: dict[str, Any]) -> CallRecord:
     known: dict[str, Any] = {k: (_intern(v) if k in _SHARED_STRINGS and v.__class__ is str else v)
                              for k, v in doc.items() if k in _RECORD_FIELDS}
@@ -101,7 +96,7 @@ def _record(doc: dict[str, Any]) -> CallRecord:
 
 
 def reservation_doc(reservation: Reservation) -> dict[str, Any]:
-    return {"id": reservation.id, "expires_at": reservation.expires_at, "record": record_doc(reservation.record)}
+    return {"id": reservation.id, "expires_at": reservation.expires_at, "record": vars(reservation.record)}
 
 
 def reservation_to_json(reservation: Reservation) -> str:

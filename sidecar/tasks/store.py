@@ -120,6 +120,7 @@ def _count(counts: dict[str, Any], key: str, value: float) -> None:
     total = counts.get(key, 0) + value
     # Two finite amounts can sum to infinity (1e308 + 1e308), which JSON cannot carry (orjson writes null,
     # and a null total would slip past a cap): a total saturates at the largest float, over every cap.
+    # (Not measures.saturated_sum: a count of calls stays an integer.)
     counts[key] = total if math.isfinite(total) else sys.float_info.max
 
 
