@@ -27,17 +27,19 @@ import aiohttp
 
 from . import micro, procstat
 from .ab import ONE_RULE, one_rule_policy
+from .floor import floor_command, floor_environment
 from .micro import DECISION_PATH, run_micro
-from .procs import (ROOT, LoadGen, Proc, SidecarProc, nginx_available, open_tasks, start_nginx, start_opa_data_api,
-                    start_sidecar, start_upstream, wait_for_port)
+from .procs import (ROOT, LoadGen, Proc, SidecarProc, free_port, nginx_available, open_tasks, spawn, start_nginx,
+                    start_opa_data_api, start_sidecar, start_upstream, wait_for_port)
 from .report import write_report
 from .stats import latency_summary_ms
 from .wrk import run_wrk, wrk_available, wrk_summary
 
-VARIANTS = ("direct", "nginx", "sidecar-one-rule", "sidecar-embedded", "sidecar-rest")
+VARIANTS = ("direct", "nginx", "sidecar-one-rule", "sidecar-embedded", "sidecar-rest", "floor-one-rule", "floor-shipped")
 SHIPPED = "sidecar-embedded"  # the targets are this variant's figures
 ONE_RULE_VARIANT = "sidecar-one-rule"
 SOAKED = (ONE_RULE_VARIANT, SHIPPED)
+FLOOR, FLOOR_ONE_RULE = "floor-shipped", "floor-one-rule"  # bench.floor: evaluate, sign, forward, nothing else
 SHIPPED_POLICY = ROOT / "rego"
 FIXTURE_POLICY = ROOT / "tests" / "policies" / "fixture"
 
@@ -248,6 +250,8 @@ class Bench:
         self.procs: list[Proc] = []
         self.sidecars: dict[str, SidecarProc] = {}
         self.targets: list[Target] = []
+        # bench.floor's proxies: measured at rest and by wrk only, beside the sidecars (they keep no tasks).
+        self.floors: list[Target] = []
         self.loadgen: LoadGen | None = None
         self.upstream_port = 0
 
@@ -282,8 +286,17 @@ class Bench:
             self.targets.append(Target(name, sidecar.proxy_port, cpu_pids=[sidecar.proc.pid],
                                        policy_pids=[p.pid for p in sidecar.extra], rss_pids=[sidecar.proc.pid],
                                        admin_port=sidecar.admin_port))
+        await self.start_floors(rego_dir, one_rule_dir)
         self.loadgen = await LoadGen.start()
         self.results.meta["loadgen_fd_limit"] = self.loadgen.fd_limit
+
+    async def start_floors(self, rego_dir: Path, one_rule_dir: Path) -> None:
+        for name, policy in ((FLOOR_ONE_RULE, one_rule_dir), (FLOOR, rego_dir)):
+            port = free_port()
+            floor = spawn(name, floor_command(port, self.upstream_port, policy), self.workdir, env=floor_environment())
+            self.procs.append(floor)
+            await wait_for_port(floor, port)
+            self.floors.append(Target(name, port, tasks=["t-floor"], cpu_pids=[floor.pid], rss_pids=[floor.pid]))
 
     async def stop(self) -> None:
         if self.loadgen is not None:
@@ -318,7 +331,7 @@ class Bench:
                 target.tasks = [f"t-{n:016x}" for n in range(self.profile.tasks)]
 
     async def rss_at_rest(self) -> None:
-        for target in self.targets:
+        for target in self.targets + self.floors:
             self.results.memory.setdefault(target.name, {})["rest_mib"] = procstat.group_rss_mib(target.rss_pids)
 
     async def warm_up(self) -> None:
@@ -349,7 +362,7 @@ class Bench:
                                       "installs it)")
             return
         for round_number in range(self.profile.wrk_rounds):
-            for target in rotated(self.targets, round_number):
+            for target in rotated(self.targets + self.floors, round_number):
                 one = await run_wrk(target.port, target.tasks, self.workdir, connections=1,
                                     seconds=self.profile.wrk_c1_seconds)
                 self.results.wrk_c1.setdefault(target.name, []).append(one)
@@ -552,6 +565,7 @@ async def run(profile: Profile, out: Path | None, json_out: Path | None, *, poli
         shutil.rmtree(workdir, ignore_errors=True)
     results.meta["duration_seconds"] = time.time() - started
     results.meta["variants"] = [t.name for t in bench.targets]
+    results.meta["floors"] = [t.name for t in bench.floors]
     table = write_report(results, profile_name=profile.name, out=out)
     print(table)
     if json_out is not None:

@@ -18,6 +18,7 @@ from bench.wrk import parse
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDECARS = ("sidecar-one-rule", "sidecar-embedded", "sidecar-rest")
+FLOORS = ("floor-one-rule", "floor-shipped")
 ISSUE_17_TARGETS = ("added p50 at concurrency 1 ≤ 1.0 ms", "≥ 1,500 allowed calls/s", "≤ 700 CPU-ms per 1,000 allowed calls",
                     "RSS at rest ≤ 90 MiB", "RSS with 10,000 live tasks ≤ 150 MiB", "≤ 3.0 M instructions",
                     "RSS and open fds back within 10 % of before")
@@ -61,7 +62,8 @@ def test_bench_smoke_run_writes_a_well_formed_report(tmp_path: Path) -> None:
 
     # The targets table lists issue 17's targets, each judged, with the one-rule figure beside it.
     targets = section(text, "### Targets")
-    assert "| target (issue 17) | sidecar-embedded (the shipped library) |  | sidecar-one-rule (the path alone) |" in targets
+    assert ("| target (issue 17) | sidecar-embedded (the shipped library) |  | sidecar-one-rule (the path alone) | "
+            "floor-shipped (the least a Python path must do: evaluate the shipped library, sign, forward) |") in targets
     rows = [line for line in targets.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == len(ISSUE_17_TARGETS)
     for wanted, row in zip(ISSUE_17_TARGETS, rows):
@@ -73,6 +75,10 @@ def test_bench_smoke_run_writes_a_well_formed_report(tmp_path: Path) -> None:
         for wanted in ISSUE_17_TARGETS[:3]:
             row = next(r for r in rows if wanted in r)
             assert "not measured" not in row, row
+        # bench.floor beside the sidecars: measured by wrk and at rest, with the shipped library and the one rule.
+        for name in FLOORS:
+            assert re.search(rf"^\| {name} \| [\d.]+ \|", section(text, "### wrk -t1"), re.M), name
+            assert f"| {name} |" in section(text, "### Memory"), name
 
     results = json.loads(raw.read_text())
     variants = results["meta"]["variants"]
