@@ -50,6 +50,8 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "body_too_large": (413, "The request body exceeds the configured limit"),
     "unsupported_encoding": (415, "The request's Content-Encoding is not accepted on this route"),
     "misdirected_request": (421, "This intercepted TLS connection is for another host"),
+    # A held call past approvals.max_pending_per_task / _per_agent: never forwarded, nobody asked.
+    "too_many_pending_approvals": (429, "Too many approvals are already waiting for a human"),
     "headers_too_large": (431, "The request line or headers exceed the configured limits"),
     "internal_error": (500, "The sidecar failed while handling this call"),
     "upstream_error": (502, "The upstream tool could not be reached"),

@@ -4,7 +4,10 @@ Records are JSON strings under ``<prefix>approval:<id>`` (kept until a retention
 after their expiry), the pending queue is a sorted set scored by expiry (soonest first; expired ones fall off), and every
 change is published on ``<prefix>approvals:events`` so the sidecar holding the call
 wakes at once, whichever sidecar the approver used. Updates are optimistic WATCH/MULTI
-transactions around :func:`apply_verdict`. Any Redis failure is a ``store_unavailable``
+transactions around :func:`apply_verdict`. The pending approvals of each task and of each
+agent are sorted sets too, counted and added to by one Lua script with the record itself
+(approvals.max_pending_per_*): a script runs alone in Redis, so replicas filing at once
+cannot both take the last place. Any Redis failure is a ``store_unavailable``
 refusal: nothing that needs the store is forwarded while Redis is down, and the client
 reconnects by itself when it returns.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,13 +29,39 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 
 from ..problems import Refusal
-from .store import PENDING_LIST_LIMIT, Approval, RequestBinding, Verdict, Waiters, apply_verdict, mark_used, wait_for_decision
+from .store import (PENDING_LIST_LIMIT, Approval, PendingLimits, RequestBinding, Verdict, Waiters, apply_verdict, mark_used,
+                    too_many_pending, wait_for_decision)
 
 log = logging.getLogger("sidecar.approvals.redis")
 
 T = TypeVar("T")
 MAX_TRANSACTION_ATTEMPTS = 20
 RECONNECT_DELAY_SECONDS = 0.5
+
+# KEYS: the record, its binding, the pending queue, the task's pending set, the agent's pending set.
+# ARGV: the record's JSON, its id, the records' expiry (ms), its own expiry (the score), now, then the task's and
+# the agent's limit (0: none). Returns "task" or "agent" when that one is full (nothing is written), else "filed".
+CREATE_WITHIN_LIMITS = """
+local now = tonumber(ARGV[5])
+local limits = {tonumber(ARGV[6]), tonumber(ARGV[7])}
+local scopes = {"task", "agent"}
+for i = 1, 2 do
+    local key = KEYS[3 + i]
+    redis.call("ZREMRANGEBYSCORE", key, "-inf", now)
+    if limits[i] > 0 and redis.call("ZCARD", key) >= limits[i] then
+        return scopes[i]
+    end
+end
+redis.call("SET", KEYS[1], ARGV[1], "PXAT", ARGV[3])
+redis.call("SET", KEYS[2], ARGV[2], "PXAT", ARGV[3])
+redis.call("ZADD", KEYS[3], ARGV[4], ARGV[2])
+for i = 4, 5 do
+    redis.call("ZADD", KEYS[i], ARGV[4], ARGV[2])
+    local latest = redis.call("ZRANGE", KEYS[i], -1, -1, "WITHSCORES")
+    redis.call("PEXPIREAT", KEYS[i], string.format("%.0f", math.ceil(tonumber(latest[2]) * 1000) + 1000))
+end
+return "filed"
+"""
 
 
 class RedisApprovalStore:
@@ -46,6 +76,7 @@ class RedisApprovalStore:
             # from before it, and the first command on each would fail although Redis answers again.
             # Timeouts are not retried: the command may have been applied.
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), decode_responses=False)
+        self._create_within_limits = self._redis.register_script(CREATE_WITHIN_LIMITS)
         self._waiters = Waiters()
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
@@ -71,13 +102,22 @@ class RedisApprovalStore:
     def _expire_at_ms(self, approval: Approval) -> int:
         return int((approval.expires_at + self.retention_seconds) * 1000)
 
-    async def create(self, approval: Approval) -> None:
+    def _pending_scope_keys(self, binding: RequestBinding) -> tuple[str, str]:
+        """The sorted sets of the approvals pending in the binding's task, and of its agent."""
+        task = hashlib.sha256(f"{binding.agent}\n{binding.task_id or ''}".encode()).hexdigest()
+        agent = hashlib.sha256(binding.agent.encode()).hexdigest()
+        return f"{self.prefix}approvals:pending:task:{task}", f"{self.prefix}approvals:pending:agent:{agent}"
+
+    async def create(self, approval: Approval, limits: PendingLimits | None = None) -> None:
+        keys = [self._key(approval.id), self._binding_key(approval.binding), self._pending_key,
+                *self._pending_scope_keys(approval.binding)]
+        args: list[str | int | float] = [approval.to_json(), approval.id, self._expire_at_ms(approval),
+                                         approval.expires_at, time.time(),
+                                         limits.per_task if limits else 0, limits.per_agent if limits else 0]
         async with self._guard():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(self._key(approval.id), approval.to_json(), pxat=self._expire_at_ms(approval))
-                pipe.set(self._binding_key(approval.binding), approval.id, pxat=self._expire_at_ms(approval))
-                pipe.zadd(self._pending_key, {approval.id: approval.expires_at})
-                await pipe.execute()
+            full = _text(await self._create_within_limits(keys=keys, args=args))
+        if limits is not None and full != "filed":
+            raise too_many_pending(full, limits.per_task if full == "task" else limits.per_agent)
 
     def _binding_key(self, binding: RequestBinding) -> str:
         return f"{self.prefix}approval-binding:{binding.key}"
@@ -111,7 +151,8 @@ class RedisApprovalStore:
                         pipe.multi()  # type: ignore[no-untyped-call]
                         pipe.set(key, approval.to_json(), keepttl=True)
                         if approval.status != "pending":
-                            pipe.zrem(self._pending_key, approval_id)
+                            for pending in (self._pending_key, *self._pending_scope_keys(approval.binding)):
+                                pipe.zrem(pending, approval_id)
                         await pipe.execute()
                     except WatchError:
                         continue

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..problems import Refusal
-from .store import PENDING_LIST_LIMIT, Approval, RequestBinding, Verdict, Waiters, apply_verdict, mark_used, wait_for_decision
+from .store import (PENDING_LIST_LIMIT, Approval, PendingLimits, RequestBinding, Verdict, Waiters, apply_verdict, mark_used,
+                    refuse_past_limits, wait_for_decision)
 
 T = TypeVar("T")
 
@@ -34,6 +35,15 @@ CREATE INDEX IF NOT EXISTS approvals_status ON approvals (status, created_at);
 BINDING_KEY_MIGRATION = (
     "ALTER TABLE approvals ADD COLUMN binding_key TEXT",
     "CREATE INDEX IF NOT EXISTS approvals_binding ON approvals (binding_key, created_at)",
+)
+# Added with approvals.max_pending_per_*: who an approval is for, so that its pending ones are counted by an index.
+# Approvals still pending when the columns are added get them from their record.
+PENDING_SCOPE_COLUMNS = ("agent", "task_id")
+PENDING_SCOPE_MIGRATION = (
+    "UPDATE approvals SET agent = json_extract(doc, '$.binding.agent'), task_id = json_extract(doc, '$.binding.task_id') "
+    "WHERE agent IS NULL AND status = 'pending'",
+    "CREATE INDEX IF NOT EXISTS approvals_pending_scope ON approvals (agent, task_id, expires_at) "
+    "WHERE status = 'pending'",
 )
 
 
@@ -59,6 +69,11 @@ class SqliteApprovalStore:
         if "binding_key" not in columns:
             self._db.execute(BINDING_KEY_MIGRATION[0])
         self._db.execute(BINDING_KEY_MIGRATION[1])
+        for column in PENDING_SCOPE_COLUMNS:
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE approvals ADD COLUMN {column} TEXT")
+        for statement in PENDING_SCOPE_MIGRATION:
+            self._db.execute(statement)
 
     async def _run(self, work: Callable[[], T]) -> T:
         try:
@@ -74,9 +89,10 @@ class SqliteApprovalStore:
 
     def _save(self, approval: Approval) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO approvals (id, status, created_at, expires_at, doc, binding_key) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO approvals (id, status, created_at, expires_at, doc, binding_key, agent, task_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (approval.id, approval.status, approval.created_at, approval.expires_at, approval.to_json(),
-             approval.binding.key))
+             approval.binding.key, approval.binding.agent, approval.binding.task_id))
 
     def _transaction(self, work: Callable[[], T]) -> T:
         self._db.execute("BEGIN IMMEDIATE")
@@ -88,8 +104,10 @@ class SqliteApprovalStore:
         self._db.execute("COMMIT")
         return result
 
-    def _create(self, approval: Approval) -> None:
+    def _create(self, approval: Approval, limits: PendingLimits | None) -> None:
         def work() -> None:
+            if limits is not None:  # counted inside the write transaction (BEGIN IMMEDIATE) that files it
+                refuse_past_limits(limits, *self._pending_of(approval.binding))
             self._db.execute("DELETE FROM approvals WHERE expires_at < ? AND status != 'pending'",
                              (time.time() - self.retention_seconds,))
             (count,) = self._db.execute("SELECT count(*) FROM approvals").fetchone()
@@ -115,6 +133,17 @@ class SqliteApprovalStore:
             (time.time(), limit)).fetchall()
         return [Approval.from_json(row[0]) for row in rows]
 
+    def _pending_of(self, binding: RequestBinding) -> tuple[int, int]:
+        """Approvals pending in the binding's task, and of its agent."""
+        now = time.time()
+        (in_task,) = self._db.execute(
+            "SELECT count(*) FROM approvals WHERE status = 'pending' AND agent = ? AND task_id IS ? AND expires_at > ?",
+            (binding.agent, binding.task_id, now)).fetchone()
+        (of_agent,) = self._db.execute(
+            "SELECT count(*) FROM approvals WHERE status = 'pending' AND agent = ? AND expires_at > ?",
+            (binding.agent, now)).fetchone()
+        return int(in_task), int(of_agent)
+
     def _count_pending(self) -> int:
         (count,) = self._db.execute("SELECT count(*) FROM approvals WHERE status = 'pending' AND expires_at > ?",
                                     (time.time(),)).fetchone()
@@ -122,8 +151,8 @@ class SqliteApprovalStore:
 
     # ------------------------------------------------------------ protocol
 
-    async def create(self, approval: Approval) -> None:
-        await self._run(lambda: self._create(approval))
+    async def create(self, approval: Approval, limits: PendingLimits | None = None) -> None:
+        await self._run(lambda: self._create(approval, limits))
 
     async def get(self, approval_id: str) -> Approval | None:
         approval = await self._run(lambda: self._load(approval_id))

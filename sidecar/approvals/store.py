@@ -24,6 +24,8 @@ PENDING_LIST_LIMIT = 500
 # A held call re-reads its approval at least this often even if no wake-up arrives
 # (a pub/sub message lost while Redis reconnected, a decision made by another process).
 POLL_SECONDS = 1.0
+# What a call refused for too many pending approvals is told: a human decides at an unknown time.
+PENDING_LIMIT_RETRY_AFTER_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -175,8 +177,41 @@ def mark_used(approval: Approval, now: float) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class PendingLimits:
+    """How many approvals may wait for a human at once, counted by the store as it files one more.
+
+    Per task (the calls an agent makes outside any task count as one task of that agent) and per agent over
+    all its tasks: an agent can open tasks at will, so the per-task limit alone bounds nothing."""
+
+    per_task: int = 8
+    per_agent: int = 32
+
+
+def too_many_pending(scope: str, limit: int) -> Refusal:
+    """The refusal of one more approval past ``limit`` pending in ``scope`` ("task" or "agent")."""
+    whose = "this task" if scope == "task" else "this agent (over all its tasks)"
+    return Refusal("too_many_pending_approvals",
+                   f"{limit} approvals of {whose} are already waiting for a human; this call was not forwarded and "
+                   f"nobody was asked: retry once one of them is decided or expires",
+                   extra={"pending_scope": scope, "max_pending": limit},
+                   headers={"Retry-After": str(PENDING_LIMIT_RETRY_AFTER_SECONDS)})
+
+
+def refuse_past_limits(limits: PendingLimits, pending_in_task: int, pending_of_agent: int) -> None:
+    """Raise the refusal when one more pending approval would go past a limit (the stores count, this judges)."""
+    if pending_in_task >= limits.per_task:
+        raise too_many_pending("task", limits.per_task)
+    if pending_of_agent >= limits.per_agent:
+        raise too_many_pending("agent", limits.per_agent)
+
+
 class ApprovalStore(Protocol):
-    async def create(self, approval: Approval) -> None: ...
+    async def create(self, approval: Approval, limits: PendingLimits | None = None) -> None:
+        """File a new pending approval. With ``limits``, refuse it (Refusal too_many_pending_approvals) when its
+        task or its agent already has that many pending: counted and filed in one atomic step, so that calls
+        held at once, on one sidecar or on replicas sharing the store, never file past a limit."""
+        ...
 
     async def get(self, approval_id: str) -> Approval | None: ...
 
@@ -272,7 +307,9 @@ class MemoryApprovalStore:
         self._by_binding: dict[str, str] = {}  # binding key -> the newest approval made for it
         self._waiters = Waiters()
 
-    async def create(self, approval: Approval) -> None:
+    async def create(self, approval: Approval, limits: PendingLimits | None = None) -> None:
+        if limits is not None:  # no await from the count to the insert: atomic on the event loop
+            refuse_past_limits(limits, *self._pending_of(approval.binding))
         if len(self._records) >= self.max_records:
             oldest = min(self._records.values(), key=lambda a: a.created_at)
             del self._records[oldest.id]
@@ -280,6 +317,13 @@ class MemoryApprovalStore:
                 del self._by_binding[oldest.binding.key]
         self._records[approval.id] = approval
         self._by_binding[approval.binding.key] = approval.id
+
+    def _pending_of(self, binding: RequestBinding) -> tuple[int, int]:
+        """Approvals pending in the binding's task, and of its agent."""
+        now = time.time()
+        of_agent = [a.binding for a in self._records.values()
+                    if a.binding.agent == binding.agent and a.effective_status(now) == "pending"]
+        return sum(1 for b in of_agent if b.task_id == binding.task_id), len(of_agent)
 
     async def for_binding(self, binding: RequestBinding) -> Approval | None:
         approval_id = self._by_binding.get(binding.key)
