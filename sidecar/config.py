@@ -193,6 +193,9 @@ class WebhookConfig:
 class ApprovalsConfig:
     max_wait_seconds: int = 60  # the cap on Prefer: wait=N
     default_expiry_seconds: int = 900  # when the policy's decision names none
+    # Approvals waiting for a human at once; one more held call is refused too_many_pending_approvals.
+    max_pending_per_task: int = 8  # calls outside any task count as one task of their agent
+    max_pending_per_agent: int = 32  # over all the agent's tasks: it can open tasks at will
     page_url: str | None = None  # the approver page as approvers reach it; None: http://<admin listener>/ui/
     approvers: ApproversConfig | None = None  # None: nobody can approve through the API
     webhook: WebhookConfig | None = None

@@ -465,6 +465,13 @@ class Approvals(Section):
     default_expiry_seconds: Annotated[int, between(1, None, "must be a positive integer"),
                                       between(None, 604800, "must be at most 604800 (a week)")] = _field(
         "When the policy's decision names none.", 900)
+    max_pending_per_task: Annotated[int, between(1, 1000, "must be between 1 and 1000")] = _field(
+        "Approvals of one task waiting for a human at once (the calls made outside any task count as one task of "
+        "their agent); a held call that would ask for one more is refused with 429 too_many_pending_approvals, "
+        "never forwarded, and nobody is asked. A retry of a call whose approval is pending still gets it.", 8)
+    max_pending_per_agent: Annotated[int, between(1, 100_000, "must be between 1 and 100000")] = _field(
+        "Approvals of one agent waiting for a human at once, over all its tasks (an agent can open tasks at will); "
+        "past it, refused the same way. At least max_pending_per_task.", 32)
     page_url: HttpUrl | None = _field("The approver page as approvers reach it; default: http://<admin>/ui/.", None)
     approvers: Approvers | None = _field("Without it nobody can approve through the API.", None)
     webhook: Webhook | None = _field("Notify a URL of each held call.", None)
@@ -477,6 +484,13 @@ class Approvals(Section):
     highlight_fields: NonEmptyStrings | None = _field(
         "Body fields set apart above the body; replaces the built-in list: " + ", ".join(DEFAULT_HIGHLIGHT_FIELDS) + ".",
         None)
+
+    @model_validator(mode="after")
+    def _agent_holds_a_task(self) -> "Approvals":
+        if self.max_pending_per_agent < self.max_pending_per_task:
+            raise _fail("must be at least max_pending_per_task (an agent could never fill one task)",
+                        "max_pending_per_agent")
+        return self
 
 
 def _token_lengths(value: list[str], _: Path) -> list[str]:
@@ -826,6 +840,7 @@ def _config(model: SidecarFile, source: Path, raw: dict[str, Any]) -> Config:
                           redis_url=model.store.redis_url or None),
         approvals=ApprovalsConfig(
             max_wait_seconds=approvals.max_wait_seconds, default_expiry_seconds=approvals.default_expiry_seconds,
+            max_pending_per_task=approvals.max_pending_per_task, max_pending_per_agent=approvals.max_pending_per_agent,
             page_url=approvals.page_url + "/" if approvals.page_url else None,
             approvers=None if approvals.approvers is None else ApproversConfig(
                 jwks=approvals.approvers.jwks, issuer=approvals.approvers.issuer,

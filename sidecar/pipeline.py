@@ -477,7 +477,9 @@ class RequestPath:
             shown_target=self.hold.preview.mask_target(call.target_url),
             body=self.hold.preview.build(call, decision.reasons),  # masked and bounded: what the approver sees
         )
-        await self.approvals.create(approval)
+        filed = await self._file(approval, decision)
+        if filed is not approval:
+            return filed.id
         self._append({"type": "approval.requested", "approval_id": approval.id, "decision_id": decision.decision_id,
                       "task_id": call.task_id, "agent": agent.id, "route": call.route.name,
                       "approvers_required": approval.approvers_required, "group": approval.group,
@@ -486,6 +488,23 @@ class RequestPath:
             self.hold.notifier.notify(approval)
         await self._refresh_pending_gauge()
         return approval.id
+
+    async def _file(self, approval: Approval, decision: Decision) -> Approval:
+        """File a new approval, or refuse the call when its task or agent has approvals.max_pending_* waiting.
+
+        The store counts and files in one atomic step. A call refused there may be the twin of one sent at once
+        (both found no pending approval before filing): the twin's approval is this call's too."""
+        try:
+            await self.approvals.create(approval, self.hold.pending_limits)
+        except Refusal as refusal:
+            if refusal.code != "too_many_pending_approvals":
+                raise
+            twin = await self.approvals.for_binding(approval.binding)
+            if twin is not None and twin.status == "pending" and _asks_the_same(twin, decision):
+                return twin
+            refusal.decision_id, refusal.reasons = decision.decision_id, list(decision.reasons)
+            raise
+        return approval
 
     def _wait_seconds(self, call: InterceptedCall) -> float:
         return min(call.prefer_wait_seconds or 0.0, self.hold.max_wait_seconds)
@@ -688,7 +707,8 @@ class RequestPath:
                                   receipt=False)
         except (AuditError, Refusal):
             pass  # counted by the sink; the call is refused either way
-        if refusal.code in ("denied", "approval_required"):
+        if refusal.code in ("denied", "approval_required", "too_many_pending_approvals"):
+            # A call refused for too many pending approvals was held by the policy: its task counts it as held.
             await self._remember(trace, "deny" if refusal.code == "denied" else "hold")
         return render_refusal(refusal, call)
 

@@ -62,6 +62,7 @@ def test_the_shipped_example_config_is_valid() -> None:
     assert config.proxy.port == 15001 and config.admin.port == 15000 and config.metrics.port == 15090
     assert config.max_body_bytes == 1048576 and config.policy.timeout_ms == 250
     assert config.policy.embedded_workers == 1
+    assert (config.approvals.max_pending_per_task, config.approvals.max_pending_per_agent) == (8, 32)
 
 
 def test_bad_config_exits_non_zero_before_opening_a_listener(tmp_path: Path) -> None:

@@ -19,17 +19,19 @@ from ..observability.metrics import Metrics
 from ..problems import Refusal
 from .approvers import Approver, ApproverVerifier, bearer_token
 from .preview import PreviewSettings
-from .store import Approval, ApprovalStore, Verdict, apply_verdict, copy_of, outcome
+from .store import Approval, ApprovalStore, PendingLimits, Verdict, apply_verdict, copy_of, outcome
 from .webhook import WebhookNotifier
 
 
 
 @dataclass(frozen=True)
 class HoldSettings:
-    """How the request path holds calls: the cap on ``Prefer: wait``, who to tell, what they see of the body."""
+    """How the request path holds calls: the cap on ``Prefer: wait``, how many may wait for a human at once,
+    who to tell, what they see of the body."""
 
     max_wait_seconds: float = 60.0
     default_expiry_seconds: int = 900
+    pending_limits: PendingLimits = field(default_factory=PendingLimits)
     notifier: WebhookNotifier | None = None
     preview: PreviewSettings = field(default_factory=PreviewSettings)  # what approvers see of a held body
 

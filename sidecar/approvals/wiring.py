@@ -14,7 +14,7 @@ from ..stores import open_store
 from .approvers import ApproverVerifier
 from .desk import ApprovalDesk, HoldSettings
 from .preview import PreviewSettings
-from .store import ApprovalStore
+from .store import ApprovalStore, PendingLimits
 from .webhook import WebhookNotifier
 
 
@@ -62,5 +62,8 @@ def build_approvals(config: Config, metrics: Metrics, audit: AuditSink) -> Appro
     preview = PreviewSettings(max_bytes=settings.body_preview_bytes, mask_fields=settings.mask_fields,
                               highlight_fields=settings.highlight_fields)
     hold = HoldSettings(max_wait_seconds=float(settings.max_wait_seconds),
-                        default_expiry_seconds=settings.default_expiry_seconds, notifier=notifier, preview=preview)
+                        default_expiry_seconds=settings.default_expiry_seconds,
+                        pending_limits=PendingLimits(per_task=settings.max_pending_per_task,
+                                                     per_agent=settings.max_pending_per_agent),
+                        notifier=notifier, preview=preview)
     return ApprovalParts(store=store, desk=desk, hold=hold)

@@ -43,6 +43,10 @@ def model_text(refusal: Refusal) -> str:
                 f"again once approved ({reasons})")
     if refusal.code == "approval_denied":
         return f"a human denied this call (approval {refusal.approval_id}); do not retry it ({reasons})"
+    if refusal.code == "too_many_pending_approvals":
+        return (f"not sent: too many calls of this {refusal.extra.get('pending_scope')} are already waiting for human "
+                f"approval (at most {refusal.extra.get('max_pending')}); wait until one is decided before another call "
+                f"that needs approval ({reasons})")
     if refusal.code == "denied":
         return f"denied: {reasons}"
     return f"refused ({refusal.code}): {reasons}"
