@@ -492,19 +492,15 @@ class RequestPath:
     async def _file(self, approval: Approval, decision: Decision) -> Approval:
         """File a new approval, or refuse the call when its task or agent has approvals.max_pending_* waiting.
 
-        The store counts and files in one atomic step. A call refused there may be the twin of one sent at once
-        (both found no pending approval before filing): the twin's approval is this call's too."""
+        The store looks for the call's pending approval, counts and files in one atomic step: a call that found
+        none above may be the twin of one sent at once (on this sidecar or another), and the approval the store
+        answers with, its twin's, is this call's too; it takes no second place and asks nobody again."""
         try:
-            await self.approvals.create(approval, self.hold.pending_limits)
+            return await self.approvals.create(approval, self.hold.pending_limits)
         except Refusal as refusal:
-            if refusal.code != "too_many_pending_approvals":
-                raise
-            twin = await self.approvals.for_binding(approval.binding)
-            if twin is not None and twin.status == "pending" and _asks_the_same(twin, decision):
-                return twin
-            refusal.decision_id, refusal.reasons = decision.decision_id, list(decision.reasons)
+            if refusal.code == "too_many_pending_approvals":
+                refusal.decision_id, refusal.reasons = decision.decision_id, list(decision.reasons)
             raise
-        return approval
 
     def _wait_seconds(self, call: InterceptedCall) -> float:
         return min(call.prefer_wait_seconds or 0.0, self.hold.max_wait_seconds)

@@ -89,7 +89,8 @@ async def test_approvals_filed_at_once_never_go_past_the_limit(open_store: OpenS
     answers = await asyncio.gather(*(file(replicas[n % 2], held(n)) for n in range(20)))
     assert sorted(answers) == ["filed"] * 3 + ["too_many_pending_approvals:task"] * 17
     assert await replicas[0].count_pending() == 3
-    answers = await asyncio.gather(*(file(replicas[n % 2], held(n, task=f"t-{n}")) for n in range(20)))
+    # Other calls (another target each): the same call again would be given its pending approval, not a place.
+    answers = await asyncio.gather(*(file(replicas[n % 2], held(100 + n, task=f"t-{n}")) for n in range(20)))
     assert answers.count("filed") == 2  # the agent's 5, 3 of them in t-1
 
 

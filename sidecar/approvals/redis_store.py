@@ -6,8 +6,9 @@ change is published on ``<prefix>approvals:events`` so the sidecar holding the c
 wakes at once, whichever sidecar the approver used. Updates are optimistic WATCH/MULTI
 transactions around :func:`apply_verdict`. The pending approvals of each task and of each
 agent are sorted sets too, counted and added to by one Lua script with the record itself
-(approvals.max_pending_per_*): a script runs alone in Redis, so replicas filing at once
-cannot both take the last place. Any Redis failure is a ``store_unavailable``
+(approvals.max_pending_per_*), after it looked for the call's own pending approval: a script
+runs alone in Redis, so replicas filing at once cannot both take the last place, nor file
+one call twice. Any Redis failure is a ``store_unavailable``
 refusal: nothing that needs the store is forwarded while Redis is down, and the client
 reconnects by itself when it returns.
 """
@@ -39,17 +40,51 @@ MAX_TRANSACTION_ATTEMPTS = 20
 RECONNECT_DELAY_SECONDS = 0.5
 
 # KEYS: the record, its binding, the pending queue, the task's pending set, the agent's pending set.
-# ARGV: the record's JSON, its id, the records' expiry (ms), its own expiry (the score), now, then the task's and
-# the agent's limit (0: none). Returns "task" or "agent" when that one is full (nothing is written), else "filed".
+# ARGV: the record's JSON, its id, the records' expiry (ms), its own expiry (the score), now, the task's and the
+# agent's limit (0: none), the records' key prefix, what the approval asks (see _asks), then its rules, each once.
+# Returns {"twin", <its JSON>} when the binding's newest approval still waits for a human and asks the same (the call's
+# approval: nothing is written), {"task"} or {"agent"} when that one is full (nothing is written), else {"filed"}.
+# The twin's record is read by a key built here (its id is only known from the binding): one Redis, not a cluster.
 CREATE_WITHIN_LIMITS = """
 local now = tonumber(ARGV[5])
+local function asks(doc)
+    local group = "-"
+    if type(doc.group) == "string" then group = "g" .. doc.group end
+    local parts = {tostring(doc.approvers_required), group, tostring(doc.risk)}
+    for i = 1, 3 do parts[i] = #parts[i] .. ":" .. parts[i] end
+    return table.concat(parts)
+end
+local function same_rules(doc)
+    local rules, count = {}, 0
+    if type(doc.rules) == "table" then
+        for _, rule in ipairs(doc.rules) do
+            if not rules[rule] then rules[rule] = true; count = count + 1 end
+        end
+    end
+    if count ~= #ARGV - 9 then return false end
+    for i = 10, #ARGV do
+        if not rules[ARGV[i]] then return false end
+    end
+    return true
+end
+local newest = redis.call("GET", KEYS[2])
+if newest then
+    local raw = redis.call("GET", ARGV[8] .. newest)
+    if raw then
+        local doc = cjson.decode(raw)
+        if doc.status == "pending" and (tonumber(doc.expires_at) or 0) > now and asks(doc) == ARGV[9] and same_rules(doc) then
+            return {"twin", raw}
+        end
+    end
+end
+redis.call("ZREMRANGEBYSCORE", KEYS[3], "-inf", now)
 local limits = {tonumber(ARGV[6]), tonumber(ARGV[7])}
 local scopes = {"task", "agent"}
 for i = 1, 2 do
     local key = KEYS[3 + i]
     redis.call("ZREMRANGEBYSCORE", key, "-inf", now)
     if limits[i] > 0 and redis.call("ZCARD", key) >= limits[i] then
-        return scopes[i]
+        return {scopes[i]}
     end
 end
 redis.call("SET", KEYS[1], ARGV[1], "PXAT", ARGV[3])
@@ -60,8 +95,15 @@ for i = 4, 5 do
     local latest = redis.call("ZRANGE", KEYS[i], -1, -1, "WITHSCORES")
     redis.call("PEXPIREAT", KEYS[i], string.format("%.0f", math.ceil(tonumber(latest[2]) * 1000) + 1000))
 end
-return "filed"
+return {"filed"}
 """
+
+
+def _asks(approval: Approval) -> str:
+    """What the approval asks of the humans, as the script computes it from a record (store.asks_the_same)."""
+    parts = [str(approval.approvers_required), "-" if approval.group is None else "g" + approval.group, approval.risk]
+    return "".join(f"{len(part.encode())}:{part}" for part in parts)
+
 
 
 class RedisApprovalStore:
@@ -108,16 +150,24 @@ class RedisApprovalStore:
         agent = hashlib.sha256(binding.agent.encode()).hexdigest()
         return f"{self.prefix}approvals:pending:task:{task}", f"{self.prefix}approvals:pending:agent:{agent}"
 
-    async def create(self, approval: Approval, limits: PendingLimits | None = None) -> None:
+    async def create(self, approval: Approval, limits: PendingLimits | None = None) -> Approval:
         keys = [self._key(approval.id), self._binding_key(approval.binding), self._pending_key,
                 *self._pending_scope_keys(approval.binding)]
         args: list[str | int | float] = [approval.to_json(), approval.id, self._expire_at_ms(approval),
                                          approval.expires_at, time.time(),
-                                         limits.per_task if limits else 0, limits.per_agent if limits else 0]
+                                         limits.per_task if limits else 0, limits.per_agent if limits else 0,
+                                         self._key(""), _asks(approval), *sorted(set(approval.rules))]
         async with self._guard():
-            full = _text(await self._create_within_limits(keys=keys, args=args))
-        if limits is not None and full != "filed":
-            raise too_many_pending(full, limits.per_task if full == "task" else limits.per_agent)
+            answer = await self._create_within_limits(keys=keys, args=args)
+        outcome = _text(answer[0])
+        if outcome == "twin":
+            twin = Approval.from_json(answer[1])
+            twin.status = twin.effective_status(time.time())
+            return twin
+        if outcome != "filed":
+            assert limits is not None
+            raise too_many_pending(outcome, limits.per_task if outcome == "task" else limits.per_agent)
+        return approval
 
     def _binding_key(self, binding: RequestBinding) -> str:
         return f"{self.prefix}approval-binding:{binding.key}"

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from ..problems import Refusal
 from .store import (PENDING_LIST_LIMIT, Approval, PendingLimits, RequestBinding, Verdict, Waiters, apply_verdict, mark_used,
-                    refuse_past_limits, wait_for_decision)
+                    pending_twin, refuse_past_limits, wait_for_decision)
 
 T = TypeVar("T")
 
@@ -104,9 +104,13 @@ class SqliteApprovalStore:
         self._db.execute("COMMIT")
         return result
 
-    def _create(self, approval: Approval, limits: PendingLimits | None) -> None:
-        def work() -> None:
-            if limits is not None:  # counted inside the write transaction (BEGIN IMMEDIATE) that files it
+    def _create(self, approval: Approval, limits: PendingLimits | None) -> Approval:
+        def work() -> Approval:
+            # Looked up and counted inside the write transaction (BEGIN IMMEDIATE) that files it.
+            twin = pending_twin(self._newest(approval.binding), approval, time.time())
+            if twin is not None:
+                return twin
+            if limits is not None:
                 refuse_past_limits(limits, *self._pending_of(approval.binding))
             self._db.execute("DELETE FROM approvals WHERE expires_at < ? AND status != 'pending'",
                              (time.time() - self.retention_seconds,))
@@ -115,7 +119,8 @@ class SqliteApprovalStore:
                 self._db.execute("DELETE FROM approvals WHERE id IN (SELECT id FROM approvals ORDER BY created_at LIMIT ?)",
                                  (count - self.max_records + 1,))
             self._save(approval)
-        self._transaction(work)
+            return approval
+        return self._transaction(work)
 
     def _update(self, approval_id: str, change: Callable[[Approval], T]) -> tuple[Approval | None, T | None]:
         def work() -> tuple[Approval | None, T | None]:
@@ -132,6 +137,12 @@ class SqliteApprovalStore:
             "SELECT doc FROM approvals WHERE status = 'pending' AND expires_at > ? ORDER BY created_at LIMIT ?",
             (time.time(), limit)).fetchall()
         return [Approval.from_json(row[0]) for row in rows]
+
+    def _newest(self, binding: RequestBinding) -> Approval | None:
+        """The newest approval made for exactly this binding (any status)."""
+        row = self._db.execute("SELECT doc FROM approvals WHERE binding_key = ? ORDER BY created_at DESC LIMIT 1",
+                               (binding.key,)).fetchone()
+        return Approval.from_json(row[0]) if row else None
 
     def _pending_of(self, binding: RequestBinding) -> tuple[int, int]:
         """Approvals pending in the binding's task, and of its agent."""
@@ -151,8 +162,8 @@ class SqliteApprovalStore:
 
     # ------------------------------------------------------------ protocol
 
-    async def create(self, approval: Approval, limits: PendingLimits | None = None) -> None:
-        await self._run(lambda: self._create(approval, limits))
+    async def create(self, approval: Approval, limits: PendingLimits | None = None) -> Approval:
+        return await self._run(lambda: self._create(approval, limits))
 
     async def get(self, approval_id: str) -> Approval | None:
         approval = await self._run(lambda: self._load(approval_id))
@@ -172,12 +183,7 @@ class SqliteApprovalStore:
         return approval
 
     async def for_binding(self, binding: RequestBinding) -> Approval | None:
-        def newest() -> Approval | None:
-            row = self._db.execute("SELECT doc FROM approvals WHERE binding_key = ? ORDER BY created_at DESC LIMIT 1",
-                                   (binding.key,)).fetchone()
-            return Approval.from_json(row[0]) if row else None
-
-        approval = await self._run(newest)
+        approval = await self._run(lambda: self._newest(binding))
         if approval is not None:
             approval.status = approval.effective_status(time.time())
         return approval

@@ -198,6 +198,20 @@ def too_many_pending(scope: str, limit: int) -> Refusal:
                    headers={"Retry-After": str(PENDING_LIMIT_RETRY_AFTER_SECONDS)})
 
 
+def asks_the_same(approval: Approval, other: Approval) -> bool:
+    """Whether ``other`` asks the humans what ``approval`` asks: the same approvers, group, risk and rules."""
+    return (approval.approvers_required == other.approvers_required and approval.group == other.group
+            and approval.risk == other.risk and set(approval.rules) == set(other.rules))
+
+
+def pending_twin(newest: Approval | None, approval: Approval, now: float) -> Approval | None:
+    """The approval to give ``approval``'s call instead of filing it: the newest one made for the same binding, if it
+    still waits for a human and asks the same (one call, one approval, one place, however many copies are sent)."""
+    if newest is not None and newest.effective_status(now) == "pending" and asks_the_same(newest, approval):
+        return newest
+    return None
+
+
 def refuse_past_limits(limits: PendingLimits, pending_in_task: int, pending_of_agent: int) -> None:
     """Raise the refusal when one more pending approval would go past a limit (the stores count, this judges)."""
     if pending_in_task >= limits.per_task:
@@ -207,10 +221,12 @@ def refuse_past_limits(limits: PendingLimits, pending_in_task: int, pending_of_a
 
 
 class ApprovalStore(Protocol):
-    async def create(self, approval: Approval, limits: PendingLimits | None = None) -> None:
-        """File a new pending approval. With ``limits``, refuse it (Refusal too_many_pending_approvals) when its
-        task or its agent already has that many pending: counted and filed in one atomic step, so that calls
-        held at once, on one sidecar or on replicas sharing the store, never file past a limit."""
+    async def create(self, approval: Approval, limits: PendingLimits | None = None) -> Approval:
+        """File a new pending approval and return it; or, when the newest approval for the same binding is still
+        pending and asks the same (:func:`pending_twin`), file nothing and return that one. With ``limits``, refuse
+        a new one (Refusal too_many_pending_approvals) when its task or its agent already has that many pending.
+        Looked up, counted and filed in one atomic step, so that calls held at once, on one sidecar or on replicas
+        sharing the store, never file past a limit and identical ones file one approval."""
         ...
 
     async def get(self, approval_id: str) -> Approval | None: ...
@@ -307,8 +323,13 @@ class MemoryApprovalStore:
         self._by_binding: dict[str, str] = {}  # binding key -> the newest approval made for it
         self._waiters = Waiters()
 
-    async def create(self, approval: Approval, limits: PendingLimits | None = None) -> None:
-        if limits is not None:  # no await from the count to the insert: atomic on the event loop
+    async def create(self, approval: Approval, limits: PendingLimits | None = None) -> Approval:
+        # No await from the lookup and the count to the insert: atomic on the event loop.
+        newest = self._records.get(self._by_binding.get(approval.binding.key, ""))
+        twin = pending_twin(newest, approval, time.time())
+        if twin is not None:
+            return twin
+        if limits is not None:
             refuse_past_limits(limits, *self._pending_of(approval.binding))
         if len(self._records) >= self.max_records:
             oldest = min(self._records.values(), key=lambda a: a.created_at)
@@ -317,6 +338,7 @@ class MemoryApprovalStore:
                 del self._by_binding[oldest.binding.key]
         self._records[approval.id] = approval
         self._by_binding[approval.binding.key] = approval.id
+        return approval
 
     def _pending_of(self, binding: RequestBinding) -> tuple[int, int]:
         """Approvals pending in the binding's task, and of its agent."""

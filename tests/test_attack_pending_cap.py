@@ -1,0 +1,205 @@
+"""Attacks on approvals.max_pending_per_task / _per_agent and the hold path around it.
+
+A prompt-injected agent controls its bytes, its timing, its parallelism and its hang-ups. Real sidecars, real
+sockets, the embedded engine, SQLite and a real redis-server shared by two sidecars; races are made certain by
+barriers and gates, never by sleeps.
+
+- Identical held calls sent at once while the task still has room each filed their own approval: the humans
+  were asked N times for one call (approving the look-alikes lets the call run once per approval) and the copies
+  took N places of the task's quota, so the agent's next distinct held call was refused
+  too_many_pending_approvals. The count and the file were atomic; "is this call's approval already pending?"
+  was not part of that step (only the last place was covered, by a lookup after the refusal).
+- Redis: the fleet-wide pending queue (a sorted set) was pruned of expired ids only when someone listed the
+  pending approvals; filing (the Lua script that prunes the per-task and per-agent sets) left it to grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from approvals_support import APPROVAL_POLICY, ApproverIdP, audit_events, eventually, list_pending, open_task
+from harness import RunningSidecar, SidecarFactory
+
+ALICE = "alice@example.com"
+CAP = 3
+
+
+async def post_note(agent: httpx.AsyncClient, proxy: str, task: str | None, text: str,
+                    **headers: str) -> httpx.Response:
+    """A write the approvals policy holds; the body is what the agent varies."""
+    task_header = {"X-Agent-Task": task} if task else {}
+    return await agent.post(f"{proxy}/crm/notes", json={"text": text}, headers={**task_header, **headers})
+
+
+def codes(answers: list[httpx.Response]) -> list[str]:
+    return [a.json()["code"] for a in answers]
+
+
+async def replicas(backend: str, make_sidecar: SidecarFactory, tmp_path: Path, idp: ApproverIdP,
+                   request: pytest.FixtureRequest) -> list[RunningSidecar]:
+    """One sidecar on SQLite, or two sidecars sharing one redis-server."""
+    store: dict[str, Any] = {"backend": "sqlite"}
+    if backend == "redis":
+        store = {"backend": "redis", "redis_url": request.getfixturevalue("redis_server").url}
+    return [await make_sidecar(policy_dir=APPROVAL_POLICY, approvals=idp.config(max_pending_per_task=CAP),
+                               store=store, state_dir=str(tmp_path / f"replica-{n}"))
+            for n in range(2 if backend == "redis" else 1)]
+
+
+class LookupsAtAGate:
+    """An approval store whose first ``count`` binding lookups, once answered, all wait until the last of them
+    is: that many identical held calls each find no pending approval, and each goes on to file one."""
+
+    def __init__(self, store: Any, arrived: list[int], everyone: asyncio.Event, count: int) -> None:
+        self._store, self._arrived, self._everyone, self._count = store, arrived, everyone, count
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def for_binding(self, binding: Any) -> Any:
+        found = await self._store.for_binding(binding)
+        if len(self._arrived) < self._count:
+            self._arrived.append(1)
+            if len(self._arrived) == self._count:
+                self._everyone.set()
+            await self._everyone.wait()
+        return found
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_identical_held_calls_sent_at_once_with_room_left_ask_the_humans_once(
+        backend: str, make_sidecar: SidecarFactory, tmp_path: Path, idp: ApproverIdP,
+        request: pytest.FixtureRequest) -> None:
+    """Not only for the last place: one call, one approval, one place of the quota, however many copies race."""
+    sidecars = await replicas(backend, make_sidecar, tmp_path, idp, request)
+    task = await open_task(sidecars[0].admin, "write notes on customer 42")
+    same = CAP
+    arrived: list[int] = []
+    everyone = asyncio.Event()
+    for sc in sidecars:
+        path = sc.sidecar.path
+        path.approvals = LookupsAtAGate(path.approvals, arrived, everyone, same)
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=same)) as agent:
+        answers = list(await asyncio.gather(*(
+            post_note(agent, sidecars[n % len(sidecars)].proxy, task, "the one note") for n in range(same))))
+        assert codes(answers) == ["approval_required"] * same, [a.text for a in answers]
+        pending = await list_pending(sidecars[0].admin, idp.token(ALICE, ["approvers"]))
+        assert len({a.json()["approval_id"] for a in answers}) == 1 and len(pending) == 1, (
+            f"{same} identical calls sent at once filed {len(pending)} approvals")
+        # The task's other places are still free for other calls.
+        others = [await post_note(agent, sidecars[0].proxy, task, f"another note {n}") for n in range(CAP - 1)]
+    assert codes(others) == ["approval_required"] * (CAP - 1), [a.text for a in others]
+    audit_paths = {sc.audit_path for sc in sidecars}
+
+    async def requested() -> list[dict[str, Any]] | None:
+        found = [e for path in audit_paths for e in audit_events(path) if e.get("type") == "approval.requested"]
+        return found if len(found) >= CAP else None
+
+    # The one note, then the others: each asked once.
+    assert len(await eventually(requested, what="the approvals requested")) == CAP
+
+
+async def test_filing_prunes_the_fleet_wide_pending_queue_in_redis(redis_server: Any) -> None:
+    """Approvals expire unseen all the time (nobody opened the approver page): their ids must not pile up."""
+    import redis.asyncio as aioredis
+
+    from sidecar.approvals.redis_store import RedisApprovalStore
+    from sidecar.approvals.store import Approval, PendingLimits, RequestBinding
+
+    store = RedisApprovalStore(redis_server.url)
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        now = time.time()
+        for n in range(50):
+            binding = RequestBinding("POST", f"http://crm.internal/notes/{n}", f"{n:064x}", "agent", f"t-{n}", "crm")
+            await store.create(Approval(id=f"ap-{n}", binding=binding, decision_id=f"d-{n}", route="crm", reasons=[],
+                                        risk="high", approvers_required=1, group=None, created_at=now - 2,
+                                        expires_at=now - 1), PendingLimits(per_task=1, per_agent=1))
+        queued = await client.zcard("agent-sidecar:approvals:pending")
+        assert queued <= 1, f"{queued} expired approvals still in the fleet-wide pending queue"
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+# ---------------------------------------------------------------- the stores themselves
+
+STORE_AGENT = "spiffe://test/ns/agents/sa/agent"
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def two_clients(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Two clients of one store (with SQLite and Redis, two replicas' view of the same data)."""
+    from sidecar.approvals.sqlite_store import SqliteApprovalStore
+    from sidecar.approvals.store import MemoryApprovalStore
+
+    if request.param == "memory":
+        shared = MemoryApprovalStore()
+        opened: list[Any] = [shared, shared]
+    elif request.param == "sqlite":
+        opened = [SqliteApprovalStore(tmp_path / "approvals.db") for _ in range(2)]
+    else:
+        from sidecar.approvals.redis_store import RedisApprovalStore
+
+        url = request.getfixturevalue("redis_server").url
+        opened = [RedisApprovalStore(url) for _ in range(2)]
+    yield opened
+    for store in {id(s): s for s in opened}.values():
+        await store.close()
+
+
+def one_call(approval_id: str, *, risk: str = "high", rules: tuple[str, ...] = ("writes",), group: str | None = None,
+             approvers: int = 1, expires_in: float = 600, target: str = "http://crm.internal/notes") -> Any:
+    """A held call's approval; the same arguments but the id are the same call asking the same."""
+    from sidecar.approvals.store import Approval, RequestBinding
+
+    now = time.time()
+    binding = RequestBinding("POST", target, "ab" * 32, STORE_AGENT, "t-1", "crm")
+    return Approval(id=approval_id, binding=binding, decision_id=f"d-{approval_id}", route="crm", reasons=["why"],
+                    risk=risk, approvers_required=approvers, group=group, created_at=now, expires_at=now + expires_in,
+                    rules=list(rules))
+
+
+async def test_the_store_files_one_approval_per_call_and_gives_it_to_the_copies_sent_at_once(two_clients: Any) -> None:
+    from sidecar.approvals.store import PendingLimits
+
+    limits = PendingLimits(per_task=3, per_agent=3)
+    filed = await asyncio.gather(*(two_clients[n % 2].create(one_call(f"ap-{n}"), limits) for n in range(12)))
+    assert len({a.id for a in filed}) == 1
+    assert await two_clients[0].count_pending() == 1
+    # At the cap too: the call's own approval is no new place.
+    others = [await two_clients[0].create(one_call(f"other-{n}", target=f"http://crm.internal/other/{n}"), limits)
+              for n in range(2)]
+    again = await two_clients[1].create(one_call("ap-again"), limits)
+    assert again.id == filed[0].id and again.status == "pending"
+    assert [o.id for o in others] == ["other-0", "other-1"]
+
+
+async def test_the_store_asks_again_when_the_call_asks_otherwise_or_its_approval_no_longer_waits(
+        two_clients: Any) -> None:
+    from sidecar.approvals.store import Verdict
+
+    first, other = two_clients
+    assert (await first.create(one_call("ap-1"))).id == "ap-1"
+    assert (await other.create(one_call("ap-1b", rules=("writes", "writes")))).id == "ap-1"  # the rules, as a set
+    # Held otherwise now: the humans must see what they approve.
+    assert (await other.create(one_call("ap-2", risk="critical"))).id == "ap-2"
+    assert (await first.create(one_call("ap-3", risk="critical", rules=("writes", "exfiltration_chain")))).id == "ap-3"
+    assert (await other.create(one_call("ap-4", risk="critical", rules=("writes", "exfiltration_chain"),
+                                        group="finance"))).id == "ap-4"
+    assert (await first.create(one_call("ap-5", risk="critical", rules=("writes", "exfiltration_chain"),
+                                        group="finance", approvers=2))).id == "ap-5"
+    same_as_5 = one_call("ap-5b", risk="critical", rules=("exfiltration_chain", "writes"), group="finance", approvers=2)
+    assert (await other.create(same_as_5)).id == "ap-5"
+    # Decided: a new one.
+    await first.decide("ap-5", Verdict(approver="alice", groups=("finance",), approve=False))
+    assert (await other.create(same_as_5)).id == "ap-5b"
+    # Expired: a new one.
+    assert (await first.create(one_call("ap-6", target="http://crm.internal/short", expires_in=-1))).id == "ap-6"
+    assert (await other.create(one_call("ap-7", target="http://crm.internal/short"))).id == "ap-7"
