@@ -477,6 +477,18 @@ class RequestPath:
             shown_target=self.hold.preview.mask_target(call.target_url),
             body=self.hold.preview.build(call, decision.reasons),  # masked and bounded: what the approver sees
         )
+        # Filed and announced in a task of its own: the store may commit the approval whatever becomes of this
+        # handler (SQLite's thread, a Redis command already sent), and a pending approval the humans can see and
+        # approve is always announced (audit, webhook), even when the agent hangs up meanwhile.
+        filing = self._run_to_completion(self._file_and_announce(call, agent, approval, decision))
+        try:
+            return await asyncio.shield(filing)
+        except asyncio.CancelledError:
+            self._outlive_agent(trace, self._run_to_completion(self._held_after_hang_up(trace, decision, filing)))
+            raise
+
+    async def _file_and_announce(self, call: InterceptedCall, agent: AgentIdentity, approval: Approval,
+                                 decision: Decision) -> str:
         filed = await self._file(approval, decision)
         if filed is not approval:
             return filed.id
@@ -488,6 +500,28 @@ class RequestPath:
             self.hold.notifier.notify(approval)
         await self._refresh_pending_gauge()
         return approval.id
+
+    async def _held_after_hang_up(self, trace: Trace, decision: Decision, filing: asyncio.Task[str]) -> None:
+        """The agent hung up while its call's approval was filed: once it is, the call is audited as held and joins
+        its task's history as held, as if the agent had stayed for the answer."""
+        try:
+            trace.approval_id = await filing
+        except Exception:  # noqa: BLE001 - nothing was filed (the refusal was the handler's, which is gone)
+            return
+        try:
+            self._record_decision(trace, decision, "hold", code="approval_required", receipt=False)
+        except Refusal:
+            pass  # counted by the sink
+        await self._remember(trace, "hold")
+
+    def _outlive_agent(self, trace: Trace, work: asyncio.Task[Any]) -> None:
+        """The agent left while ``work`` still needs its call: the call stays charged (its body, in flight) until
+        the work ends, as a call whose forwarding outlives its agent does."""
+        call = trace.call
+        assert call is not None
+        self.orphaned += 1
+        trace.orphaned = True
+        work.add_done_callback(lambda _: self._orphan_finished(call))
 
     async def _file(self, approval: Approval, decision: Decision) -> Approval:
         """File a new approval, or refuse the call when its task or agent has approvals.max_pending_* waiting.
@@ -511,7 +545,12 @@ class RequestPath:
         self._record_decision(trace, decision, "hold", code="approval_required", receipt=False)
         trace.decisions.clear()  # recorded; what follows is recorded as its own event
         wait = self._wait_seconds(call)
-        approval = await self.approvals.wait(approval_id, wait)
+        try:
+            approval = await self.approvals.wait(approval_id, wait)
+        except asyncio.CancelledError:
+            # The agent hung up while it waited: its call was held and not forwarded; in its task's history as such.
+            self._outlive_agent(trace, self._run_to_completion(self._remember(trace, "hold")))
+            raise
         if approval is None or approval.status != "approved":
             await self._remember(trace, "hold")  # held, and not forwarded: in its task's history as such
         if approval is None:

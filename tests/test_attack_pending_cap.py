@@ -9,6 +9,9 @@ barriers and gates, never by sleeps.
   took N places of the task's quota, so the agent's next distinct held call was refused
   too_many_pending_approvals. The count and the file were atomic; "is this call's approval already pending?"
   was not part of that step (only the last place was covered, by a lookup after the refusal).
+- An agent hanging up while its approval was being filed left a pending approval in the store, counted against
+  the quota and shown to the approvers, with no approval.requested in the audit log and no webhook: the
+  cancellation of the handler cut the filing from its announcement (SQLite commits on its own thread anyway).
 - Redis: the fleet-wide pending queue (a sorted set) was pruned of expired ids only when someone listed the
   pending approvals; filing (the Lua script that prunes the per-task and per-agent sets) left it to grow.
 """
@@ -16,6 +19,7 @@ barriers and gates, never by sleeps.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -103,6 +107,87 @@ async def test_identical_held_calls_sent_at_once_with_room_left_ask_the_humans_o
 
     # The one note, then the others: each asked once.
     assert len(await eventually(requested, what="the approvals requested")) == CAP
+
+
+@pytest.mark.parametrize("prefer", [None, "wait=30"])
+async def test_an_agent_hanging_up_while_its_approval_is_filed_leaves_no_unannounced_approval(
+        prefer: str | None, make_sidecar: SidecarFactory, idp: ApproverIdP) -> None:
+    """The store commits the approval on its own thread after the handler is cancelled: the approval is filed, so it
+    is announced (approval.requested), the held call audited and in its task's history, as when the agent stays."""
+    sc = await make_sidecar(policy_dir=APPROVAL_POLICY, approvals=idp.config(max_pending_per_task=CAP))
+    task = await open_task(sc.admin, "write notes on customer 42")
+    path = sc.sidecar.path
+    store: Any = path.approvals  # the SQLite store: its thread-side step is gated
+    entered, release = threading.Event(), threading.Event()
+    real_create = store._create
+
+    def create_after_the_hang_up(approval: Any, limits: Any) -> Any:  # on the store's thread
+        entered.set()
+        release.wait(30)
+        return real_create(approval, limits)
+
+    store._create = create_after_the_hang_up
+    try:
+        async with httpx.AsyncClient(timeout=60) as agent:
+            call = asyncio.create_task(post_note(agent, sc.proxy, task, "a note", **({"Prefer": prefer} if prefer else {})))
+            await eventually(lambda: _true(entered.is_set()), what="the approval being filed")
+            call.cancel()  # the agent hangs up
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        await eventually(lambda: _true(path.in_flight == 0), what="the handler cancelled")
+        # The filing still needs the call: it stays charged (admission control, the body budget) until it ends.
+        assert path.orphaned == 1 and path.interceptor.bodies.used > 0
+    finally:
+        release.set()
+        store._create = real_create
+    [approval] = await eventually(lambda: list_pending(sc.admin, idp.token(ALICE, ["approvers"])),
+                                  what="the approval committed after the hang-up")
+    await eventually(lambda: _true(not path.finishing), what="the filing finished")
+    # Its body stayed charged while the filing needed it, and is given back now.
+    assert path.orphaned == 0 and path.interceptor.bodies.used == 0
+    async with httpx.AsyncClient(timeout=60) as agent:
+        retry = await post_note(agent, sc.proxy, task, "a note")
+    assert retry.json()["approval_id"] == approval["id"], retry.text
+    retry_decision = retry.json()["decision_id"]
+    await eventually(lambda: _true(any(e.get("decision_id") == retry_decision for e in audit_events(sc.audit_path))),
+                     what="the retry's decision in the audit log")
+    events = audit_events(sc.audit_path)
+    requested = [e for e in events if e.get("type") == "approval.requested"]
+    assert [e["approval_id"] for e in requested] == [approval["id"]], (
+        "a pending approval the humans can see and approve was never audited as requested")
+    held = [e for e in events if e.get("type") == "decision" and e.get("outcome") == "hold"]
+    assert [e["approval_id"] for e in held] == [approval["id"]] * 2  # the call that hung up, and its retry
+    assert held[0]["decision_id"] == requested[0]["decision_id"] != retry_decision
+    assert await task_outcomes(sc.admin, task) == ["hold", "hold"]
+
+
+async def test_an_agent_hanging_up_while_it_waits_for_its_approval_leaves_the_held_call_in_its_task_history(
+        make_sidecar: SidecarFactory, idp: ApproverIdP) -> None:
+    """Prefer: wait, then the agent hangs up before a human decides: the call was held and not forwarded, and the
+    policy's view of the task (rate rules, the call cap) must see it, as it sees the same call without the wait."""
+    sc = await make_sidecar(policy_dir=APPROVAL_POLICY, approvals=idp.config(max_pending_per_task=CAP))
+    task = await open_task(sc.admin, "write notes on customer 42")
+    path = sc.sidecar.path
+    async with httpx.AsyncClient(timeout=60) as agent:
+        call = asyncio.create_task(post_note(agent, sc.proxy, task, "a note", Prefer="wait=30"))
+        await eventually(lambda: list_pending(sc.admin, idp.token(ALICE, ["approvers"])), what="the call waiting")
+        call.cancel()  # the agent hangs up
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    await eventually(lambda: _true(path.in_flight == 0), what="the handler cancelled")
+    await eventually(lambda: _true(not path.finishing), what="what the hang-up left to do")
+    assert path.orphaned == 0 and path.interceptor.bodies.used == 0
+    assert await task_outcomes(sc.admin, task) == ["hold"]
+
+
+async def task_outcomes(admin: str, task: str) -> list[str]:
+    async with httpx.AsyncClient() as client:
+        history = (await client.get(f"{admin}/v1/tasks/{task}")).json()["history"]
+    return [record["outcome"] for record in history["recent"]]
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_filing_prunes_the_fleet_wide_pending_queue_in_redis(redis_server: Any) -> None:
