@@ -1,19 +1,16 @@
-"""Attacks on approvals.max_pending_per_task / _per_agent and the hold path around it.
+"""Pending approvals under a hostile agent: identical calls at once, hang-ups while filing, expired queue entries.
 
 A prompt-injected agent controls its bytes, its timing, its parallelism and its hang-ups. Real sidecars, real
 sockets, the embedded engine, SQLite and a real redis-server shared by two sidecars; races are made certain by
 barriers and gates, never by sleeps.
 
-- Identical held calls sent at once while the task still has room each filed their own approval: the humans
-  were asked N times for one call (approving the look-alikes lets the call run once per approval) and the copies
-  took N places of the task's quota, so the agent's next distinct held call was refused
-  too_many_pending_approvals. The count and the file were atomic; "is this call's approval already pending?"
-  was not part of that step (only the last place was covered, by a lookup after the refusal).
-- An agent hanging up while its approval was being filed left a pending approval in the store, counted against
-  the quota and shown to the approvers, with no approval.requested in the audit log and no webhook: the
-  cancellation of the handler cut the filing from its announcement (SQLite commits on its own thread anyway).
-- Redis: the fleet-wide pending queue (a sorted set) was pruned of expired ids only when someone listed the
-  pending approvals; filing (the Lua script that prunes the per-task and per-agent sets) left it to grow.
+- Identical held calls sent at once, while the task still has room, get one approval between them: the store
+  looks for the call's pending approval in the same atomic step that counts and files (asking the humans N times
+  for one call would let it run once per approval, and take N places of the task's quota).
+- An agent hanging up while its approval is filed does not cut the filing from its announcement: the approval
+  the store commits is in the audit log (approval.requested), sent to the webhook, and the held call is in its
+  task's history.
+- Redis: filing prunes the fleet-wide pending queue of expired ids, as it prunes the per-task and per-agent sets.
 """
 
 from __future__ import annotations
