@@ -110,3 +110,17 @@ async def test_pending_approvals_stored_before_the_count_columns_are_counted(tmp
         assert await file(store, held(3, task="t-2")) == "filed"
     finally:
         await store.close()
+
+
+async def test_sqlite_retention_removes_approvals_that_expired_unseen(tmp_path: Path) -> None:
+    """A pending approval nobody decided is an expired one: past the retention it goes like any other record, so
+    that an agent's count of pending approvals never reads through months of them (each held call counts them)."""
+    store = SqliteApprovalStore(tmp_path / "approvals.db", retention_seconds=60)
+    try:
+        await store.create(held(1, expires_in=-120))  # expired two minutes ago, never decided: still says "pending"
+        await store.create(held(2, expires_in=-30))  # expired, but within the retention
+        await store.create(held(3))
+        ids = {row[0] for row in sqlite3.connect(tmp_path / "approvals.db").execute("SELECT id FROM approvals")}
+        assert ids == {held(2).id, held(3).id}
+    finally:
+        await store.close()

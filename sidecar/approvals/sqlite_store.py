@@ -44,6 +44,7 @@ PENDING_SCOPE_MIGRATION = (
     "WHERE agent IS NULL AND status = 'pending'",
     "CREATE INDEX IF NOT EXISTS approvals_pending_scope ON approvals (agent, task_id, expires_at) "
     "WHERE status = 'pending'",
+    "CREATE INDEX IF NOT EXISTS approvals_pending_agent ON approvals (agent, expires_at) WHERE status = 'pending'",
 )
 
 
@@ -112,8 +113,8 @@ class SqliteApprovalStore:
                 return twin
             if limits is not None:
                 refuse_past_limits(limits, *self._pending_of(approval.binding))
-            self._db.execute("DELETE FROM approvals WHERE expires_at < ? AND status != 'pending'",
-                             (time.time() - self.retention_seconds,))
+            # Past its expiry by the retention, a record goes whatever it says: one still "pending" expired unseen.
+            self._db.execute("DELETE FROM approvals WHERE expires_at < ?", (time.time() - self.retention_seconds,))
             (count,) = self._db.execute("SELECT count(*) FROM approvals").fetchone()
             if count >= self.max_records:
                 self._db.execute("DELETE FROM approvals WHERE id IN (SELECT id FROM approvals ORDER BY created_at LIMIT ?)",
