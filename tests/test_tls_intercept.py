@@ -144,6 +144,24 @@ async def test_connect_without_a_route_or_interception_keeps_todays_answers(
     assert sc.sidecar.tls is not None and sc.sidecar.tls.issued == 0 and len(sc.sidecar.tls) == 0
 
 
+async def test_a_bad_request_line_inside_the_tls_connection_is_refused_in_its_place(
+        intercepting: tuple[RunningSidecar, Path], https_tool: HttpsTool) -> None:
+    """The decrypted stream is checked as plain HTTP is: the second of two pipelined requests has two spaces
+    before its version (llhttp would read /customers/43), so it is refused after the first is answered."""
+    sc, ca = intercepting
+    reader, writer, head = await send_connect(sc.sidecar.config.proxy.port, f"{CRM_HOST}:443")
+    assert head.startswith(b"HTTP/1.1 200")
+    await writer.start_tls(trusting(ca), server_hostname=CRM_HOST)
+    writer.write(f"GET /customers/42 HTTP/1.1\r\nHost: {CRM_HOST}\r\n\r\n"
+                 f"GET /customers/43  HTTP/1.1\r\nHost: {CRM_HOST}\r\nConnection: close\r\n\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(), timeout=20)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and b" 400 Bad Request\r\n" in answer, answer[:600]
+    refusal = answer[answer.index(b" 400 Bad Request\r\n"):]
+    assert json.loads(refusal.partition(b"\r\n\r\n")[2])["code"] == "bad_request"
+    assert [(r.method, r.path_qs) for r in https_tool.seen] == [("GET", "/customers/42")]
+
+
 async def test_a_client_naming_another_server_in_sni_is_refused(intercepting: tuple[RunningSidecar, Path],
                                                                https_tool: HttpsTool) -> None:
     sc, ca = intercepting

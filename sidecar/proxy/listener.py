@@ -3,6 +3,11 @@
 - A request the parser itself refuses (CL+TE, two Content-Lengths, bare LF, a bad
   header byte, ...) is answered with problem+json and a stable code, echoes nothing
   of the request, and logs one line: never a traceback, never the raw bytes.
+- Each request line is checked byte for byte before the parser reads it (request_line.py):
+  one that is not exactly ``method SP request-target SP HTTP/1.x CRLF`` is refused the
+  same way, in its place among pipelined requests. A message after which that check
+  cannot tell where the next one starts (a CONNECT, an Upgrade, odd framing) is the
+  connection's last.
 - Request bodies are never decompressed here: the interceptor decides about
   Content-Encoding (sidecar/proxy/body.py).
 - A request head must arrive within ``header_timeout_seconds`` of its first byte; an
@@ -23,11 +28,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from ..config import ConnectionLimits
 from ..problems import Refusal
+from .request_line import RequestLineGate
 from .tls import TLS_HANDSHAKE_RECORD, LeafIssuer, TlsSession, adopt, original_destination, served_host
 
 log = logging.getLogger("sidecar.proxy")
@@ -52,6 +58,9 @@ class GuardedRequestHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._serving = False
         self._first_bytes_seen = False
+        self._gate = RequestLineGate(self.max_line_size)
+        self._refused_head: Refusal | None = None  # refused by the gate, not answered yet
+        self._answered = 0  # requests answered (or refused) on this connection
         # Set on handlers of decrypted connections only; the interceptor routes their requests by these.
         self.tls_session = tls_session
         self.served_host: str | None = None
@@ -72,9 +81,35 @@ class GuardedRequestHandler(RequestHandler):
             if data[0] == TLS_HANDSHAKE_RECORD and self.tls_session is None and self._guard.tls is not None:
                 self._intercept_redirected_tls(bytes(data))
                 return
-        if self._head_timer is None and not self._serving and data:
+        if self._head_timer is None and not self._serving and data and self._refused_head is None:
             self._head_timer = self._loop.call_later(self._guard.limits.header_timeout_seconds, self._head_too_slow)
-        super().data_received(data)
+        admitted, refusal = self._gate.admit(data)
+        if admitted or not data:  # no data: the parser is asked to go on with what it holds
+            super().data_received(admitted)
+        if refusal is not None:
+            self._refused_head = refusal
+        if self._refused_head is not None:
+            self._queue_refused_head()
+
+    def _queue_refused_head(self) -> None:
+        """Queue the gate's refusal as the parser's own error would be: answered after every request before it."""
+        refusal = self._refused_head
+        if refusal is None or self._request_count < self._gate.heads:
+            return  # the parser paused before reading them all; it goes on (and this is called again) later
+        self._refused_head = None
+        parser, self._parser = self._parser, _Raising(RefusedHead(refusal))  # type: ignore[assignment]
+        try:
+            super().data_received(b"")
+        finally:
+            self._parser = parser
+
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        self._answered += 1
+        last = self._gate.last_head
+        if last is not None and self._answered >= last:
+            resp.force_close()  # what follows was not read by the gate: no request of it is served
+        return await super().finish_response(request, resp, start_time)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
@@ -161,7 +196,27 @@ class GuardedRequestHandler(RequestHandler):
         return response
 
 
+class RefusedHead(BadHttpMessage):
+    """A head the gate refused, raised as a parser error so that aiohttp answers it in order."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.detail)
+        self.refusal = refusal
+
+
+class _Raising:
+    """Stands in for the parser for one call: RequestHandler queues the error it raises as the next message."""
+
+    def __init__(self, error: RefusedHead) -> None:
+        self.error = error
+
+    def feed_data(self, data: bytes) -> tuple[Any, bool, bytes]:
+        raise self.error
+
+
 def _parser_refusal(status: int, exc: BaseException | None) -> Refusal:
+    if isinstance(exc, RefusedHead):
+        return exc.refusal
     if isinstance(exc, LineTooLong) or status == 431:
         return Refusal("headers_too_large", "the request line or a header is too long")
     if isinstance(exc, BadHttpMethod):
