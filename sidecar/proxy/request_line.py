@@ -15,8 +15,9 @@ its framing fields are read before the parser can reach the body.
 
 Where the gate cannot tell where the next message starts, it stops reading the stream and that message is
 the connection's last (the listener closes the connection once it is answered): after a CONNECT or a head
-with Upgrade (what follows may not be HTTP), header fields longer than MAX_HEAD_BYTES, and framing that is not a
-plain Content-Length or ``Transfer-Encoding: chunked`` (the parser refuses most of it anyway).
+with Upgrade (what follows may not be HTTP), header fields longer than MAX_HEAD_BYTES, framing that is not a
+plain Content-Length or ``Transfer-Encoding: chunked`` (the parser refuses most of it anyway), and a chunked
+body with trailer fields (aiohttp's parser hands the last one to the next request as one of its headers).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ _BODY = 3  # Content-Length bytes
 _CHUNK_SIZE = 4  # a chunk-size line
 _CHUNK_DATA = 5
 _CHUNK_END = 6  # the CRLF after a chunk's data
-_TRAILERS = 7  # trailer lines, up to an empty line
+_TRAILERS = 7  # after the last chunk: its empty line (a trailer field ends the reading)
 _UNREAD = 8  # the rest of the stream is passed on unread
 _REFUSED = 9  # nothing more is passed on
 
@@ -226,9 +227,10 @@ class RequestLineGate:
             self._mode = _CHUNK_DATA if self._remaining else _TRAILERS
         elif line == b"\r\n":
             self._mode = _CHUNK_SIZE if mode == _CHUNK_END else _LINE
-        elif mode == _CHUNK_END:
-            self._stop_reading()  # chunk data longer than its size: the parser refuses it
-        # else a trailer field: more lines follow
+        else:
+            # Chunk data longer than its size (the parser refuses it), or a trailer field: aiohttp's parser
+            # carries the last trailer field over into the next request's headers, so none may follow.
+            self._stop_reading()
 
 
 def _after_whole_chunks(buffer: bytes, position: int) -> int:
