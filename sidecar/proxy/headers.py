@@ -61,6 +61,11 @@ def refuse_meaning_changers(headers: CIMultiDictProxy[str]) -> None:
     named = connection_tokens(headers) & END_TO_END_CONTENT
     if named:
         raise Refusal("header_not_allowed", f"Connection names {sorted(named)[0]}, which says what the body or target is")
+    codings = headers.getall("transfer-encoding", ())
+    if codings and (len(codings) > 1 or codings[0].strip(" \t").lower() != "chunked"):
+        # aiohttp reads "gzip, chunked", ", chunked" or an empty value as chunked or as nothing, and never undoes
+        # another coding: the body judged would be the still-coded bytes the agent said were something else.
+        raise Refusal("bad_request", "Transfer-Encoding must be exactly chunked (no other transfer coding is read)")
     for name, value in headers.items():
         if not (name.isascii() and value.isascii()):
             _refuse_if_not_utf8(name, value)
