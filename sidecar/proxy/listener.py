@@ -61,6 +61,8 @@ class GuardedRequestHandler(RequestHandler):
         self._gate = RequestLineGate(self.max_line_size)
         self._refused_head: Refusal | None = None  # refused by the gate, not answered yet
         self._answered = 0  # requests answered (or refused) on this connection
+        self._responding = False  # a response is being written (finish_response)
+        self._end_after_response = False  # once it is written, the connection ends
         # Set on handlers of decrypted connections only; the interceptor routes their requests by these.
         self.tls_session = tls_session
         self.served_host: str | None = None
@@ -84,6 +86,12 @@ class GuardedRequestHandler(RequestHandler):
         if self._head_timer is None and not self._serving and data and self._refused_head is None:
             self._head_timer = self._loop.call_later(self._guard.limits.header_timeout_seconds, self._head_too_slow)
         admitted, refusal = self._gate.admit(data)
+        last = self._gate.last_head
+        if last is not None and self._answered >= last:
+            # The gate stopped reading in the body of a request answered already (refused from its head before
+            # its body came): the bytes from here on were not checked, and no request of them may be served.
+            self._end_unread()
+            return
         if admitted or not data:  # no data: the parser is asked to go on with what it holds
             super().data_received(admitted)
         if refusal is not None:
@@ -109,7 +117,20 @@ class GuardedRequestHandler(RequestHandler):
         last = self._gate.last_head
         if last is not None and self._answered >= last:
             resp.force_close()  # what follows was not read by the gate: no request of it is served
-        return await super().finish_response(request, resp, start_time)
+        self._responding = True
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._responding = False
+            if self._end_after_response:
+                self.force_close()
+
+    def _end_unread(self) -> None:
+        """Read nothing more of this connection: it ends now, or once the response being written is."""
+        if self._responding:
+            self._end_after_response = True
+        else:
+            self.force_close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
