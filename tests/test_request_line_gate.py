@@ -153,3 +153,16 @@ def test_chunk_data_longer_than_its_size_ends_the_reading() -> None:
     stream = b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nzz\r\n0\r\n\r\n" + BAD
     admitted, refusals, gate = follow([stream])
     assert (admitted, refusals, gate.last_head) == (stream, [], 1)
+
+
+def test_a_content_length_of_many_leading_zeros_is_followed_as_the_parser_reads_it() -> None:
+    """llhttp reads any number of leading zeros; int() refuses a string of more than 4300 digits."""
+    stream = b"POST /a HTTP/1.1\r\nContent-Length: " + b"0" * 5000 + b"3\r\n\r\nabc" + BAD
+    admitted, refusals, gate = follow([stream])
+    assert (admitted, [r.code for r in refusals], gate.heads, gate.last_head) == (stream[:-len(BAD)], ["bad_request"], 1, None)
+
+
+def test_after_a_content_length_of_more_than_64_bits_the_gate_reads_no_further() -> None:
+    stream = b"POST /a HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\nabc" + BAD
+    admitted, refusals, gate = follow([stream])
+    assert (admitted, refusals, gate.last_head) == (stream, [], 1)

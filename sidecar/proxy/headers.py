@@ -66,6 +66,10 @@ def refuse_meaning_changers(headers: CIMultiDictProxy[str]) -> None:
         # aiohttp reads "gzip, chunked", ", chunked" or an empty value as chunked or as nothing, and never undoes
         # another coding: the body judged would be the still-coded bytes the agent said were something else.
         raise Refusal("bad_request", "Transfer-Encoding must be exactly chunked (no other transfer coding is read)")
+    length = headers.get("content-length")
+    if length is not None and len(length.strip(" \t")) > 20:
+        # llhttp reads any number of leading zeros; aiohttp's request.content_length (int()) raises past 4300 digits.
+        raise Refusal("bad_request", "Content-Length has more than 20 digits")
     for name, value in headers.items():
         if not (name.isascii() and value.isascii()):
             _refuse_if_not_utf8(name, value)

@@ -41,6 +41,7 @@ _EMPTY_LINES_WINDOW = 4096
 _FRAMING_FIELD = re.compile(rb"\n(?i:(content-length|transfer-encoding|upgrade)):([^\r\n]*)")
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?\r\n")
 
+_MAX_LENGTH_DIGITS = 20  # 2**64 has 20 digits: a longer Content-Length (leading zeros aside) is one llhttp refuses
 _CHUNKED = -1  # a body length meaning: chunked
 _UNFRAMED = -2  # a body length meaning: the gate cannot tell where the body ends
 
@@ -269,7 +270,10 @@ def _body_length(head: bytes | bytearray, fields_from: int, end: int) -> int:
                 return _UNFRAMED
             chunked = True
         elif value.isdigit():
-            length = int(value)
+            digits = value.lstrip(b"0")  # llhttp reads leading zeros; int() refuses more than 4300 digits
+            if len(digits) > _MAX_LENGTH_DIGITS:
+                return _UNFRAMED  # more than 64 bits: the parser refuses it
+            length = int(digits or b"0")
         else:
             return _UNFRAMED
     return _CHUNKED if chunked else length or 0
