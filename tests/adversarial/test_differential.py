@@ -379,8 +379,10 @@ def expected_policy_body(generated: Generated) -> tuple[Any, bool]:
     return (value, True) if parses else (None, False)
 
 
-# The codes the policy gives; any other refusal of a call the model finds nothing wrong with is a disagreement.
-POLICY_CODES = frozenset({"denied", "approval_required"})
+# The codes the policy gives (and, for a call it holds, the approvals already waiting: thousands of generated calls
+# of one agent fill approvals.max_pending_per_agent); any other refusal of a call the model finds nothing wrong
+# with is a disagreement.
+POLICY_CODES = frozenset({"denied", "approval_required", "too_many_pending_approvals"})
 
 
 # ---------------------------------------------------------------- the test
