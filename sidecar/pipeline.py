@@ -454,13 +454,10 @@ class RequestPath:
             trace.approval_id = approval.id
 
     async def _hold(self, call: InterceptedCall, agent: AgentIdentity, trace: Trace, decision: Decision) -> str:
-        earlier = await self.approvals.for_binding(self._binding(call, agent))
-        if earlier is not None and earlier.status == "pending" and _asks_the_same(earlier, decision):
-            # The agent called again before the human decided: still that one approval (one per call held, not
-            # one per retry), unless the policy now holds it otherwise (other rules or risk, more approvers,
-            # another group): the humans must see what they approve.
-            return earlier.id
+        # A call held again before the human decided gets that one approval (one per call held, not one per retry)
+        # unless the policy now holds it otherwise: the store answers with it as it files (ApprovalStore.create).
         if mcp.call_binding(call) is not None:
+            earlier = await self.approvals.for_binding(self._binding(call, agent))
             if earlier is not None and earlier.status == "denied":
                 # A human said no to this very call in this task: the model reads that, nobody is asked again.
                 raise Refusal("approval_denied", f"approval {earlier.id} was denied", reasons=list(decision.reasons),
@@ -771,11 +768,6 @@ def _masked_input(document: dict[str, Any], preview: PreviewSettings) -> dict[st
     if isinstance(mcp_doc, dict) and "arguments" in mcp_doc:
         masked["mcp"] = {**mcp_doc, "arguments": masked_arguments}
     return JsonDocument(masked)
-
-
-def _asks_the_same(approval: Approval, decision: Decision) -> bool:
-    return (approval.approvers_required == decision.approval.approvers and approval.group == decision.approval.group
-            and approval.risk == decision.risk and set(approval.rules) == set(decision.rules))
 
 
 def _strictest(decisions: list[Decision]) -> Decision:
