@@ -141,11 +141,14 @@ class Deployment:
             await running.sidecar.stop()
 
 
-async def deploy(backend: str, directory: Path, upstream: str, rego_dir: Path, redis_url: str | None) -> Deployment:
+async def deploy(backend: str, directory: Path, upstream: str, rego_dir: Path, redis_url: str | None,
+                 extra_routes: list[dict[str, Any]] | None = None) -> Deployment:
+    """One sidecar on SQLite, or two replicas sharing Redis; ``extra_routes`` after the deployment's own."""
     replicas = 2 if backend == "redis" else 1
     started = []
     for n in range(replicas):
         config = deployment_config(directory / f"replica-{n}", upstream, rego_dir, redis_url if backend == "redis" else None)
+        config["routes"] = [*config["routes"], *(extra_routes or [])]
         started.append(await start_sidecar(directory / f"replica-{n}", config))
     return Deployment(started)
 

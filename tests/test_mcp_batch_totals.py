@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from approvals_support import eventually
-from harness import open_task, start_sidecar
-from task_concurrency_support import Deployment, GateTool, deployment_config, task_history, tuned_policy
+from harness import open_task
+from task_concurrency_support import Deployment, GateTool, deploy, task_history, tuned_policy
 
 BACKENDS = ["sqlite", "redis"]
 
@@ -34,12 +34,7 @@ async def deploy_mcp(request: pytest.FixtureRequest, tmp_path: Path, gate_tool: 
     async def factory(backend: str, anomalies: dict[str, Any] | None = None) -> Deployment:
         redis_url = request.getfixturevalue("redis_server").url if backend == "redis" else None
         rego_dir = tuned_policy(tmp_path, anomalies)
-        sidecars = []
-        for n in range(2 if backend == "redis" else 1):
-            config = deployment_config(tmp_path / f"replica-{n}", gate_tool.base, rego_dir, redis_url)
-            config["routes"] = [*config["routes"], mcp_route(gate_tool.base)]
-            sidecars.append(await start_sidecar(tmp_path / f"replica-{n}", config))
-        running = Deployment(sidecars)
+        running = await deploy(backend, tmp_path, gate_tool.base, rego_dir, redis_url, extra_routes=[mcp_route(gate_tool.base)])
         started.append(running)
         return running
 
