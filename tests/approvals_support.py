@@ -105,3 +105,22 @@ async def list_pending(admin: str, token: str) -> list[dict[str, Any]]:
     assert response.status_code == 200, response.text
     approvals: list[dict[str, Any]] = response.json()["approvals"]
     return approvals
+
+
+PUBLISH_BODY = b'{"text": "hello"}'
+
+
+async def publish_approved_then_confidential_read(agent: httpx.AsyncClient, proxy: str, admin: str, task: str,
+                                                  token: str) -> tuple[str, dict[str, str]]:
+    """The exfiltration set-up (routes: exfiltration_routes): an external publish is held, the holder of ``token``
+    approves it, then the task reads confidential data (allowed). Returns the approval id and the publish's headers:
+    the publish retried with that approval is now an exfiltration chain."""
+    headers = {"X-Agent-Task": task, "Content-Type": "application/json"}
+    held = await agent.post(f"{proxy}/publish/posts", content=PUBLISH_BODY, headers=headers)
+    assert held.status_code == 403 and held.json()["code"] == "approval_required", held.text
+    approval_id: str = held.json()["approval_id"]
+    granted = await approve(admin, approval_id, token)
+    assert granted.status_code == 200, granted.text
+    read = await agent.get(f"{proxy}/crm/customers/42", headers={"X-Agent-Task": task})
+    assert read.status_code == 200, read.text  # nothing stops a read; it turns the publish into a chain
+    return approval_id, headers

@@ -20,8 +20,6 @@ async def echo_tool() -> AsyncIterator[EchoTool]:
     await tool.stop()
 
 
-
-
 @pytest.fixture
 async def make_sidecar(tmp_path: Path, echo_tool: EchoTool) -> AsyncIterator[SidecarFactory]:
     started: list[RunningSidecar] = []
@@ -51,6 +49,28 @@ async def gate_tool() -> AsyncIterator[Any]:
     await tool.start()
     yield tool
     await tool.stop()
+
+
+@pytest.fixture
+async def deployment(request: pytest.FixtureRequest, tmp_path: Path, gate_tool: Any) -> AsyncIterator[Any]:
+    """Deploys the shipped library, tuned, in front of gate_tool: one sidecar on SQLite or two replicas sharing a
+    real redis-server (task_concurrency_support.deploy); ``extra_routes`` after the deployment's own."""
+    from task_concurrency_support import Deployment, deploy, tuned_policy
+
+    started: list[Deployment] = []
+
+    async def factory(backend: str, anomalies: dict[str, Any] | None = None,
+                      extra_routes: list[dict[str, Any]] | None = None, **config: Any) -> Deployment:
+        redis_url = request.getfixturevalue("redis_server").url if backend == "redis" else None
+        rego_dir = tuned_policy(tmp_path, anomalies, **config)
+        running = await deploy(backend, tmp_path, gate_tool.base, rego_dir, redis_url, extra_routes)
+        started.append(running)
+        return running
+
+    yield factory
+    gate_tool.gate.set()
+    for running in started:
+        await running.stop()
 
 
 @pytest.fixture

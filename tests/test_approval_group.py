@@ -1,7 +1,8 @@
-"""An approval granted by one approver group was honoured for a call whose risk rose to a level that
-needs another group (approval.<risk>.group, a documented operator knob). The commit that made a hold with an
-approval enforceable covered the approver count only: input.approval carries no groups and the approval's own
-group is never compared with the decision's requirements, so the policy, seeing one distinct approver, allows."""
+"""An approval binds its approver group.
+
+An approval granted by one group does not cover the call once its risk rises to a level that needs another group
+(approval.<risk>.group, a documented operator knob): the group of the approval is compared with the decision's
+requirements (input.approval carries it), so one approver of the wrong group is not enough."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ from pathlib import Path
 
 import httpx
 
-from approvals_support import ApproverIdP, approve, audit_events, exfiltration_routes, open_task
+from approvals_support import (PUBLISH_BODY, ApproverIdP, audit_events, exfiltration_routes, open_task,
+                               publish_approved_then_confidential_read)
 from harness import EchoTool, SidecarFactory
 from task_concurrency_support import tuned_policy
 
 ALICE = "alice@example.com"
-
-
 
 
 def tiered_policy(tmp_path: Path) -> Path:
@@ -32,22 +32,15 @@ async def test_an_approval_from_the_high_risk_group_does_not_cover_a_call_now_cr
         make_sidecar: SidecarFactory, echo_tool: EchoTool, idp: ApproverIdP, tmp_path: Path) -> None:
     sc = await make_sidecar(policy_dir=tiered_policy(tmp_path), approvals=idp.config(), routes=exfiltration_routes(echo_tool.base))
     task = await open_task(sc.admin, "publish a post and look up customer 42")
-    body = b'{"text": "hello"}'
-    headers = {"X-Agent-Task": task, "Content-Type": "application/json"}
     async with httpx.AsyncClient() as agent:
-        held = await agent.post(f"{sc.proxy}/publish/posts", content=body, headers=headers)
-        assert held.json()["code"] == "approval_required", held.text
-        approval_id = held.json()["approval_id"]
+        # A member of 'approvers' (not of 'security') approves the post while it is 'high' risk; the task then reads
+        # confidential data: the post becomes an exfiltration chain, critical, which this deployment reserves to the
+        # 'security' group.
+        approval_id, headers = await publish_approved_then_confidential_read(
+            agent, sc.proxy, sc.admin, task, idp.token(ALICE, ["approvers"]))
         shown = (await agent.get(f"{sc.admin}/v1/approvals/{approval_id}")).json()
         assert shown["group"] == "approvers", shown
-        # A member of 'approvers' (not of 'security') approves the post while it is 'high' risk.
-        granted = await approve(sc.admin, approval_id, idp.token(ALICE, ["approvers"]))
-        assert granted.status_code == 200, granted.text
-        # The task then reads confidential data: the post becomes an exfiltration chain, critical,
-        # which this deployment reserves to the 'security' group.
-        read = await agent.get(f"{sc.proxy}/crm/customers/42", headers={"X-Agent-Task": task})
-        assert read.status_code == 200, read.text
-        retried = await agent.post(f"{sc.proxy}/publish/posts", content=body,
+        retried = await agent.post(f"{sc.proxy}/publish/posts", content=PUBLISH_BODY,
                                    headers={**headers, "X-Agent-Approval": approval_id})
     posted = [s for s in echo_tool.seen if s.method == "POST"]
     allowed = [e["result"] for e in audit_events(sc.audit_path)

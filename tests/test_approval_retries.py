@@ -1,22 +1,20 @@
-"""Approval spam. Each retry of one identical held REST call asked the humans again: a new pending
-approval, a new approval.requested event and a new webhook notification every time, with no bound per call,
-task or agent. The new path (a call carrying a granted approval the policy still holds) does the same: the
-agent told to "retry_with_header" re-presents its old approval and every retry files another approval.
-An MCP tools/call keeps one pending approval per identical call (_hold's for_binding check); REST does not.
-Identical approvals pile up in the approvers' queue: approving them (they look alike) lets the one call run
-once per approval; a flood fills the webhook queue (1000) and the pending list (500 shown)."""
+"""One held call, one approval, however often it is retried.
+
+Retrying an identical held REST call, or re-presenting a granted approval the policy still holds (the agent told
+"retry_with_header"), gets the one pending approval filed for that call: no new approval, approval.requested event
+or webhook per retry. Identical approvals piling up in the approvers' queue would let the one call run once per
+approval, and a flood would fill the webhook queue (1000) and the pending list (500 shown)."""
 
 from __future__ import annotations
 
-
 import httpx
 
-from approvals_support import ApproverIdP, approve, exfiltration_routes, list_pending, open_task
+from approvals_support import (PUBLISH_BODY, ApproverIdP, exfiltration_routes, list_pending, open_task,
+                               publish_approved_then_confidential_read)
 from harness import SHIPPED_POLICY, EchoTool, SidecarFactory
 
 ALICE = "alice@example.com"
 RETRIES = 10
-
 
 
 async def test_retrying_one_held_call_does_not_file_an_approval_per_retry(make_sidecar: SidecarFactory,
@@ -34,19 +32,14 @@ async def test_retrying_one_held_call_does_not_file_an_approval_per_retry(make_s
         f"({len(pending)} pending in the approvers' queue)")
 
 
-
 async def test_re_presenting_an_approval_the_policy_still_holds_does_not_file_one_per_retry(
         make_sidecar: SidecarFactory, echo_tool: EchoTool, idp: ApproverIdP) -> None:
     sc = await make_sidecar(policy_dir=SHIPPED_POLICY, approvals=idp.config(), routes=exfiltration_routes(echo_tool.base))
     task = await open_task(sc.admin, "publish a post and look up customer 42")
-    body = b'{"text": "hello"}'
-    headers = {"X-Agent-Task": task, "Content-Type": "application/json"}
     async with httpx.AsyncClient() as agent:
-        held = await agent.post(f"{sc.proxy}/publish/posts", content=body, headers=headers)
-        approval_id = held.json()["approval_id"]
-        assert (await approve(sc.admin, approval_id, idp.token(ALICE, ["approvers"]))).status_code == 200
-        assert (await agent.get(f"{sc.proxy}/crm/customers/42", headers={"X-Agent-Task": task})).status_code == 200
-        retries = [await agent.post(f"{sc.proxy}/publish/posts", content=body,
+        approval_id, headers = await publish_approved_then_confidential_read(
+            agent, sc.proxy, sc.admin, task, idp.token(ALICE, ["approvers"]))
+        retries = [await agent.post(f"{sc.proxy}/publish/posts", content=PUBLISH_BODY,
                                     headers={**headers, "X-Agent-Approval": approval_id}) for _ in range(RETRIES)]
     assert {r.json()["code"] for r in retries} == {"approval_required"}, [r.text for r in retries]
     new_ids = {r.json()["approval_id"] for r in retries}

@@ -8,7 +8,6 @@ or two sidecars on one real redis-server, the GateTool upstream."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 
 from approvals_support import eventually
 from harness import open_task
-from task_concurrency_support import Deployment, GateTool, deploy, task_history, tuned_policy
+from task_concurrency_support import GateTool, task_history
 
 BACKENDS = ["sqlite", "redis"]
 
@@ -27,31 +26,15 @@ def mcp_route(upstream: str) -> dict[str, Any]:
             "labels": {"protocol": "mcp", "environment": "dev"}}
 
 
-@pytest.fixture
-async def deploy_mcp(request: pytest.FixtureRequest, tmp_path: Path, gate_tool: GateTool) -> AsyncIterator[Any]:
-    started: list[Deployment] = []
-
-    async def factory(backend: str, anomalies: dict[str, Any] | None = None) -> Deployment:
-        redis_url = request.getfixturevalue("redis_server").url if backend == "redis" else None
-        rego_dir = tuned_policy(tmp_path, anomalies)
-        running = await deploy(backend, tmp_path, gate_tool.base, rego_dir, redis_url, extra_routes=[mcp_route(gate_tool.base)])
-        started.append(running)
-        return running
-
-    yield factory
-    for running in started:
-        await running.stop()
-
-
 def refund(request_id: int, amount: float) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
             "params": {"name": "refund", "arguments": {"amount": amount}}}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-async def test_an_mcp_batch_cannot_move_more_than_the_task_amount(backend: str, deploy_mcp: Any,
+async def test_an_mcp_batch_cannot_move_more_than_the_task_amount(backend: str, deployment: Any,
                                                                   gate_tool: GateTool) -> None:
-    running = await deploy_mcp(backend)
+    running = await deployment(backend, extra_routes=[mcp_route(gate_tool.base)])
     task = await open_task(running.admin, "refund duplicate charges")
     headers = {"X-Agent-Task": task}
     async with httpx.AsyncClient(timeout=60) as agent:
@@ -78,12 +61,12 @@ def lookup(request_id: int) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-async def test_an_mcp_batch_cannot_pass_the_task_call_cap(backend: str, deploy_mcp: Any, gate_tool: GateTool,
+async def test_an_mcp_batch_cannot_pass_the_task_call_cap(backend: str, deployment: Any, gate_tool: GateTool,
                                                            tmp_path: Path) -> None:
     # A hard cap of 6 calls per task (task_call_cap): each tools/call in a batch is decided as "this call" on
     # the history as it was before the batch, and the batch then counts as one call.
     data = tmp_path / "rego" / "data.json"
-    running = await deploy_mcp(backend, anomalies={"max_calls_per_task": 6})
+    running = await deployment(backend, anomalies={"max_calls_per_task": 6}, extra_routes=[mcp_route(gate_tool.base)])
     assert '"max_calls_per_task": 6' in data.read_text()
     task = await open_task(running.admin, "look up customers")
     async with httpx.AsyncClient(timeout=60) as agent:

@@ -11,15 +11,13 @@ or two sidecars on one real redis-server (the read on one, the write on the othe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from harness import open_task
-from task_concurrency_support import LOOPBACK_IS_EXTERNAL, Deployment, GateTool, deploy, task_history, tuned_policy
+from task_concurrency_support import LOOPBACK_IS_EXTERNAL, GateTool, task_history
 
 BACKENDS = ["sqlite", "redis"]
 
@@ -32,31 +30,13 @@ def confidential_mcp_routes(upstream: str) -> list[dict[str, Any]]:
              "labels": labels, "timeout_seconds": 30}]
 
 
-@pytest.fixture
-async def deploy_chain(request: pytest.FixtureRequest, tmp_path: Path, gate_tool: GateTool) -> AsyncIterator[Any]:
-    started: list[Deployment] = []
-
-    async def factory(backend: str) -> Deployment:
-        redis_url = request.getfixturevalue("redis_server").url if backend == "redis" else None
-        rego_dir = tuned_policy(tmp_path, **LOOPBACK_IS_EXTERNAL)
-        running = await deploy(backend, tmp_path, gate_tool.base, rego_dir, redis_url,
-                               extra_routes=confidential_mcp_routes(gate_tool.base))
-        started.append(running)
-        return running
-
-    yield factory
-    gate_tool.gate.set()
-    for running in started:
-        await running.stop()
-
-
 READ = {"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "crm://customers/42"}}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-async def test_an_external_write_after_a_confidential_mcp_read_is_held(backend: str, deploy_chain: Any,
+async def test_an_external_write_after_a_confidential_mcp_read_is_held(backend: str, deployment: Any,
                                                                        gate_tool: GateTool) -> None:
-    running = await deploy_chain(backend)
+    running = await deployment(backend, extra_routes=confidential_mcp_routes(gate_tool.base), **LOOPBACK_IS_EXTERNAL)
     task = await open_task(running.admin, "summarise customer 42")
     headers = {"X-Agent-Task": task}
     async with httpx.AsyncClient(timeout=60) as agent:
@@ -68,9 +48,9 @@ async def test_an_external_write_after_a_confidential_mcp_read_is_held(backend: 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-async def test_an_external_write_while_a_confidential_mcp_read_is_in_flight_is_held(backend: str, deploy_chain: Any,
+async def test_an_external_write_while_a_confidential_mcp_read_is_in_flight_is_held(backend: str, deployment: Any,
                                                                                     gate_tool: GateTool) -> None:
-    running = await deploy_chain(backend)
+    running = await deployment(backend, extra_routes=confidential_mcp_routes(gate_tool.base), **LOOPBACK_IS_EXTERNAL)
     task = await open_task(running.admin, "summarise customer 42")
     headers = {"X-Agent-Task": task}
     async with httpx.AsyncClient(timeout=60) as agent:

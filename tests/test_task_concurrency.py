@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,28 +19,11 @@ import pytest
 
 from approvals_support import eventually
 from harness import open_task
-from task_concurrency_support import LOOPBACK_IS_EXTERNAL, Deployment, GateTool, deploy, task_history, tuned_policy
+from task_concurrency_support import LOOPBACK_IS_EXTERNAL, Deployment, GateTool, task_history
 
 BACKENDS = ["sqlite", "redis"]
 
 Deploy = Callable[..., Awaitable[Deployment]]
-
-
-@pytest.fixture
-async def deployment(request: pytest.FixtureRequest, tmp_path: Path, gate_tool: GateTool) -> AsyncIterator[Deploy]:
-    started: list[Deployment] = []
-
-    async def factory(backend: str, anomalies: dict[str, Any] | None = None, **config: Any) -> Deployment:
-        redis_url = request.getfixturevalue("redis_server").url if backend == "redis" else None
-        rego_dir = tuned_policy(tmp_path, anomalies, **config)
-        running = await deploy(backend, tmp_path, gate_tool.base, rego_dir, redis_url)
-        started.append(running)
-        return running
-
-    yield factory
-    gate_tool.gate.set()
-    for running in started:
-        await running.stop()
 
 
 async def call_at_once(deployment: Deployment, count: int, method: str, path: str, task_id: str,
