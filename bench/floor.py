@@ -6,7 +6,7 @@ A proxy of a page, not the sidecar: uvloop, the request read by an ``asyncio.Pro
 (no aiohttp; no header checks, no canonical request, no refusals), the policy evaluated on the
 embedded engine exactly as the sidecar evaluates it (``sidecar.policy.embedded._evaluate_on``: the
 input serialised with orjson, the answer parsed back) on engine threads of its own that report back
-with one ``call_soon_threadsafe``, an ES256 credential signed with ``cryptography`` for the call,
+with one ``call_soon_threadsafe``, an ES256 credential signed for the call as the sidecar signs it,
 and the request forwarded over one kept-alive upstream connection per agent connection, its answer
 relayed as it came. No task store, no audit chain, no durability, no metrics, no approvals.
 
@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
 import queue
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,11 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 
 from . import procstat
 from .ab import one_rule_policy
-from .procs import NGINX, free_port, raise_fd_limit
+from .procs import NGINX, Proc, free_port, spawn, wait_for_port
 from .task_contention import uncapped_policy
 from .wrk import run_wrk
 
@@ -84,27 +81,23 @@ class EngineThreads:
 
 
 class Signer:
-    def __init__(self) -> None:
-        from cryptography.hazmat.primitives.asymmetric import ec
+    """An ES256 credential for each call, signed as the sidecar signs it (sidecar.credentials.minter.encode_jwt)."""
 
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.header = _b64(orjson.dumps({"alg": "ES256", "kid": "floor", "typ": "JWT"}))
+    def __init__(self) -> None:
+        from sidecar.credentials import generate_key
+        from sidecar.credentials.minter import jws_header
+
+        with tempfile.TemporaryDirectory(prefix="floor-key-") as keys:  # the key file is read back and removed
+            self.key = generate_key(Path(keys))
+        self.header = jws_header(self.key)
 
     def credential(self, method: str, target: str, counter: int) -> bytes:
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+        from sidecar.credentials.minter import encode_jwt
 
         now = int(time.time())
         claims = {"iss": "floor", "sub": "agent", "aud": "crm", "iat": now, "exp": now + 60,
                   "jti": f"{os.getpid()}-{counter}", "htm": method, "htu": target}
-        signing_input = self.header + b"." + _b64(orjson.dumps(claims))
-        r, s = decode_dss_signature(self.key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
-        return signing_input + b"." + _b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
-
-
-def _b64(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+        return encode_jwt(self.key, self.header, claims).encode()
 
 
 def _head_and_length(buffer: bytearray) -> tuple[bytes, int] | None:
@@ -227,7 +220,6 @@ async def serve(port: int, upstream_port: int, rego: Path | None, engine_threads
     loop = asyncio.get_running_loop()
     shared = Shared(EngineThreads(rego, engine_threads, loop), upstream_port)
     server = await loop.create_server(lambda: FloorProxy(shared), "127.0.0.1", port, backlog=1024)
-    print("ready", flush=True)
     async with server:
         await server.serve_forever()
 
@@ -235,7 +227,8 @@ async def serve(port: int, upstream_port: int, rego: Path | None, engine_threads
 # ------------------------------------------------------------------ the measurement
 
 
-def start_native_upstream(prefix: Path) -> tuple[subprocess.Popen[bytes], int]:
+async def start_native_upstream(workdir: Path) -> tuple[Proc, int]:
+    prefix = workdir / "nginx"
     prefix.mkdir()
     port = free_port()
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -252,13 +245,14 @@ http {{
   server {{ listen 127.0.0.1:{port}; location / {{ default_type application/json; return 200 '{ANSWER}'; }} }}
 }}
 """)
-    process = subprocess.Popen([str(NGINX), "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-                                "-e", str(prefix / "error.log")])
-    return process, port
+    nginx = spawn("nginx", [str(NGINX), "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")],
+                  workdir)
+    await wait_for_port(nginx, port)
+    return nginx, port
 
 
 def floor_command(port: int, upstream_port: int, rego: Path | None, engine_threads: int = 2) -> list[str]:
-    """The argv of a floor proxy on ``port`` (bench.run starts two beside the sidecars)."""
+    """The argv of a floor proxy on ``port``."""
     return [sys.executable, "-m", "bench.floor", "--serve", str(port), "--upstream", str(upstream_port),
             "--engine-threads", str(engine_threads)] + (["--rego", str(rego)] if rego else [])
 
@@ -270,26 +264,25 @@ def floor_environment() -> dict[str, str]:
     return {**os.environ, "GOGC": os.environ.get("GOGC", GO_GC_PERCENT)}
 
 
-def start_floor(upstream_port: int, rego: Path | None, engine_threads: int) -> tuple[subprocess.Popen[bytes], int]:
+async def start_floor(workdir: Path, name: str, upstream_port: int, rego: Path | None,
+                      engine_threads: int = 2) -> tuple[Proc, int]:
+    """A floor proxy in a process of its own, listening (bench.run starts two beside the sidecars)."""
     port = free_port()
-    process = subprocess.Popen(floor_command(port, upstream_port, rego, engine_threads), env=floor_environment(),
-                               stdout=subprocess.PIPE, preexec_fn=raise_fd_limit,
-                               cwd=Path(__file__).resolve().parent.parent)
-    assert process.stdout is not None
-    if process.stdout.readline().strip() != b"ready":
-        raise RuntimeError("the floor proxy did not start")
-    return process, port
+    floor = spawn(name, floor_command(port, upstream_port, rego, engine_threads), workdir, env=floor_environment())
+    await wait_for_port(floor, port)
+    return floor, port
 
 
 async def measure(seconds: float, rounds: int, engine_threads: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp:
         workdir = Path(tmp)
-        nginx, upstream_port = start_native_upstream(workdir / "nginx")
-        variants: dict[str, tuple[subprocess.Popen[bytes] | None, int]] = {"direct": (None, upstream_port)}
+        nginx, upstream_port = await start_native_upstream(workdir)
+        variants: dict[str, tuple[Proc | None, int]] = {"direct": (None, upstream_port)}
         try:
             for name, rego in (("floor, no policy", None), ("floor, one-rule policy", one_rule_policy(workdir)),
                                ("floor, shipped library", uncapped_policy(workdir))):
-                variants[name] = start_floor(upstream_port, rego, engine_threads)
+                variants[name] = await start_floor(workdir, name.replace(", ", "-").replace(" ", "-"), upstream_port, rego,
+                                                   engine_threads)
             await asyncio.sleep(REST_SECONDS)
             at_rest = {name: procstat.rss_mib(process.pid) for name, (process, _) in variants.items() if process}
             tasks = ["t-floor"]
@@ -309,10 +302,8 @@ async def measure(seconds: float, rounds: int, engine_threads: int) -> None:
         finally:
             for process, _ in variants.values():
                 if process is not None:
-                    process.terminate()
-                    process.wait()
-            nginx.terminate()
-            nginx.wait()
+                    process.stop()
+            nginx.stop()
 
 
 def report(results: dict[str, list[dict[str, float]]], at_rest: dict[str, float], engine_threads: int) -> None:

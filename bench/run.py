@@ -27,10 +27,10 @@ import aiohttp
 
 from . import micro, procstat
 from .ab import ONE_RULE, one_rule_policy
-from .floor import floor_command, floor_environment
+from .floor import start_floor
 from .micro import DECISION_PATH, run_micro
-from .procs import (ROOT, LoadGen, Proc, SidecarProc, free_port, nginx_available, open_tasks, spawn, start_nginx,
-                    start_opa_data_api, start_sidecar, start_upstream, wait_for_port)
+from .procs import (ROOT, LoadGen, Proc, SidecarProc, nginx_available, open_tasks, start_nginx, start_opa_data_api,
+                    start_sidecar, start_upstream, wait_for_port)
 from .report import write_report
 from .stats import latency_summary_ms
 from .wrk import run_wrk, wrk_available, wrk_summary
@@ -292,10 +292,8 @@ class Bench:
 
     async def start_floors(self, rego_dir: Path, one_rule_dir: Path) -> None:
         for name, policy in ((FLOOR_ONE_RULE, one_rule_dir), (FLOOR, rego_dir)):
-            port = free_port()
-            floor = spawn(name, floor_command(port, self.upstream_port, policy), self.workdir, env=floor_environment())
+            floor, port = await start_floor(self.workdir, name, self.upstream_port, policy)
             self.procs.append(floor)
-            await wait_for_port(floor, port)
             self.floors.append(Target(name, port, tasks=["t-floor"], cpu_pids=[floor.pid], rss_pids=[floor.pid]))
 
     async def stop(self) -> None:
